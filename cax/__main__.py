@@ -1,0 +1,3 @@
+from cax.cli import main
+
+main()

@@ -1,0 +1,400 @@
+"""Loading and validating ``cax.json``.
+
+Every problem is reported as one line naming the file, the site and the key, before cax touches
+anything: a daemon that starts on a half-understood config can move or delete the wrong data.
+Keys cax does not know are warned about once (classic configs carry many), never fatal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import jsonschema
+
+log = logging.getLogger("cax.config")
+
+DATA_TYPES = ("raw", "processed", "untriggered")
+METHODS = ("local", "scp", "sftp", "rsync")
+
+#: Default task order (DESIGN.md); ``task_list`` narrows it and keeps this order.
+DEFAULT_TASKS = (
+    "CopyPush",
+    "CompareChecksums",
+    "RetryStalledTransfer",
+    "RetryBadChecksumTransfer",
+    "CopyPull",
+    "AddChecksum",
+    "AddSize",
+    "SetPermission",
+    "ProcessBatchQueue",
+    "PurgeProcessed",
+    "BufferPurger",
+)
+
+_str_list_or_null = {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]}
+_pos_int = {"type": "integer", "minimum": 0}
+_pos_num = {"type": "number", "minimum": 0}
+_path = {"type": "string", "minLength": 1}
+
+PURGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "min_copies": {"type": "integer", "minimum": 1},
+        "older_than_days": _pos_num,
+        "min_free_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "types": {"type": "array", "items": {"enum": list(DATA_TYPES)}},
+        "versions": {"type": "array", "items": {"type": "string"}},
+        "old_versions": {"type": "boolean"},
+        "enabled": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+
+PROCESSING_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "backend": {"enum": ["slurm", "local"]},
+        "versions": {"type": "array", "items": {"type": "string"}},
+        "pax_versions": {"type": "array", "items": {"type": "string"}},
+        "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "ncpus": {"type": "integer", "minimum": 1},
+        "mem_per_cpu": {"type": ["integer", "string"]},
+        "walltime": {"type": ["integer", "string"]},
+        "partition": {"type": "string"},
+        "account": {"type": "string"},
+        "qos": {"type": "string"},
+        "max_queued": {"type": "integer", "minimum": 0},
+        "max_retries": _pos_int,
+        "log_dir": _path,
+        "output_dir": _path,
+        "env_setup": {"type": "array", "items": {"type": "string"}},
+        "max_local_jobs": {"type": "integer", "minimum": 1},
+    },
+    "additionalProperties": False,
+}
+
+SITE_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},
+        "hostname": {"type": "string"},
+        "username": {"type": ["string", "null"]},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "method": {"enum": list(METHODS)},
+        "receive": {"enum": list(METHODS)},
+        "directory": _path,
+        "dir_raw": _path,
+        "dir_processed": _path,
+        "dir_untriggered": _path,
+        "upload_options": _str_list_or_null,
+        "download_options": _str_list_or_null,
+        "data_type": {"type": "array", "items": {"enum": list(DATA_TYPES)}},
+        "purge": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 1}, PURGE_SCHEMA]},
+        "pax_versions": {"type": "array", "items": {"type": "string"}},
+        "task_list": {"type": "array", "items": {"type": "string"}},
+        "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "key_file": _path,
+        "known_hosts": _path,
+        "max_transfers": {"type": "integer", "minimum": 1},
+        "stalled_after": _pos_num,
+        "max_retries": _pos_int,
+        "nstreams": {"type": "integer", "minimum": 1},
+        "parallel": {"type": "integer", "minimum": 1},
+        "checksum_type": {"enum": ["sha512", "adler32", "xxh3", "blake3"]},
+        "processing": PROCESSING_SCHEMA,
+        "group": {"type": "string"},
+        "mode": {"type": "string", "pattern": "^0?[0-7]{3,4}$"},
+        "stray_grace_days": _pos_num,
+    },
+}
+
+KNOWN_SITE_KEYS = set(SITE_SCHEMA["properties"])
+
+TOP_SCHEMA = {
+    "type": "object",
+    "required": ["sites"],
+    "properties": {
+        "runs_db": {"type": "string", "minLength": 1},
+        "password_env": {"type": "string", "minLength": 1},
+        "database": {"type": "string", "minLength": 1},
+        "collection": {"type": "string", "minLength": 1},
+        "sites": {"type": "array", "items": {"type": "object"}},
+        "task_list": {"type": "array", "items": {"type": "string"}},
+        "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "interval": {"type": "number", "minimum": 0},
+        "lock_dir": _path,
+    },
+}
+KNOWN_TOP_KEYS = set(TOP_SCHEMA["properties"])
+
+
+class ConfigError(Exception):
+    """A config problem; ``str()`` is the one line shown to the admin."""
+
+
+@dataclass
+class Site:
+    """One site of ``cax.json``, with classic synonyms resolved and defaults filled in."""
+
+    name: str
+    hostname: str = "localhost"
+    username: Optional[str] = None
+    port: int = 22
+    method: str = "local"
+    dirs: dict = field(default_factory=dict)  # data type -> absolute directory
+    upload_options: list = field(default_factory=list)
+    download_options: list = field(default_factory=list)
+    data_type: list = field(default_factory=lambda: ["raw", "processed"])
+    purge: Optional[dict] = None  # None: this site never purges
+    pax_versions: list = field(default_factory=list)
+    task_list: Optional[list] = None
+    dataset_list: Optional[list] = None
+    key_file: Optional[str] = None
+    known_hosts: Optional[str] = None
+    max_transfers: int = 2
+    stalled_after: float = 3600.0
+    max_retries: int = 3
+    nstreams: int = 1
+    checksum_type: str = "sha512"
+    processing: Optional[dict] = None
+    group: Optional[str] = None
+    mode: Optional[int] = None
+    stray_grace_days: float = 7.0
+    raw: dict = field(default_factory=dict, repr=False)  # the site object as written
+
+    def data_dir(self, dtype: str) -> Optional[str]:
+        return self.dirs.get(dtype)
+
+
+@dataclass
+class Config:
+    path: str
+    sites: dict  # name -> Site, in file order
+    runs_db: str
+    password_env: str = "MONGO_PASSWORD"
+    database: str = "run"
+    collection: str = "runs_new"
+    task_list: Optional[list] = None
+    dataset_list: Optional[list] = None
+    interval: float = 60.0
+    lock_dir: Optional[str] = None
+
+    def site(self, name: str) -> Site:
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise ConfigError(f"{self.path}: unknown host {name!r}; known sites: "
+                              f"{', '.join(self.sites) or '(none)'}")
+
+    def tasks_for(self, host: str) -> list:
+        """Task names to run at ``host``, in the default order, narrowed by task_list."""
+        wanted = self.site(host).task_list or self.task_list
+        if not wanted:
+            return list(DEFAULT_TASKS)
+        return [t for t in DEFAULT_TASKS if t in wanted]
+
+    def datasets_for(self, host: str) -> Optional[list]:
+        return self.site(host).dataset_list or self.dataset_list
+
+    def is_uri(self) -> bool:
+        return self.runs_db.startswith(("mongodb://", "mongodb+srv://"))
+
+
+def default_config_path() -> str:
+    """``./cax.json`` when present, else the copy packaged with cax."""
+    if os.path.exists("cax.json"):
+        return os.path.abspath("cax.json")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cax.json")
+
+
+def default_host() -> str:
+    return os.environ.get("CAX_HOST") or socket.gethostname().split(".")[0]
+
+
+def _where(path: str, site: Optional[str], key: Optional[str]) -> str:
+    parts = [path]
+    if site is not None:
+        parts.append(f"site {site!r}")
+    if key is not None:
+        parts.append(f"key {key!r}")
+    return ": ".join(parts)
+
+
+def _schema_error(path: str, site: Optional[str], err: jsonschema.ValidationError,
+                  key_prefix: str = "") -> ConfigError:
+    keys = [str(p) for p in err.absolute_path]
+    key = ".".join(keys) if keys else None
+    if key_prefix:
+        key = key_prefix + ("." + key if key else "")
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        key = (key + "." if key else "") + missing
+        msg = "is required"
+    elif err.validator in ("anyOf", "oneOf"):
+        msg = f"has an invalid value {err.instance!r}"
+    elif err.validator == "enum":
+        msg = f"must be one of {', '.join(map(str, err.validator_value))}, not {err.instance!r}"
+    elif err.validator == "additionalProperties":
+        msg = err.message
+    else:
+        msg = err.message
+    return ConfigError(f"{_where(path, site, key)}: {msg}")
+
+
+def _first_error(schema: dict, instance: Any):
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(instance),
+                    key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    return errors[0] if errors else None
+
+
+def _site_from(raw: dict, path: str, base_dir: str) -> Site:
+    name = raw["name"]
+    for key in sorted(set(raw) - KNOWN_SITE_KEYS):
+        log.warning("%s: site %r: unknown key %r ignored", path, name, key)
+    method = raw.get("method") or raw.get("receive") or "local"
+
+    def absolute(p: str) -> str:
+        p = os.path.expanduser(p)
+        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base_dir, p))
+
+    dirs = {}
+    for dtype in DATA_TYPES:
+        d = raw.get(f"dir_{dtype}") or raw.get("directory")
+        if d:
+            dirs[dtype] = absolute(d)
+    data_type = raw.get("data_type") or [t for t in ("raw", "processed") if t in dirs] or ["raw"]
+    for dtype in data_type:
+        if dtype not in dirs:
+            raise ConfigError(f"{_where(path, name, 'dir_' + dtype)}: site handles {dtype!r} data "
+                              f"but has no directory for it (set 'directory' or 'dir_{dtype}')")
+
+    purge = raw.get("purge")
+    if purge is True:
+        purge = {}
+    elif purge is False or purge is None:
+        purge = None
+    elif isinstance(purge, int):
+        purge = {"min_copies": purge}
+    if purge is not None:
+        purge = {"min_copies": 2, "older_than_days": 0, "min_free_fraction": 0.0,
+                 "types": ["raw"], **purge}
+        if purge.get("enabled") is False:
+            purge = None
+
+    processing = raw.get("processing")
+    if processing is not None:
+        processing = dict(processing)
+        versions = processing.pop("pax_versions", None)
+        processing.setdefault("versions", versions or raw.get("pax_versions") or [])
+        for key in ("log_dir", "output_dir"):
+            if key in processing:
+                processing[key] = absolute(processing[key])
+
+    mode = raw.get("mode")
+    return Site(
+        name=name,
+        hostname=raw.get("hostname", "localhost"),
+        username=raw.get("username"),
+        port=raw.get("port", 22),
+        method=method,
+        dirs=dirs,
+        upload_options=list(raw.get("upload_options") or []),
+        download_options=list(raw.get("download_options") or []),
+        data_type=list(data_type),
+        purge=purge,
+        pax_versions=list(raw.get("pax_versions") or []),
+        task_list=raw.get("task_list"),
+        dataset_list=raw.get("dataset_list"),
+        key_file=absolute(raw["key_file"]) if raw.get("key_file") else None,
+        known_hosts=absolute(raw["known_hosts"]) if raw.get("known_hosts") else None,
+        max_transfers=raw.get("max_transfers", raw.get("parallel", 2)),
+        stalled_after=float(raw.get("stalled_after", 3600)),
+        max_retries=raw.get("max_retries", 3),
+        nstreams=raw.get("nstreams", 1),
+        checksum_type=raw.get("checksum_type", "sha512"),
+        processing=processing,
+        group=raw.get("group"),
+        mode=int(mode, 8) if mode else None,
+        stray_grace_days=float(raw.get("stray_grace_days", 7)),
+        raw=raw,
+    )
+
+
+def parse(text: str, path: str) -> Config:
+    """Parse and validate config text; raises ConfigError with a one-line message."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+    if isinstance(doc, list):  # the classic form: a bare list of sites
+        doc = {"sites": doc}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a list of sites or an object with 'sites'")
+    err = _first_error(TOP_SCHEMA, doc)
+    if err is not None:
+        raise _schema_error(path, None, err)
+    for key in sorted(set(doc) - KNOWN_TOP_KEYS):
+        log.warning("%s: unknown top-level key %r ignored", path, key)
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+    sites: dict = {}
+    for i, raw in enumerate(doc["sites"]):
+        label = raw.get("name") if isinstance(raw.get("name"), str) else f"#{i + 1}"
+        err = _first_error(SITE_SCHEMA, raw)
+        if err is not None:
+            raise _schema_error(path, label, err)
+        if raw["name"] in sites:
+            raise ConfigError(f"{_where(path, raw['name'], 'name')}: duplicate site name")
+        sites[raw["name"]] = _site_from(raw, path, base_dir)
+
+    for site in sites.values():
+        for key in ("upload_options", "download_options"):
+            for other in getattr(site, key):
+                if other not in sites:
+                    raise ConfigError(f"{_where(path, site.name, key)}: names unknown site "
+                                      f"{other!r} (known: {', '.join(sites)})")
+                if other == site.name:
+                    raise ConfigError(f"{_where(path, site.name, key)}: names the site itself")
+
+    from cax.tasks import TASK_NAMES  # late import: tasks import config
+
+    def check_tasks(names, site_name):
+        for t in names or []:
+            if t not in TASK_NAMES:
+                raise ConfigError(f"{_where(path, site_name, 'task_list')}: unknown task {t!r} "
+                                  f"(known: {', '.join(DEFAULT_TASKS)})")
+
+    check_tasks(doc.get("task_list"), None)
+    for site in sites.values():
+        check_tasks(site.task_list, site.name)
+
+    runs_db = doc.get("runs_db") or "cax.runsdb"
+    if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
+        runs_db = os.path.normpath(os.path.join(base_dir, os.path.expanduser(runs_db)))
+    return Config(
+        path=path,
+        sites=sites,
+        runs_db=runs_db,
+        password_env=doc.get("password_env", "MONGO_PASSWORD"),
+        database=doc.get("database", "run"),
+        collection=doc.get("collection", "runs_new"),
+        task_list=doc.get("task_list"),
+        dataset_list=doc.get("dataset_list"),
+        interval=float(doc.get("interval", 60)),
+        lock_dir=doc.get("lock_dir"),
+    )
+
+
+def load(path: Optional[str] = None) -> Config:
+    path = os.path.abspath(path or default_config_path())
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}")
+    return parse(text, path)

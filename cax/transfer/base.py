@@ -1,0 +1,120 @@
+"""The one interface every transfer method implements (DESIGN.md "Transfer methods").
+
+Tasks only ever talk to this interface and catch these error types, so the choice of transport
+(local filesystem, scp, sftp, rsync, later grid tools) never leaks into task logic.
+
+Contract every method keeps:
+- ``put(local, remote)`` and ``get(remote, local)`` copy a file or a whole directory tree. Nothing
+  appears under the final name until the copy is complete: data go to ``partial_path(final)`` (a
+  hidden name in the same directory, so the rename is atomic) and are renamed into place at the end.
+  On any failure the partial copy is removed (best effort) and a typed error is raised.
+- ``progress(nbytes)`` (optional callable given to the constructor) is called as bytes move; the task
+  uses it for heartbeats and progress bars.
+- ``cancel()`` (optional callable) is polled between files and chunks; when it returns True the copy
+  stops, the partial copy is removed and ``Interrupted`` is raised.
+- ``checksum(path, algorithm)`` returns the digest cax would record (see ``cax.checksum``) computed
+  where the data are, or ``None`` when the method cannot compute it remotely.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Callable, Optional
+
+
+class TransferError(Exception):
+    """Base of all transfer errors; ``str(err)`` is a one-line reason fit for the Runs DB."""
+
+
+class SourceNotFound(TransferError):
+    """The data to copy are not where the Runs DB says they are."""
+
+
+class DestinationNotAccessible(TransferError):
+    """The destination cannot be written (permissions, missing mount, full disk, bad host key)."""
+
+
+class ServiceUnavailable(TransferError):
+    """The remote end cannot be reached now (connection refused, timeout): try again on a later pass."""
+
+
+class TransferFailed(TransferError):
+    """The copy started but did not complete."""
+
+
+class Interrupted(TransferError):
+    """The daemon was asked to stop (SIGTERM/SIGINT) while the copy was in flight."""
+
+
+PARTIAL_MARK = ".cax-partial-"
+
+
+def partial_path(final: str) -> str:
+    """A hidden sibling of ``final``: same filesystem (atomic rename), never mistaken for data."""
+    head, tail = os.path.split(final.rstrip("/"))
+    return os.path.join(head, f".{tail}{PARTIAL_MARK}{secrets.token_hex(4)}")
+
+
+def is_partial_name(name: str) -> bool:
+    return name.startswith(".") and PARTIAL_MARK in name
+
+
+class TransferMethod:
+    """Base class; subclasses set ``name`` and implement the operations they support.
+
+    ``site`` is the :class:`cax.config.Site` being reached (hostname, port, username, key_file,
+    known_hosts, ...). For ``local`` all paths are local.
+    """
+
+    name = "base"
+    #: True when ``checksum`` can run where the data are (no pulling back to verify a push).
+    remote_checksum = False
+
+    def __init__(self, site, *, progress: Optional[Callable[[int], None]] = None,
+                 cancel: Optional[Callable[[], bool]] = None):
+        self.site = site
+        self.progress = progress or (lambda n: None)
+        self.cancel = cancel or (lambda: False)
+
+    # connection life cycle: connections are reused across runs within one pass
+    def connect(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        self.connect()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_cancel(self) -> None:
+        if self.cancel():
+            raise Interrupted("interrupted")
+
+    # remote-side operations (on the site this method reaches)
+    def exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, path: str) -> int:
+        """Total bytes of a file, or of all files below a directory."""
+        raise NotImplementedError
+
+    def remove(self, path: str) -> None:
+        """Remove a file or a whole tree; a missing path is not an error."""
+        raise NotImplementedError
+
+    def makedirs(self, path: str) -> None:
+        raise NotImplementedError
+
+    def checksum(self, path: str, algorithm: str = "sha512") -> Optional[str]:
+        return None
+
+    # copies
+    def put(self, local: str, remote: str) -> None:
+        raise NotImplementedError
+
+    def get(self, remote: str, local: str) -> None:
+        raise NotImplementedError
