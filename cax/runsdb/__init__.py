@@ -1,0 +1,231 @@
+"""All Runs DB access goes through here (DESIGN.md "Runs DB access").
+
+Tasks never build update documents themselves: every datum transition is one atomic update of that
+datum only, matched by its key *and* its expected current status, so a decision taken on a stale read
+can never overwrite another daemon's work. The helpers return whether the update took effect.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from datetime import datetime, timezone
+from typing import Iterable, Optional
+from urllib.parse import quote_plus, urlsplit, urlunsplit
+
+import pymongo
+from pymongo.errors import DuplicateKeyError, PyMongoError  # noqa: F401 (re-exported)
+
+log = logging.getLogger("cax.runsdb")
+
+
+class RunsDBError(Exception):
+    """The Runs DB cannot be reached or used; ``str()`` is a one-line reason without secrets."""
+
+
+def now() -> datetime:
+    """Mongo keeps milliseconds; truncating here makes reads compare equal to what was written."""
+    t = datetime.now(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def datum_key(datum: dict) -> dict:
+    """The identity of a datum: (host, type[, pax_version])."""
+    key = {"host": datum["host"], "type": datum["type"]}
+    if datum.get("pax_version") is not None:
+        key["pax_version"] = datum["pax_version"]
+    return key
+
+
+def key_str(key: dict) -> str:
+    s = f"{key['type']}@{key['host']}"
+    return s + (f"[{key['pax_version']}]" if key.get("pax_version") else "")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced, for logs and error messages."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "mongodb://<unparseable>"
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+INDEXES = [
+    ([("number", 1)], {"unique": True}),
+    ([("name", 1)], {"unique": True}),
+    ([("data.host", 1), ("data.type", 1), ("data.status", 1)], {}),
+    ([("start", 1)], {}),
+    ([("tags.name", 1)], {}),
+]
+
+
+class RunsDB:
+    """Operations the tasks need, over a pymongo-compatible collection.
+
+    ``queries`` counts every round trip to the collection, so tests and benchmarks can show that an
+    idle pass costs a constant number of queries. In dry-run mode no write is sent: each one is
+    logged and reported as not applied.
+    """
+
+    def __init__(self, collection, *, dry_run: bool = False, description: str = ""):
+        self.collection = collection
+        self.dry_run = dry_run
+        self.description = description or getattr(collection, "full_name", "runs")
+        self.queries = 0
+
+    # ---- reads -------------------------------------------------------------------------------
+    def ensure_indexes(self) -> None:
+        for keys, opts in INDEXES:
+            self.queries += 1
+            self.collection.create_index(keys, **opts)
+
+    def find_runs(self, query: dict, projection: Optional[dict] = None,
+                  sort: Iterable = (("number", 1),)) -> Iterable[dict]:
+        """One query for all candidate runs of a task; the cursor streams, so memory stays flat."""
+        self.queries += 1
+        return self.collection.find(query, projection).sort(list(sort))
+
+    def run(self, run_id, projection: Optional[dict] = None) -> Optional[dict]:
+        """A fresh read of one run, taken right before acting on it."""
+        self.queries += 1
+        return self.collection.find_one({"_id": run_id}, projection)
+
+    def run_by(self, *, number: Optional[int] = None, name: Optional[str] = None) -> Optional[dict]:
+        self.queries += 1
+        q = {"number": number} if number is not None else {"name": name}
+        return self.collection.find_one(q)
+
+    def count(self, query: dict) -> int:
+        self.queries += 1
+        return self.collection.count_documents(query)
+
+    # ---- writes ------------------------------------------------------------------------------
+    def _write(self, what: str, filt: dict, update: dict) -> bool:
+        if self.dry_run:
+            log.info("dry-run: would %s", what)
+            return False
+        self.queries += 1
+        return self.collection.update_one(filt, update).modified_count == 1
+
+    def insert_run(self, doc: dict):
+        if self.dry_run:
+            log.info("dry-run: would insert run %s", doc.get("name"))
+            return None
+        self.queries += 1
+        return self.collection.insert_one(doc).inserted_id
+
+    def claim(self, run_id, datum: dict) -> bool:
+        """Add ``datum`` only if no datum with its key exists: exactly one claimant wins."""
+        key = datum_key(datum)
+        return self._write(f"claim {key_str(key)}",
+                           {"_id": run_id, "data": {"$not": {"$elemMatch": key}}},
+                           {"$push": {"data": datum}})
+
+    def update_datum(self, run_id, key: dict, expected_status, fields: dict,
+                     unset: Iterable[str] = ()) -> bool:
+        """Set fields of the datum with ``key`` if its status is (one of) ``expected_status``."""
+        match = dict(key)
+        if expected_status is not None:
+            match["status"] = ({"$in": list(expected_status)}
+                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
+        update: dict = {}
+        if fields:
+            update["$set"] = {f"data.$.{k}": v for k, v in fields.items()}
+        if unset:
+            update["$unset"] = {f"data.$.{k}": "" for k in unset}
+        return self._write(f"set {key_str(key)} {fields}",
+                           {"_id": run_id, "data": {"$elemMatch": match}}, update)
+
+    def set_status(self, run_id, key: dict, expected_status, status: str, **fields) -> bool:
+        return self.update_datum(run_id, key, expected_status, dict(fields, status=status))
+
+    def set_error(self, run_id, key: dict, expected_status, reason: str) -> bool:
+        """Mark a datum ``error`` with a one-line reason; the Runs DB always says what happened."""
+        reason = " ".join(str(reason).split())[:500] or "unknown error"
+        return self.update_datum(run_id, key, expected_status,
+                                 {"status": "error", "error": reason, "error_time": now()})
+
+    def pull_datum(self, run_id, key: dict, expected_status=None) -> bool:
+        match = dict(key)
+        if expected_status is not None:
+            match["status"] = ({"$in": list(expected_status)}
+                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
+        return self._write(f"remove datum {key_str(key)}",
+                           {"_id": run_id, "data": {"$elemMatch": match}},
+                           {"$pull": {"data": match}})
+
+    def set_reference(self, run_id, dtype: str, version: Optional[str], checksum_type: str,
+                      checksum: str, host: str) -> bool:
+        """Record the reference checksum of (type, version) once; the first verifier wins."""
+        ident = {"type": dtype, "pax_version": version}
+        entry = dict(ident, checksum=checksum, checksum_type=checksum_type, host=host, time=now())
+        return self._write(f"record reference checksum of {dtype}",
+                           {"_id": run_id, "references": {"$not": {"$elemMatch": ident}}},
+                           {"$push": {"references": entry}})
+
+    def inc_run(self, run_id, field: str, by: int = 1) -> bool:
+        return self._write(f"increment {field}", {"_id": run_id}, {"$inc": {field: by}})
+
+
+def reference(run: dict, dtype: str, version: Optional[str] = None) -> Optional[dict]:
+    """The reference checksum of a run's data: ``{checksum, checksum_type, host}`` or None.
+
+    It is the checksum recorded by the first site that verified the data (run-level
+    ``references``). Runs DBs written by older cax have none: there the origin datum (transferred,
+    with a checksum, and not a copy, i.e. no ``source``) stands in.
+    """
+    for ref in run.get("references") or []:
+        if ref.get("type") == dtype and ref.get("pax_version") == version:
+            return ref
+    for d in run.get("data") or []:
+        if (d.get("type") == dtype and d.get("pax_version") == version and d.get("checksum")
+                and d.get("status") == "transferred" and not d.get("source")):
+            return {"checksum": d["checksum"], "checksum_type": d.get("checksum_type", "sha512"),
+                    "host": d.get("host")}
+    return None
+
+
+def _uri_with_password(uri: str, password_env: str) -> str:
+    parts = urlsplit(uri)
+    if parts.username is None or parts.password is not None:
+        return uri
+    password = os.environ.get(password_env)
+    if password is None:
+        raise RunsDBError(f"Runs DB URI {redact_uri(uri)} names user {parts.username!r} but the "
+                          f"password variable {password_env} is not set")
+    netloc = f"{parts.username}:{quote_plus(password)}@{parts.netloc.split('@', 1)[1]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB:
+    """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on."""
+    target = config.runs_db
+    if target.startswith(("mongodb://", "mongodb+srv://")):
+        uri = _uri_with_password(target, config.password_env)
+        try:
+            client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms)
+            coll = client[config.database][config.collection]
+            db = RunsDB(coll, dry_run=dry_run, description=redact_uri(target))
+            db.ensure_indexes()
+        except PyMongoError as e:
+            msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), str(e))
+            raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {msg.splitlines()[0][:300]}")
+        return db
+    from cax.runsdb.embedded import open_collection
+
+    parent = os.path.dirname(target)
+    if parent and not os.path.isdir(parent):
+        raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist")
+    try:
+        coll = open_collection(target, database=config.database, collection=config.collection)
+        db = RunsDB(coll, dry_run=dry_run, description=target)
+        db.ensure_indexes()
+    except (OSError, PyMongoError) as e:
+        raise RunsDBError(f"cannot use Runs DB {target}: {e}")
+    except Exception as e:  # sqlite3 errors and the like: still one clear line
+        raise RunsDBError(f"cannot use Runs DB {target}: {type(e).__name__}: {e}")
+    return db

@@ -1,0 +1,328 @@
+"""The ``cax`` command line.
+
+``cax`` alone runs the daemon loop for this host; subcommands inspect and feed the Runs DB. Exit
+status: 0 when cax ran (failures of single runs are recorded in the Runs DB, not in the exit status),
+1 when the Runs DB cannot be used or another daemon holds the site, 2 for config and usage errors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+
+import click
+
+from cax import __version__
+from cax import config as cfgmod
+from cax import logs
+
+log = logging.getLogger("cax")
+
+LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+
+
+class Fatal(click.ClickException):
+    """An error that ends cax with a one-line message and the given exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.exit_code = code
+
+    def show(self, file=None):
+        click.echo(f"cax: error: {self.message}", err=True)
+
+
+def _common(f):
+    """--config and --host are accepted before or after the subcommand name."""
+    f = click.option("--host", "host", default=None,
+                     help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
+    f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+    return f
+
+
+def _settings(ctx, config_path=None, host=None):
+    obj = ctx.find_root().obj or {}
+    return config_path or obj.get("config_path"), host or obj.get("host")
+
+
+def load_config(config_path):
+    try:
+        return cfgmod.load(config_path)
+    except cfgmod.ConfigError as e:
+        raise Fatal(str(e), 2)
+
+
+def resolve_host(config, host):
+    host = host or cfgmod.default_host()
+    try:
+        config.site(host)
+    except cfgmod.ConfigError as e:
+        raise Fatal(str(e), 2)
+    return host
+
+
+def open_db(config, dry_run=False):
+    from cax.runsdb import RunsDBError, connect
+    try:
+        return connect(config, dry_run=dry_run)
+    except RunsDBError as e:
+        raise Fatal(str(e), 1)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_common
+@click.option("--once", is_flag=True, help="Run one pass of every task, then exit (for cron).")
+@click.option("--run", "run_number", type=int, default=None, help="Only act on the run with this number.")
+@click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
+@click.option("--interval", type=float, default=None,
+              help="Seconds between passes of the daemon (default: config 'interval', else 60).")
+@click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the log to this file (default: stderr only).")
+@click.option("--disable-database-update", "--dry-run", "dry_run", is_flag=True,
+              help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
+@click.version_option(__version__, "--version", prog_name="cax")
+@click.pass_context
+def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run):
+    """cax moves experiment data between sites, verifies and processes them, and purges buffers,
+    coordinating every site through the Runs DB.
+
+    Without a subcommand it runs the daemon loop for this host: `cax --once` from cron, `cax` as a
+    long-running daemon (SIGTERM/SIGINT stop it cleanly), `cax --config test.json --dry-run --once`
+    to see what a new config would do.
+    """
+    logs.setup(log_level, log_file)
+    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
+    if ctx.invoked_subcommand is not None:
+        return
+    from cax.daemon import AlreadyRunning, SiteLock, run_loop
+    from cax.tasks.base import Context, run_filter
+
+    config = load_config(config_path)
+    host = resolve_host(config, host)
+    lock = SiteLock(config, host)
+    try:
+        lock.acquire()
+    except AlreadyRunning as e:
+        raise Fatal(str(e), 1)
+    try:
+        db = open_db(config, dry_run)
+        rf = run_filter(run_number, run_name, config.datasets_for(host))
+        context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
+        log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
+                 config.path, db.description, ",".join(config.tasks_for(host)),
+                 " (dry run: nothing will change)" if dry_run else "")
+        run_loop(context, once=once, interval=config.interval if interval is None else interval)
+    finally:
+        lock.release()
+
+
+# ---- status ---------------------------------------------------------------------------------
+def _cell(data, host):
+    here = [d for d in data if d.get("host") == host]
+    if not here:
+        return "-"
+    parts = []
+    for d in sorted(here, key=lambda d: (d.get("type") != "raw", str(d.get("pax_version")))):
+        label = "" if d.get("type") == "raw" else f"{d.get('type')}{'@' + d['pax_version'] if d.get('pax_version') else ''}:"
+        parts.append(label + str(d.get("status")))
+    return ",".join(parts)
+
+
+@cli.command()
+@_common
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON instead of a table.")
+@click.pass_context
+def status(ctx, config_path, host, as_json):
+    """Show every run and the status of its copies at each site."""
+    config_path, host = _settings(ctx, config_path, host)
+    config = load_config(config_path)
+    db = open_db(config)
+    runs = list(db.find_runs({}, {"number": 1, "name": 1, "data": 1, "references": 1}))
+    if as_json:
+        fields = ("host", "type", "status", "location", "checksum", "checksum_type", "size",
+                  "pax_version", "error")
+        out = [{"number": r.get("number"), "name": r.get("name"),
+                "data": [{k: d.get(k) for k in fields if k in d or k in fields[:7]}
+                         for d in r.get("data") or []]} for r in runs]
+        click.echo(json.dumps(out, indent=1, default=str))
+        return
+    hosts = list(config.sites)
+    for r in runs:
+        for d in r.get("data") or []:
+            if d.get("host") not in hosts:
+                hosts.append(d.get("host"))
+    header = ["number", "name"] + hosts + ["raw checksum"]
+    rows = []
+    for r in runs:
+        data = r.get("data") or []
+        from cax.runsdb import reference
+        ref = reference(r, "raw")
+        if ref:
+            good = [d for d in data if d.get("type") == "raw" and d.get("status") == "transferred"]
+            same = all(d.get("checksum") == ref["checksum"] for d in good)
+            summary = f"{ref['checksum'][:12]} {'all equal' if same else 'MISMATCH'} ({len(good)})"
+        else:
+            summary = "-"
+        rows.append([str(r.get("number")), str(r.get("name"))] + [_cell(data, h) for h in hosts]
+                    + [summary])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    for line in [header] + rows:
+        click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    if not rows:
+        click.echo("(no runs)")
+
+
+# ---- runs add -------------------------------------------------------------------------------
+@cli.group()
+def runs():
+    """Manage run documents in the Runs DB."""
+
+
+def _utc(value, what):
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, str):
+        try:
+            t = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{what} {value!r} is not an ISO-8601 date-time")
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    raise ValueError(f"{what} must be an ISO-8601 string, not {type(value).__name__}")
+
+
+def validate_run(doc) -> dict:
+    """Check a run document from a user; returns it with dates as UTC datetimes."""
+    from cax.paths import UnsafePath, check_name
+    if not isinstance(doc, dict):
+        raise ValueError("a run document must be a JSON object")
+    if not isinstance(doc.get("number"), int) or isinstance(doc.get("number"), bool):
+        raise ValueError(f"'number' must be an integer, not {doc.get('number')!r}")
+    try:
+        check_name(doc.get("name"))
+    except UnsafePath as e:
+        raise ValueError(str(e))
+    if not isinstance(doc.get("detector", ""), str) or not doc.get("detector"):
+        raise ValueError("'detector' must be a non-empty string (e.g. 'tpc')")
+    if "start" not in doc:
+        raise ValueError("'start' is required")
+    doc = dict(doc)
+    for k in ("start", "end"):
+        if k in doc and doc[k] is not None:
+            doc[k] = _utc(doc[k], f"'{k}'")
+    data = doc.setdefault("data", [])
+    if not isinstance(data, list):
+        raise ValueError("'data' must be a list")
+    seen = set()
+    for i, d in enumerate(data):
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("host", "type", "status")):
+            raise ValueError(f"data[{i}] needs string 'host', 'type' and 'status'")
+        key = (d["host"], d["type"], d.get("pax_version"))
+        if key in seen:
+            raise ValueError(f"data[{i}] repeats the datum {d['type']}@{d['host']}")
+        seen.add(key)
+        if "creation_time" in d:
+            d["creation_time"] = _utc(d["creation_time"], f"data[{i}].creation_time")
+    return doc
+
+
+@runs.command("add")
+@_common
+@click.argument("source", type=click.File("r"))
+@click.pass_context
+def runs_add(ctx, config_path, host, source):
+    """Insert run documents from a JSON FILE (one object or a list; '-' reads stdin)."""
+    from cax.runsdb import DuplicateKeyError
+    config_path, _ = _settings(ctx, config_path, host)
+    config = load_config(config_path)
+    try:
+        docs = json.load(source)
+    except json.JSONDecodeError as e:
+        raise Fatal(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", 2)
+    docs = docs if isinstance(docs, list) else [docs]
+    db = open_db(config, ctx.find_root().obj.get("dry_run"))
+    added = failed = 0
+    for i, doc in enumerate(docs):
+        label = f"run #{i + 1}"
+        if isinstance(doc, dict):
+            label = f"run {doc.get('number')!r} ({doc.get('name')!r})"
+        try:
+            db.insert_run(validate_run(doc))
+            added += 1
+        except ValueError as e:
+            failed += 1
+            click.echo(f"cax: error: {source.name}: {label}: {e}", err=True)
+        except DuplicateKeyError:
+            failed += 1
+            click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
+                       f"already exists", err=True)
+    click.echo(f"added {added} run(s), rejected {failed}")
+    if failed:
+        sys.exit(1)
+
+
+# ---- config check ---------------------------------------------------------------------------
+@cli.group("config")
+def config_group():
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@_common
+@click.pass_context
+def config_check(ctx, config_path, host):
+    """Validate the config, then print the resolved sites and this host's tasks."""
+    config_path, host = _settings(ctx, config_path, host)
+    config = load_config(config_path)
+    click.echo(f"config {config.path}: OK")
+    from cax.runsdb import redact_uri
+    click.echo(f"Runs DB: {redact_uri(config.runs_db)} (database {config.database!r}, "
+               f"collection {config.collection!r})")
+    for s in config.sites.values():
+        dirs = ", ".join(f"{t}={d}" for t, d in s.dirs.items())
+        click.echo(f"site {s.name}: method={s.method} host={s.hostname}:{s.port} {dirs}; "
+                   f"pushes to {s.upload_options or '-'}; pulls from {s.download_options or '-'}; "
+                   f"purge={s.purge or 'off'}")
+    host = host or cfgmod.default_host()
+    if host in config.sites:
+        click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
+    else:
+        click.echo(f"this host: {host} is not a site in the config (use --host); "
+                   f"known: {', '.join(config.sites)}")
+
+
+# ---- checksum -------------------------------------------------------------------------------
+@cli.command("checksum")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--type", "algorithm", default="sha512", show_default=True,
+              help="Checksum algorithm.")
+def checksum_cmd(path, algorithm):
+    """Print the checksum cax records for a file or directory (to verify a copy by hand)."""
+    from cax.checksum import checksum
+    try:
+        click.echo(f"{checksum(path, algorithm)}  {path}")
+    except ValueError as e:
+        raise Fatal(str(e), 2)
+
+
+# ---- demo -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", default="demo", type=click.Path(file_okay=False))
+@click.option("--runs", "nruns", default=3, show_default=True, help="How many runs to create.")
+def demo(directory, nruns):
+    """Create three local sites (daq -> buffer -> archive) in DIRECTORY and move data through them."""
+    from cax.demo import main as demo_main
+    sys.exit(demo_main(directory, nruns))
+
+
+def main():
+    cli(prog_name="cax")
+
+
+def process_main():
+    click.echo("cax-process: batch processing is not available in this version of cax yet; "
+               "nothing was done", err=True)
+    sys.exit(3)

@@ -1,0 +1,86 @@
+"""Where a run's data live on a site, and the checks that keep cax inside the data directories.
+
+Run names and locations come from a shared database that any site (or a typo) can write. A name like
+``../../etc`` must never turn a copy or a purge into a write or delete outside the site's data
+directories, so every path cax acts on is built or checked here.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+
+class UnsafePath(ValueError):
+    """A run name or location that cax refuses to act on; ``str()`` says why in one line."""
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9_+=,@%:][A-Za-z0-9_+=,@%:.\-]*$")
+
+
+def check_name(name, what: str = "run name") -> str:
+    """Accept only plain names: no ``/``, ``..``, NUL, control characters, leading ``-`` or ``.``."""
+    if not isinstance(name, str) or not name:
+        raise UnsafePath(f"{what} {name!r} is not a non-empty string")
+    if "/" in name or "\0" in name or name.startswith(("-", ".")) or ".." in name \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafePath(f"refusing unsafe {what} {name!r}")
+    if not _SAFE.match(name):
+        raise UnsafePath(f"refusing unsafe {what} {name!r} (allowed: letters, digits, _+=,@%:.-)")
+    return name
+
+
+def data_path(site, dtype: str, run_name: str, version=None, filename=None) -> str:
+    """``<site dir for type>[/<version>]/<run name or file name>``."""
+    base = site.data_dir(dtype)
+    if not base:
+        raise UnsafePath(f"site {site.name!r} has no directory for {dtype!r} data")
+    check_name(run_name)
+    parts = [base]
+    if version is not None:
+        parts.append(check_name(str(version), "processor version"))
+    parts.append(check_name(filename, "file name") if filename else run_name)
+    return os.path.join(*parts)
+
+
+def inside(path: str, root: str) -> bool:
+    """True if ``path`` lies strictly inside ``root`` after resolving symlinks on both."""
+    real = os.path.realpath(path)
+    real_root = os.path.realpath(root)
+    return real != real_root and real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def check_location(site, location, dtype=None) -> str:
+    """A datum's location on this site, verified to lie inside one of its data directories.
+
+    Symlinks are resolved, so a link pointing out of the data directory is refused too.
+    """
+    if not isinstance(location, str) or not location or "\0" in location:
+        raise UnsafePath(f"datum location {location!r} is not a path")
+    if not os.path.isabs(location):
+        raise UnsafePath(f"datum location {location!r} is not absolute")
+    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    if os.path.basename(location.rstrip("/")).startswith("-"):
+        raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
+    for root in roots:
+        if inside(location, root):
+            return location
+    raise UnsafePath(f"refusing location {location!r}: outside the data directories of site "
+                     f"{site.name!r} ({', '.join(roots)})")
+
+
+def check_remote_location(site, location, dtype=None) -> str:
+    """Lexical version of :func:`check_location` for paths on another host (no realpath there)."""
+    if not isinstance(location, str) or not location or "\0" in location or "\n" in location:
+        raise UnsafePath(f"datum location {location!r} is not a path")
+    norm = os.path.normpath(location)
+    if not os.path.isabs(norm) or norm != location.rstrip("/") and norm != location:
+        raise UnsafePath(f"refusing location {location!r} of site {site.name!r}: not a normal "
+                         f"absolute path")
+    if os.path.basename(norm).startswith("-"):
+        raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
+    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    for root in roots:
+        if norm.startswith(os.path.normpath(root) + os.sep):
+            return location
+    raise UnsafePath(f"refusing location {location!r}: outside the data directories of site "
+                     f"{site.name!r} ({', '.join(roots)})")

@@ -1,0 +1,125 @@
+"""The Task base class: choose candidate runs with one indexed query, act on each, record.
+
+A pass over 100,000 runs must not cost 100,000 queries, so every task states the Mongo query that
+selects the runs it may have work on; the base class narrows it by ``--run``/``--name``/
+``dataset_list`` and streams the matches. A failure on one run is logged with run, task and site and
+never stops the pass: the other runs still move.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cax.paths import UnsafePath
+from cax.runsdb import RunsDB, key_str
+
+log = logging.getLogger("cax.task")
+
+
+@dataclass
+class Context:
+    """What every task of one pass shares."""
+
+    config: object  # cax.config.Config
+    host: str
+    db: RunsDB
+    dry_run: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    run_filter: dict = field(default_factory=dict)
+
+    @property
+    def site(self):
+        return self.config.site(self.host)
+
+
+def run_filter(number: Optional[int] = None, name: Optional[str] = None,
+               dataset_list: Optional[list] = None) -> dict:
+    """The Mongo filter for ``--run``, ``--name`` and ``dataset_list`` (names or numbers)."""
+    clauses = []
+    if number is not None:
+        clauses.append({"number": number})
+    if name is not None:
+        clauses.append({"name": name})
+    if dataset_list:
+        names = [d for d in dataset_list if isinstance(d, str)]
+        numbers = [d for d in dataset_list if isinstance(d, int)]
+        clauses.append({"$or": [{"name": {"$in": names}}, {"number": {"$in": numbers}}]})
+    if not clauses:
+        return {}
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+class Task:
+    """Subclasses set ``query()`` and override ``each_run`` or ``each_location``."""
+
+    #: fields the task reads; None means the whole document
+    projection: Optional[dict] = None
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.db = ctx.db
+        self.site = ctx.site
+        self.host = ctx.host
+        self.dry_run = ctx.dry_run
+        self.name = type(self).__name__
+
+    # -- selection --------------------------------------------------------------------------
+    def query(self) -> Optional[dict]:
+        """Mongo filter of candidate runs; None means the task has nothing to do at this site."""
+        return {"data": {"$elemMatch": {"host": self.host}}}
+
+    def candidates(self):
+        q = self.query()
+        if q is None:
+            return []
+        if self.ctx.run_filter:
+            q = {"$and": [q, self.ctx.run_filter]}
+        return self.db.find_runs(q, self.projection)
+
+    # -- the pass ---------------------------------------------------------------------------
+    def go(self) -> int:
+        """Run the task over its candidates; returns how many runs it looked at."""
+        n = 0
+        for run in self.candidates():
+            if self.ctx.stop.is_set():
+                self.log(logging.INFO, run, "stop requested; ending the pass")
+                break
+            n += 1
+            try:
+                self.each_run(run)
+            except UnsafePath as e:
+                self.log(logging.ERROR, run, f"refused: {e}")
+            except Exception as e:  # one bad run never stops the others
+                self.log(logging.ERROR, run, f"failed: {type(e).__name__}: {e}",
+                         exc_info=log.isEnabledFor(logging.DEBUG))
+        self.finish()
+        return n
+
+    def each_run(self, run: dict) -> None:
+        for datum in list(run.get("data") or []):
+            if self.ctx.stop.is_set():
+                return
+            if isinstance(datum, dict) and datum.get("host") and datum.get("type"):
+                self.each_location(run, datum)
+
+    def each_location(self, run: dict, datum: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Called once after the pass (e.g. to wait for parallel transfers)."""
+
+    # -- helpers ----------------------------------------------------------------------------
+    def log(self, level: int, run: Optional[dict], msg: str, datum: Optional[dict] = None,
+            **kw) -> None:
+        name = run.get("name", run.get("number", "?")) if run else "-"
+        where = f" datum={key_str(datum)}" if datum and "host" in datum and "type" in datum else ""
+        log.log(level, "run=%s task=%s site=%s%s %s", name, self.name, self.host, where, msg, **kw)
+
+    def record_error(self, run: dict, key: dict, expected_status, reason: str) -> None:
+        """Every failure leaves the Runs DB saying what happened."""
+        self.log(logging.ERROR, run, f"error: {reason}", datum=key)
+        if not self.db.set_error(run["_id"], key, expected_status, reason) and not self.dry_run:
+            self.log(logging.WARNING, run, "could not record the error: datum changed meanwhile",
+                     datum=key)

@@ -1,0 +1,113 @@
+"""AddChecksum and CompareChecksums, and the one verification rule both copies and sites use.
+
+The reference checksum of a run's data is the one written by the first site that verified it (the
+DAQ for raw data, the processing site for processed data). A copy becomes ``transferred`` only when
+its checksum, computed with the reference's algorithm, equals the reference; otherwise it is
+``error`` with the reason, and the purge tasks will never count it as a good copy.
+"""
+from __future__ import annotations
+
+import logging
+
+from cax import paths
+from cax.checksum import checksum as compute_checksum
+from cax.runsdb import now, reference
+from cax.tasks.base import Task
+
+
+def verify(task, run_id, key, compute) -> None:
+    """Move the datum ``key`` from ``verifying`` to ``transferred`` or ``error``.
+
+    ``compute(algorithm)`` returns the digest of the data where they are now.
+    """
+    db = task.db
+    run = db.run(run_id, {"name": 1, "number": 1, "data": 1, "references": 1})
+    if run is None:
+        return
+    datum = next((d for d in run.get("data") or []
+                  if all(d.get(k) == v for k, v in key.items())), None)
+    if datum is None or datum.get("status") != "verifying":
+        return
+    ref = reference(run, key["type"], key.get("pax_version"))
+    if ref is None and datum.get("source"):
+        task.record_error(run, key, "verifying",
+                          "no reference checksum to verify this copy against")
+        return
+    algorithm = ref["checksum_type"] if ref else task.site.checksum_type
+    try:
+        digest = compute(algorithm)
+    except FileNotFoundError:
+        task.record_error(run, key, "verifying", f"data missing at {datum.get('location')}")
+        return
+    except Exception as e:
+        task.record_error(run, key, "verifying", f"checksum failed: {type(e).__name__}: {e}")
+        return
+    if digest is None:
+        return  # cannot compute here; the destination's AddChecksum will
+    fields = {"checksum": digest, "checksum_type": algorithm, "checksum_time": now()}
+    if ref is None:
+        # the origin copy: its checksum becomes the reference for every other copy
+        db.set_reference(run_id, key["type"], key.get("pax_version"), algorithm, digest, task.host)
+        ref = reference(db.run(run_id, {"references": 1, "data": 1}) or {}, key["type"],
+                        key.get("pax_version")) or {"checksum": digest, "host": task.host}
+    if ref["checksum"] != digest:
+        task.record_error(run, key, "verifying",
+                          f"{algorithm} checksum {digest[:16]}... differs from reference "
+                          f"{ref['checksum'][:16]}... (from {ref.get('host')})")
+        return
+    if db.set_status(run_id, key, "verifying", "transferred", **fields):
+        task.log(logging.INFO, run, f"verified, {algorithm} {digest[:16]}...", datum=key)
+
+
+class AddChecksum(Task):
+    """Checksum this site's ``verifying`` data and decide ``transferred`` or ``error``."""
+
+    projection = {"name": 1, "number": 1, "data": 1}
+
+    def query(self):
+        return {"data": {"$elemMatch": {"host": self.host, "status": "verifying"}}}
+
+    def each_location(self, run, datum):
+        if datum["host"] != self.host or datum.get("status") != "verifying":
+            return
+        key = {"host": self.host, "type": datum["type"]}
+        if datum.get("pax_version") is not None:
+            key["pax_version"] = datum["pax_version"]
+        try:
+            location = paths.check_location(self.site, datum.get("location"), datum["type"])
+        except paths.UnsafePath as e:
+            self.record_error(run, key, "verifying", str(e))
+            return
+        if self.dry_run:
+            self.log(logging.INFO, run, f"dry-run: would checksum {location}", datum=key)
+            return
+        verify(self, run["_id"], key,
+               lambda algo: compute_checksum(location, algo))
+
+
+class CompareChecksums(Task):
+    """Flag a copy here whose recorded checksum differs from the reference."""
+
+    projection = {"name": 1, "number": 1, "data": 1, "references": 1}
+
+    def query(self):
+        return {"data": {"$elemMatch": {"host": self.host, "status": "transferred"}}}
+
+    def each_location(self, run, datum):
+        if datum["host"] != self.host or datum.get("status") != "transferred":
+            return
+        ref = reference(run, datum["type"], datum.get("pax_version"))
+        if ref is None or not datum.get("checksum"):
+            return
+        if datum.get("checksum_type", "sha512") != ref.get("checksum_type", "sha512"):
+            return  # compare like with like only
+        if datum["checksum"] != ref["checksum"]:
+            key = {"host": self.host, "type": datum["type"]}
+            if datum.get("pax_version") is not None:
+                key["pax_version"] = datum["pax_version"]
+            if self.dry_run:
+                self.log(logging.WARNING, run, "dry-run: would flag checksum mismatch", datum=key)
+                return
+            self.record_error(run, key, "transferred",
+                              f"checksum {datum['checksum'][:16]}... differs from reference "
+                              f"{ref['checksum'][:16]}... (from {ref.get('host')})")

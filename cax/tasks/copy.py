@@ -1,0 +1,195 @@
+"""CopyPush and CopyPull: make the copies that the sites' upload/download options ask for.
+
+A copy is claimed in the Runs DB before a byte moves (exactly one daemon wins), goes to a temporary
+name and is renamed into place by the transfer method, and ends ``verifying`` (or straight
+``transferred`` when its checksum can be computed where the data now are). Any failure leaves the
+datum ``error`` with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from cax import paths
+from cax.runsdb import now
+from cax.tasks.base import Task
+from cax.tasks.checksum import verify
+from cax.transfer import Interrupted, TransferError, open_method
+
+HEARTBEAT_SECONDS = 30.0
+
+
+class _Copy(Task):
+    """Shared logic; subclasses say which (source, destination) pairs they serve."""
+
+    direction = "push"
+    projection = {"name": 1, "number": 1, "data": 1, "references": 1}
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._methods: dict = {}
+
+    # (source site, destination site, remote site whose method moves the data)
+    def pairs(self) -> list:
+        raise NotImplementedError
+
+    def _wanted(self, src, dst):
+        """(type, version) combinations to copy from src to dst; version None for raw."""
+        out = []
+        for dtype in ("raw", "processed"):
+            if dtype in src.data_type and dtype in dst.data_type:
+                if dtype == "processed" and dst.pax_versions:
+                    out.extend((dtype, v) for v in dst.pax_versions)
+                else:
+                    out.append((dtype, None))
+        return out
+
+    def query(self):
+        clauses = []
+        for src, dst, _remote in self.pairs():
+            for dtype, version in self._wanted(src, dst):
+                have = {"host": src.name, "type": dtype, "status": "transferred"}
+                missing = {"host": dst.name, "type": dtype}
+                if version is not None:
+                    have["pax_version"] = missing["pax_version"] = version
+                clause = {"data": {"$elemMatch": have}}
+                if dtype == "raw" or version is not None:
+                    clause["$nor"] = [{"data": {"$elemMatch": missing}}]
+                clauses.append(clause)
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$or": clauses}
+
+    def each_run(self, run):
+        paths.check_name(run.get("name"))
+        for src, dst, remote in self.pairs():
+            for dtype, version in self._wanted(src, dst):
+                for datum in list(run.get("data") or []):
+                    if self.ctx.stop.is_set():
+                        return
+                    if (datum.get("host") != src.name or datum.get("type") != dtype
+                            or datum.get("status") != "transferred"):
+                        continue
+                    if version is not None and datum.get("pax_version") != version:
+                        continue
+                    if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
+                        continue
+                    self.copy(run, datum, src, dst, remote)
+
+    @staticmethod
+    def _has_datum(run, host, dtype, version):
+        return any(d.get("host") == host and d.get("type") == dtype
+                   and d.get("pax_version") == version for d in run.get("data") or [])
+
+    # -- one copy ---------------------------------------------------------------------------
+    def copy(self, run, src_datum, src, dst, remote):
+        dtype, version = src_datum["type"], src_datum.get("pax_version")
+        src_path = src_datum.get("location")
+        if src is self.site:
+            paths.check_location(src, src_path, dtype)
+        else:
+            paths.check_remote_location(src, src_path, dtype)
+        filename = os.path.basename(src_path.rstrip("/")) if dtype != "raw" else None
+        dst_path = paths.data_path(dst, dtype, run["name"], version, filename)
+        key = {"host": dst.name, "type": dtype}
+        if version is not None:
+            key["pax_version"] = version
+        if self.dry_run:
+            self.log(logging.INFO, run, f"dry-run: would copy {src.name}:{src_path} -> "
+                     f"{dst.name}:{dst_path}", datum=key)
+            return
+        try:
+            method = self.method(remote)
+        except TransferError as e:
+            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}", datum=key)
+            return
+        t = now()
+        datum = dict(key, status="transferring", location=dst_path, checksum=None,
+                     creation_time=t, heartbeat=t, creation_place=self.host, source=src.name)
+        if not self.db.claim(run["_id"], datum):
+            self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
+            return
+        self.log(logging.INFO, run, f"copy start {src.name} -> {dst.name} via {remote.method}",
+                 datum=key)
+        started = time.monotonic()
+        moved = [0]
+        method.progress = self._progress(run, key, moved)
+        try:
+            method.makedirs(os.path.dirname(dst_path))
+            if self.direction == "push":
+                method.put(src_path, dst_path)
+            else:
+                method.get(src_path, dst_path)
+        except Interrupted:
+            self.record_error(run, key, "transferring", "interrupted")
+            return
+        except TransferError as e:
+            self.record_error(run, key, "transferring", str(e))
+            return
+        except Exception as e:  # still a failed copy: say so in the Runs DB
+            self.record_error(run, key, "transferring", f"{type(e).__name__}: {e}")
+            return
+        seconds = max(time.monotonic() - started, 1e-6)
+        self.log(logging.INFO, run, f"copy done {moved[0]} bytes in {seconds:.1f} s "
+                 f"({moved[0] / seconds / 1e6:.1f} MB/s)", datum=key)
+        if not self.db.set_status(run["_id"], key, "transferring", "verifying", heartbeat=now()):
+            self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
+            return
+        if self.direction == "pull" or remote.method == "local":
+            verify(self, run["_id"], key, lambda algo: _local_checksum(dst_path, algo))
+        elif getattr(method, "remote_checksum", False):
+            verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
+
+    def _progress(self, run, key, moved):
+        """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
+        last = [time.monotonic()]
+
+        def progress(n):
+            moved[0] += n
+            if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
+                last[0] = time.monotonic()
+                self.db.update_datum(run["_id"], key, "transferring", {"heartbeat": now()})
+        return progress
+
+    def method(self, remote):
+        """One connection per remote site per pass, reused for every run."""
+        m = self._methods.get(remote.name)
+        if m is None:
+            m = open_method(remote, cancel=self.ctx.stop.is_set)
+            m.connect()
+            self._methods[remote.name] = m
+        return m
+
+    def finish(self):
+        for m in self._methods.values():
+            try:
+                m.close()
+            except Exception as e:  # closing must not hide the pass's result
+                self.log(logging.WARNING, None, f"closing connection failed: {e}")
+        self._methods.clear()
+
+
+def _local_checksum(path, algorithm):
+    from cax.checksum import checksum
+    return checksum(path, algorithm)
+
+
+class CopyPush(_Copy):
+    """This site sends its verified data to the sites in its ``upload_options``."""
+
+    direction = "push"
+
+    def pairs(self):
+        cfg = self.ctx.config
+        return [(self.site, cfg.site(n), cfg.site(n)) for n in self.site.upload_options]
+
+
+class CopyPull(_Copy):
+    """This site fetches verified data from the sites in its ``download_options``."""
+
+    direction = "pull"
+
+    def pairs(self):
+        cfg = self.ctx.config
+        return [(cfg.site(n), self.site, cfg.site(n)) for n in self.site.download_options]

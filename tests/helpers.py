@@ -1,0 +1,66 @@
+"""Builders shared by the tests: configs with three local sites, run documents with real files."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+
+import mongomock
+
+from cax import config as cfgmod
+from cax.runsdb import RunsDB
+from cax.tasks.base import Context
+
+
+def three_sites(tmp_path, runs_db=None, **extra_top):
+    """daq -> buffer (push) -> archive (pull), all local; returns the config path."""
+    doc = {
+        "runs_db": runs_db or str(tmp_path / "test.runsdb"),
+        "sites": [
+            {"name": "daq", "directory": str(tmp_path / "daq"), "upload_options": ["buffer"],
+             "data_type": ["raw"]},
+            {"name": "buffer", "directory": str(tmp_path / "buffer"), "data_type": ["raw"]},
+            {"name": "archive", "directory": str(tmp_path / "archive"),
+             "download_options": ["buffer"], "data_type": ["raw"]},
+        ],
+        **extra_top,
+    }
+    for s in doc["sites"]:
+        os.makedirs(s["directory"], exist_ok=True)
+    path = tmp_path / "cax.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def make_raw(root, name, nfiles=3, size=1000):
+    d = os.path.join(root, name)
+    os.makedirs(os.path.join(d, "sub"), exist_ok=True)
+    for i in range(nfiles):
+        with open(os.path.join(d, "sub" if i % 2 else "", f"f{i}.bin"), "wb") as f:
+            f.write(os.urandom(size + i))
+    with open(os.path.join(d, ".hidden"), "wb") as f:
+        f.write(b"h")
+    return d
+
+
+def run_doc(number, name, location, host="daq", status="verifying"):
+    t = datetime(2016, 3, 15, tzinfo=timezone.utc) + timedelta(hours=number)
+    return {"number": number, "name": name, "detector": "tpc", "start": t,
+            "data": [{"host": host, "type": "raw", "status": status, "location": location,
+                      "creation_time": t, "creation_place": host}]}
+
+
+def mongomock_db():
+    coll = mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
+    db = RunsDB(coll)
+    db.ensure_indexes()
+    return db
+
+
+def context(config_path, host, db, **kw):
+    return Context(config=cfgmod.load(config_path), host=host, db=db, **kw)
+
+
+def statuses(db, number):
+    run = db.collection.find_one({"number": number})
+    return {(d["host"], d["type"]): d["status"] for d in run["data"]}
