@@ -1,0 +1,133 @@
+"""Every config problem: exit status 2 and one line naming the file, the site and the key."""
+import json
+import logging
+import os
+
+from click.testing import CliRunner
+
+from cax import config as cfgmod
+from cax.cli import cli
+
+GOOD = [
+    {"name": "daq", "directory": "/tmp/daq", "upload_options": ["buffer"]},
+    {"name": "buffer", "directory": "/tmp/buffer", "download_options": None},
+]
+
+
+def write(tmp_path, doc):
+    p = tmp_path / "cax.json"
+    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return str(p)
+
+
+def check_error(tmp_path, doc, *needles):
+    path = write(tmp_path, doc)
+    result = CliRunner().invoke(cli, ["--config", path, "config", "check"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("cax: error: ")
+    for n in (path,) + needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_bad_json_reports_line_and_column(tmp_path):
+    line = check_error(tmp_path, '[\n {"name": "daq",\n  "directory": }\n]', "line 3", "column")
+    assert "invalid JSON" in line
+
+
+def test_wrong_type(tmp_path):
+    doc = [dict(GOOD[0], port="22"), GOOD[1]]
+    check_error(tmp_path, doc, "site 'daq'", "key 'port'")
+
+
+def test_duplicate_site(tmp_path):
+    check_error(tmp_path, [GOOD[0], GOOD[1], dict(GOOD[1])], "site 'buffer'", "duplicate")
+
+
+def test_option_naming_unknown_site(tmp_path):
+    doc = [dict(GOOD[0], upload_options=["nowhere"]), GOOD[1]]
+    check_error(tmp_path, doc, "site 'daq'", "key 'upload_options'", "'nowhere'")
+
+
+def test_missing_directory_for_type(tmp_path):
+    doc = [{"name": "daq", "dir_raw": "/tmp/r", "data_type": ["raw", "processed"]}]
+    check_error(tmp_path, doc, "site 'daq'", "key 'dir_processed'")
+
+
+def test_unknown_task(tmp_path):
+    check_error(tmp_path, {"sites": GOOD, "task_list": ["CopyPush", "Teleport"]},
+                "key 'task_list'", "'Teleport'")
+
+
+def test_bad_method(tmp_path):
+    check_error(tmp_path, [dict(GOOD[0], method="carrier-pigeon"), GOOD[1]],
+                "site 'daq'", "key 'method'")
+
+
+def test_missing_name(tmp_path):
+    check_error(tmp_path, [{"directory": "/x"}], "site '#1'", "key 'name'")
+
+
+def test_unreadable_file(tmp_path):
+    result = CliRunner().invoke(cli, ["--config", str(tmp_path / "nope.json"), "config", "check"])
+    assert result.exit_code == 2
+    assert "cannot read config" in result.stderr
+
+
+def test_daemon_exits_2_before_touching_anything(tmp_path):
+    path = write(tmp_path, [dict(GOOD[0], upload_options=["nowhere"]), GOOD[1]])
+    result = CliRunner().invoke(cli, ["--config", path, "--host", "daq", "--once"])
+    assert result.exit_code == 2
+    assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_unknown_keys_warn_once_not_fatal(tmp_path, caplog):
+    doc = [dict(GOOD[0], grid_cert="/x", nstreams=4, dir_minitrees="/y"), GOOD[1]]
+    with caplog.at_level(logging.WARNING):
+        cfg = cfgmod.parse(json.dumps(doc), "x.json")
+    assert cfg.sites["daq"].nstreams == 4
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("grid_cert" in m for m in warned) == 1
+    assert sum("dir_minitrees" in m for m in warned) == 1
+
+
+def test_classic_and_object_forms_agree():
+    a = cfgmod.parse(json.dumps(GOOD), "/etc/cax.json")
+    b = cfgmod.parse(json.dumps({"sites": GOOD}), "/etc/cax.json")
+    assert a.sites == b.sites
+    assert a.runs_db == "/etc/cax.runsdb"
+
+
+def test_receive_and_purge_synonyms():
+    doc = [dict(GOOD[0], receive="rsync", purge=3), GOOD[1]]
+    site = cfgmod.parse(json.dumps(doc), "c.json").sites["daq"]
+    assert site.method == "rsync"
+    assert site.purge["min_copies"] == 3
+
+
+def test_task_list_narrows_keeping_order():
+    doc = {"sites": [dict(GOOD[0], task_list=["AddChecksum", "CopyPush"]), GOOD[1]],
+           "task_list": ["CopyPull"]}
+    cfg = cfgmod.parse(json.dumps(doc), "c.json")
+    assert cfg.tasks_for("daq") == ["CopyPush", "AddChecksum"]
+    assert cfg.tasks_for("buffer") == ["CopyPull"]
+
+
+def test_unknown_host_lists_known_sites(tmp_path):
+    path = write(tmp_path, GOOD)
+    result = CliRunner().invoke(cli, ["--config", path, "--host", "mars", "--once"])
+    assert result.exit_code == 2
+    assert "'mars'" in result.stderr and "daq, buffer" in result.stderr
+
+
+def test_host_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAX_HOST", "buffer")
+    assert cfgmod.default_host() == "buffer"
+
+
+def test_packaged_default_config_is_valid():
+    import cax
+    cfg = cfgmod.load(os.path.join(os.path.dirname(cax.__file__), "cax.json"))
+    assert set(cfg.sites) == {"daq", "buffer", "archive"}

@@ -1,0 +1,134 @@
+"""Bad input never stops the other runs; dry runs change nothing; idle passes cost constant queries."""
+import copy
+import hashlib
+import logging
+import os
+
+import mongomock
+import pytest
+
+from cax.runsdb import RunsDB
+
+from cax.daemon import run_pass
+from tests.helpers import context, make_raw, mongomock_db, run_doc, statuses, three_sites
+
+
+def tree_state(root):
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = (hashlib.sha1(open(p, "rb").read()).hexdigest()
+                                              if os.path.isfile(p) else "dir")
+    return out
+
+
+def all_passes(cfg, db, n=2, **kw):
+    for _ in range(n):
+        for host in ("daq", "buffer", "archive"):
+            run_pass(context(cfg, host, db, **kw))
+
+
+@pytest.mark.parametrize("hostile", ["../../etc", "..", "-rf", ".hidden", "a/b", "x\0y", "ok\nname"])
+def test_hostile_run_name_refused_others_move(tmp_path, caplog, hostile):
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    good = make_raw(str(tmp_path / "daq"), "160101_0000")
+    db.insert_run(run_doc(1, "160101_0000", good))
+    # the hostile run claims a transferred copy at the daq pointing at real data
+    bad = make_raw(str(tmp_path / "daq"), "victim")
+    doc = run_doc(2, hostile, bad, status="transferred")
+    doc["data"][0]["checksum"] = "0" * 128
+    db.collection.insert_one(doc)
+    with caplog.at_level(logging.ERROR):
+        all_passes(cfg, db)
+    assert statuses(db, 1) == {("daq", "raw"): "transferred", ("buffer", "raw"): "transferred",
+                               ("archive", "raw"): "transferred"}
+    assert statuses(db, 2) == {("daq", "raw"): "transferred"}
+    assert any("refusing unsafe run name" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(tmp_path / "buffer")) == ["160101_0000"]
+    assert not os.path.exists(tmp_path / "etc")
+
+
+def test_location_outside_data_directory_is_refused(tmp_path):
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    outside = make_raw(str(tmp_path), "secret")
+    db.insert_run(run_doc(1, "160101_0000", outside))
+    all_passes(cfg, db)
+    run = db.collection.find_one({"number": 1})
+    assert statuses(db, 1) == {("daq", "raw"): "error"}
+    assert "outside the data directories" in run["data"][0]["error"]
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    for i in range(3):
+        name = f"16010{i}_0000"
+        db.insert_run(run_doc(i, name, make_raw(str(tmp_path / "daq"), name)))
+    # one run already half way, so every task has something it would do
+    all_passes(cfg, db, n=1, run_filter={"number": 0})
+    before_db = copy.deepcopy(list(db.collection.find({}, sort=[("number", 1)])))
+    before_disk = tree_state(str(tmp_path))
+    db.dry_run = True
+    all_passes(cfg, db, n=2, dry_run=True)
+    db.dry_run = False
+    assert list(db.collection.find({}, sort=[("number", 1)])) == before_db
+    assert tree_state(str(tmp_path)) == before_disk
+
+
+def test_dry_run_logs_what_it_would_do(tmp_path, caplog):
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    db.insert_run(run_doc(1, "160101_0000", make_raw(str(tmp_path / "daq"), "160101_0000"),
+                          status="transferred"))
+    db.dry_run = True
+    with caplog.at_level(logging.INFO):
+        run_pass(context(cfg, "daq", db, dry_run=True))
+    assert any("dry-run: would copy" in r.getMessage() and "buffer" in r.getMessage()
+               for r in caplog.records)
+
+
+class CountingCollection:
+    """Counts every call that reaches the database, whatever the RunsDB layer believes."""
+
+    def __init__(self, coll):
+        self._coll = coll
+        self.calls = 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._coll, name)
+        if callable(attr):
+            def counted(*a, **kw):
+                self.calls += 1
+                return attr(*a, **kw)
+            return counted
+        return attr
+
+
+@pytest.mark.parametrize("nruns", [100, 1000, 10000])
+def test_idle_pass_query_count_does_not_grow(tmp_path, nruns):
+    cfg = three_sites(tmp_path)
+    # mongomock checks unique indexes by scanning every document (quadratic inserts); counting
+    # queries does not need them
+    db = RunsDB(mongomock.MongoClient(tz_aware=True)["run"]["runs_new"])
+    t = run_doc(0, "x", "/nowhere")["start"]
+    docs = []
+    for i in range(nruns):
+        data = [{"host": h, "type": "raw", "status": "transferred", "checksum": "ab",
+                 "checksum_type": "sha512", "location": str(tmp_path / h / f"r{i}")}
+                for h in ("daq", "buffer", "archive")]
+        docs.append({"number": i, "name": f"r{i}", "detector": "tpc", "start": t, "data": data,
+                     "references": [{"type": "raw", "pax_version": None, "checksum": "ab",
+                                     "checksum_type": "sha512", "host": "daq"}]})
+    db.collection.insert_many(docs)
+    counting = CountingCollection(db.collection)
+    db.collection = counting
+    for host in ("daq", "buffer", "archive"):
+        run_pass(context(cfg, host, db))
+    # one candidate query per task that can have work at a site, independent of nruns
+    assert counting.calls <= 12, counting.calls
+    test_idle_pass_query_count_does_not_grow.calls = getattr(
+        test_idle_pass_query_count_does_not_grow, "calls", set()) | {counting.calls}
+    assert len(test_idle_pass_query_count_does_not_grow.calls) == 1
