@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import itertools
 import os
+import queue
 import threading
 import zlib
 from typing import Callable, List, Optional
 
 ALGORITHMS = ("sha512", "adler32", "xxh3", "blake3")
-BUFSIZE = 1 << 20  # per-worker read buffer; large updates keep the GIL released while hashing
+BUFSIZE = 1 << 20  # per-thread read buffer; large updates keep the GIL released while hashing
+SMALL = 64 << 10  # files up to this size are hashed by the calling thread, larger ones by the pool
 
 # Optional packages per checksum type: (module name, pip package name).
 _OPTIONAL = {"xxh3": ("xxhash", "xxhash"), "blake3": ("blake3", "blake3")}
@@ -154,70 +155,119 @@ class _Job:
             self.stop = True
 
 
-def _file_digest(path: str, new, buf: bytearray, view: memoryview, job: _Job, pending: List[int]):
-    """Hash one file through the reused buffer; ``pending[0]`` accumulates unreported bytes."""
-    h = new()
+def _open(path: str):
+    """An fd for ``path``, or None for a dangling symlink (which checksumdir hashes as empty)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         if os.path.lexists(path) and not os.path.exists(path):
-            return h.hexdigest()  # dangling symlink: checksumdir hashes it as empty
+            return None
         raise
-    try:
-        readinto = os.readv
-        n = readinto(fd, (buf,))
-        if n == len(buf) and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # big file: ask for more readahead
-        cancel, progress = job.cancel, job.progress
-        while n:
-            if job.stop or (cancel is not None and cancel()):
-                raise InterruptedError("checksum cancelled")
-            h.update(view[:n])
-            if progress is not None:
-                pending[0] += n
-                if pending[0] >= BUFSIZE:
-                    job.report(pending[0])
-                    pending[0] = 0
-            n = readinto(fd, (buf,))
-    finally:
-        os.close(fd)
+
+
+def _hash_fd(fd: int, h, n: int, buf: bytearray, view: memoryview, job: _Job, pending: List[int]) -> str:
+    """Feed ``h`` the ``n`` bytes already in ``buf`` and then the rest of ``fd`` (closed by the caller)."""
+    cancel, progress = job.cancel, job.progress
+    readv = os.readv
+    bufs = (buf,)
+    while n:
+        if job.stop or (cancel is not None and cancel()):
+            raise InterruptedError("checksum cancelled")
+        h.update(view[:n])
+        if progress is not None:
+            pending[0] += n
+            if pending[0] >= BUFSIZE:
+                job.report(pending[0])
+                pending[0] = 0
+        n = readv(fd, bufs)
     return h.hexdigest()
 
 
+def _worker(tasks: "queue.SimpleQueue", digests: list, new, job: _Job) -> None:
+    """Hash (index, fd) tasks until the None sentinel; always closes every fd it takes."""
+    buf = bytearray(BUFSIZE)
+    view = memoryview(buf)
+    pending = [0]
+    readv = os.readv
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            i, fd = task
+            try:
+                if not job.stop:
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # more readahead when cold
+                    digests[i] = _hash_fd(fd, new(), readv(fd, (buf,)), buf, view, job, pending)
+            except BaseException as e:  # noqa: B902 - re-raised by checksum()
+                job.fail(e)
+            finally:
+                os.close(fd)
+        if pending[0] and job.progress is not None and not job.stop:
+            job.report(pending[0])
+    except BaseException as e:  # noqa: B902
+        job.fail(e)
+
+
 def _hash_files(files: List[str], new, workers: int, job: _Job) -> List[str]:
+    """Per-file hex digests, in the order of ``files``.
+
+    The calling thread opens every file and reads its first ``SMALL`` bytes. A file that ends there
+    is hashed on the spot: for small files the per-file Python work, which holds the GIL, dominates,
+    and one thread does it fastest (threads would only fight over the GIL). Larger files are rewound
+    and handed to ``workers - 1`` threads; once every file is dispatched the calling thread joins
+    them, so big files keep ``workers`` threads busy hashing with the GIL released.
+    """
     digests = [None] * len(files)
-    counter = itertools.count()
-    total = len(files)
-
-    def work():
-        buf = bytearray(BUFSIZE)
-        view = memoryview(buf)
-        pending = [0]
-        try:
-            while True:
-                i = next(counter)  # atomic under the GIL: each index is handed out once
-                if i >= total:
-                    break
-                digests[i] = _file_digest(files[i], new, buf, view, job, pending)
-            if job.progress is not None and pending[0]:
-                job.report(pending[0])
-        except BaseException as e:  # noqa: B902 - re-raised by the caller
-            job.fail(e)
-        finally:
-            view.release()
-
-    if workers <= 1:
-        work()
-    else:
-        threads = [threading.Thread(target=work, name=f"cax-checksum-{k}", daemon=True) for k in range(workers)]
-        try:
-            for t in threads:
+    buf = bytearray(BUFSIZE)
+    view = memoryview(buf)
+    small_view = view[:SMALL]
+    pending = [0]
+    readv = os.readv
+    tasks = queue.SimpleQueue()
+    threads = []
+    try:
+        if workers > 1:
+            for k in range(workers - 1):
+                t = threading.Thread(target=_worker, args=(tasks, digests, new, job),
+                                     name=f"cax-checksum-{k}", daemon=True)
                 t.start()
+                threads.append(t)
+        cancel = job.cancel
+        for i, path in enumerate(files):
+            if job.stop or (cancel is not None and cancel()):
+                raise InterruptedError("checksum cancelled")
+            fd = _open(path)
+            if fd is None:
+                digests[i] = new().hexdigest()
+                continue
+            try:
+                n = readv(fd, (small_view,))
+                if n < SMALL or workers <= 1:
+                    digests[i] = _hash_fd(fd, new(), n, buf, view, job, pending)
+                    continue
+                os.lseek(fd, 0, os.SEEK_SET)
+                tasks.put((i, fd))
+                fd = None  # the worker closes it
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if pending[0] and job.progress is not None:
+            job.report(pending[0])
+    except BaseException as e:  # noqa: B902 - e.g. KeyboardInterrupt: stop the workers too
+        job.fail(e)
+    finally:
+        if threads:
+            for _ in range(len(threads) + 1):
+                tasks.put(None)  # after every task: FIFO, so each task is taken (and closed) first
+            _worker(tasks, digests, new, job)  # the calling thread helps with the big files
             for t in threads:
-                t.join()
-        except BaseException:  # e.g. KeyboardInterrupt in the main thread: stop the workers too
-            job.stop = True
-            raise
+                while t.is_alive():
+                    try:
+                        t.join()
+                    except BaseException as e:  # noqa: B902
+                        job.fail(e)
     if job.error is not None:
         raise job.error
     return digests
