@@ -131,6 +131,14 @@ def list_files(path: str) -> list:
     return out
 
 
+def _cores() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class _Job:
     """Shared state of one checksum() call: cancellation, progress, first error."""
 
@@ -282,9 +290,9 @@ def checksum(
 ) -> str:
     """The digest cax records for a file or directory (see the module docstring for each type).
 
-    ``workers``: hashing threads; default ``os.cpu_count()`` (capped by the number of files).
+    ``workers``: hashing threads; default: the CPUs this process may use (capped by the number of files).
     ``cancel``: called between chunks (about every ``BUFSIZE`` bytes and before each file) from the
-    worker threads; when it returns true, hashing stops and ``InterruptedError`` is raised. It must
+    calling and the worker threads; when it returns true, hashing stops and ``InterruptedError`` is raised. It must
     be cheap and thread-safe (e.g. ``threading.Event().is_set``).
     ``progress``: called with the number of bytes hashed since its previous call, roughly every
     ``BUFSIZE`` bytes per worker and once more at the end; calls never overlap (a lock serializes them)
@@ -303,7 +311,7 @@ def checksum(
     else:
         raise FileNotFoundError(2, "No such file or directory", path)
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = _cores()
     workers = max(1, min(int(workers), len(files)))
     digests = _hash_files(files, new, workers, job)
     top = new()
