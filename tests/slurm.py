@@ -59,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def _tail(path: str, lines: int = 8) -> str:
     try:
         with open(path, errors="replace") as f:
             return " | ".join(f.read().splitlines()[-lines:])
@@ -145,9 +145,11 @@ PartitionName={c.partition} Nodes={h} Default=YES MaxTime=INFINITE State=UP
 
 def _start(c: SlurmCluster) -> None:
     t = c.tmpdir
-    for d in ("state", "spool", "munge"):
+    for d in ("state", "spool"):
         os.makedirs(os.path.join(t, d), mode=0o700, exist_ok=True)
     munge_dir = os.path.join(t, "munge")
+    os.makedirs(munge_dir, exist_ok=True)
+    os.chmod(munge_dir, 0o755)  # munged wants its socket directory searchable by all
     key = os.path.join(munge_dir, "munge.key")
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
