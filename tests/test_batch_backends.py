@@ -354,3 +354,26 @@ def test_local_state_survives_the_submitting_process(tmp_path):
                     str(state), slow], timeout=60, env=env, check=True)
     assert wait_state(b, slow, FINAL, timeout=30) == CANCELLED
     assert b.queued("cron_") == []
+
+
+def test_slurm_falls_back_to_sacct_for_forgotten_jobs(tmp_path, monkeypatch):
+    """Parsing only (real Slurm here has no accounting): stand-in commands on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    forgotten = "#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n"
+    for name, text in {
+        "squeue": forgotten,
+        "scontrol": forgotten,
+        "sacct": "#!/bin/sh\n[ \"$5\" = 42 ] && echo '42|CANCELLED by 0|0:15'\n[ \"$5\" = 43 ] && echo '43|FAILED|3:0'\nexit 0\n",
+    }.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    b = get_backend("slurm")
+    assert b.status("42") == CANCELLED
+    assert b.exit_code("42") == 143
+    assert b.status("43") == FAILED
+    assert b.exit_code("43") == 3
+    assert b.status("44") == GONE
+    assert b.exit_code("44") is None
+    assert get_backend("slurm", use_sacct=False).status("43") == GONE

@@ -5,7 +5,7 @@ system's configuration); ``slurm_conf=`` overrides it for this backend only.
 
 State: ``squeue -h -j ID -o %T`` while Slurm remembers the job (pending, running, and finished jobs
 for ``MinJobAge`` seconds), the exit code from ``scontrol show job ID`` (``ExitCode=N:M``). A job Slurm
-no longer knows is ``GONE`` (no accounting storage is assumed).
+no longer knows is looked up with ``sacct`` when accounting is available, else it is ``GONE``.
 """
 from __future__ import annotations
 
@@ -87,18 +87,21 @@ class SlurmBackend(BatchBackend):
     removed once sbatch has read it: Slurm stores its own copy); ``slurm_conf`` overrides
     ``SLURM_CONF``; ``user`` whose jobs ``queued`` lists (default: the current user, ``"*"`` for
     everyone); ``extra_args``: further sbatch options (trusted, from the site config);
-    ``timeout``: seconds allowed to each Slurm command.
+    ``timeout``: seconds allowed to each Slurm command; ``use_sacct``: ask accounting (``sacct``)
+    about jobs slurmctld has forgotten (after ``MinJobAge``) before calling them ``GONE``.
     """
 
     name = "slurm"
 
     def __init__(self, script_dir: Optional[str] = None, slurm_conf: Optional[str] = None,
-                 user: Optional[str] = None, extra_args: Sequence[str] = (), timeout: float = 60):
+                 user: Optional[str] = None, extra_args: Sequence[str] = (), timeout: float = 60,
+                 use_sacct: bool = True):
         self.script_dir = script_dir
         self.slurm_conf = slurm_conf
         self.user = user or getpass.getuser()
         self.extra_args = [str(a) for a in extra_args]
         self.timeout = timeout
+        self.use_sacct = use_sacct
 
     # -- plumbing -------------------------------------------------------------------------------
     def _env(self):
@@ -189,7 +192,27 @@ class SlurmBackend(BatchBackend):
         elif not self._unknown_job(proc):
             raise BackendUnavailable(f"squeue failed (exit {proc.returncode}): {self._message(proc)}")
         info = self._show_job(job_id)
-        return info.get("JobState", "").upper() or None if info else None
+        if info:
+            return info.get("JobState", "").upper() or None
+        acct = self._sacct(job_id)
+        return acct[0] if acct else None
+
+    def _sacct(self, job_id: str) -> Optional[Tuple[str, str]]:
+        """``(state, exit code "N:M")`` from accounting, for jobs slurmctld has forgotten; None when
+        there is no accounting (sacct missing or disabled) or it does not know the job either."""
+        if not self.use_sacct:
+            return None
+        try:
+            proc = self._run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"])
+        except BackendUnavailable:
+            return None
+        if proc.returncode != 0:
+            return None
+        for line in proc.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] == job_id and parts[1]:
+                return parts[1].split()[0].upper(), parts[2]
+        return None
 
     def _show_job(self, job_id: str) -> Dict[str, str]:
         proc = self._run(["scontrol", "-o", "show", "job", job_id])
@@ -217,7 +240,11 @@ class SlurmBackend(BatchBackend):
         if not _JOB_ID_RE.match(job_id):
             return None
         info = self._show_job(job_id)
-        state = STATE_MAP.get(info.get("JobState", "").upper())
+        if not info:
+            acct = self._sacct(job_id)
+            if acct:
+                info = {"JobState": acct[0], "ExitCode": acct[1]}
+        state = STATE_MAP.get(info.get("JobState", "").upper().rstrip("+"))
         if state not in (COMPLETED, FAILED, CANCELLED, TIMEOUT):
             return None
         m = re.match(r"^(\d+):(\d+)$", info.get("ExitCode", ""))
