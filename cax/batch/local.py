@@ -260,13 +260,12 @@ def _main(argv: List[str]) -> None:
     pid = os.fork()
     if pid:
         # launcher: record the wrapper's identity, then leave (the wrapper is re-parented)
-        start = None
-        for _ in range(1000):
-            start = _proc_starttime(pid)
-            if start is not None or os.waitpid(pid, os.WNOHANG)[0]:
-                break
+        start = _proc_starttime(pid)  # /proc/PID exists as soon as fork returns
         if start is None:
-            sys.exit("wrapper died at once")
+            os.waitpid(pid, 0)
+            if _read(os.path.join(d, "exit.json")) is None:
+                sys.exit("wrapper died at once")
+            start = "0"  # finished already; exit.json tells the rest
         _write_atomic(os.path.join(d, "wrapper.pid"), f"{pid} {start}\n")
         os._exit(0)
     os.setsid()
