@@ -143,11 +143,18 @@ class RunsDB:
     def set_status(self, run_id, key: dict, expected_status, status: str, **fields) -> bool:
         return self.update_datum(run_id, key, expected_status, dict(fields, status=status))
 
-    def set_error(self, run_id, key: dict, expected_status, reason: str) -> bool:
-        """Mark a datum ``error`` with a one-line reason; the Runs DB always says what happened."""
+    def set_error(self, run_id, key: dict, expected_status, reason: str,
+                  kind: str = "failed", extra_match: Optional[dict] = None) -> bool:
+        """Mark a datum ``error`` with a one-line reason; the Runs DB always says what happened.
+
+        ``kind`` (``failed``, ``interrupted``, ``stalled``, ``checksum``, ``size``, ...) lets the
+        healing tasks pick the errors they know how to heal without parsing reasons.
+        """
         reason = " ".join(str(reason).split())[:500] or "unknown error"
-        return self.update_datum(run_id, key, expected_status,
-                                 {"status": "error", "error": reason, "error_time": now()})
+        fields = {"status": "error", "error": reason, "error_kind": kind, "error_time": now()}
+        if extra_match:
+            return self.update_datum(run_id, dict(key, **extra_match), expected_status, fields)
+        return self.update_datum(run_id, key, expected_status, fields)
 
     def pull_datum(self, run_id, key: dict, expected_status=None) -> bool:
         match = dict(key)
@@ -157,6 +164,18 @@ class RunsDB:
         return self._write(f"remove datum {key_str(key)}",
                            {"_id": run_id, "data": {"$elemMatch": match}},
                            {"$pull": {"data": match}})
+
+    def update_datum_if_unchanged(self, run_id, data_as_read: list, index: int, fields: dict,
+                                  what: str = "update datum") -> bool:
+        """Compare-and-set on the whole ``data`` array as read (it is matched, never rewritten).
+
+        For decisions that depend on *other* datums (another good copy exists, so this one may
+        go): any change to any copy of the run since the read voids the update, so the decision's
+        premises are re-checked by the update itself. Works on every backend, unlike
+        ``array_filters`` (mongomock) or positional ``$`` with several array conditions.
+        """
+        return self._write(what, {"_id": run_id, "data": data_as_read},
+                           {"$set": {f"data.{index}.{k}": v for k, v in fields.items()}})
 
     def set_reference(self, run_id, dtype: str, version: Optional[str], checksum_type: str,
                       checksum: str, host: str) -> bool:

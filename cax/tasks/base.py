@@ -117,9 +117,11 @@ class Task:
         where = f" datum={key_str(datum)}" if datum and "host" in datum and "type" in datum else ""
         log.log(level, "run=%s task=%s site=%s%s %s", name, self.name, self.host, where, msg, **kw)
 
-    def record_error(self, run: dict, key: dict, expected_status, reason: str) -> None:
+    def record_error(self, run: dict, key: dict, expected_status, reason: str,
+                     kind: str = "failed") -> None:
         """Every failure leaves the Runs DB saying what happened."""
         self.log(logging.ERROR, run, f"error: {reason}", datum=key)
-        if not self.db.set_error(run["_id"], key, expected_status, reason) and not self.dry_run:
+        if not self.db.set_error(run["_id"], key, expected_status, reason, kind) \
+                and not self.dry_run:
             self.log(logging.WARNING, run, "could not record the error: datum changed meanwhile",
                      datum=key)

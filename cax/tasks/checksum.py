@@ -53,7 +53,7 @@ def verify(task, run_id, key, compute) -> None:
     if ref["checksum"] != digest:
         task.record_error(run, key, "verifying",
                           f"{algorithm} checksum {digest[:16]}... differs from reference "
-                          f"{ref['checksum'][:16]}... (from {ref.get('host')})")
+                          f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
         return
     if db.set_status(run_id, key, "verifying", "transferred", **fields):
         task.log(logging.INFO, run, f"verified, {algorithm} {digest[:16]}...", datum=key)
@@ -82,7 +82,7 @@ class AddChecksum(Task):
             self.log(logging.INFO, run, f"dry-run: would checksum {location}", datum=key)
             return
         verify(self, run["_id"], key,
-               lambda algo: compute_checksum(location, algo))
+               lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set))
 
 
 class CompareChecksums(Task):
@@ -110,4 +110,4 @@ class CompareChecksums(Task):
                 return
             self.record_error(run, key, "transferred",
                               f"checksum {datum['checksum'][:16]}... differs from reference "
-                              f"{ref['checksum'][:16]}... (from {ref.get('host')})")
+                              f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from cax import paths
-from cax.runsdb import now
+from cax import paths, progress
+from cax.checksum import checksum
+from cax.runsdb import key_str, now
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify
 from cax.transfer import Interrupted, TransferError, open_method
@@ -28,7 +31,11 @@ class _Copy(Task):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._methods: dict = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._opened: list = []
+        self._pool = None
+        self._futures: list = []
 
     # (source site, destination site, remote site whose method moves the data)
     def pairs(self) -> list:
@@ -84,6 +91,7 @@ class _Copy(Task):
 
     # -- one copy ---------------------------------------------------------------------------
     def copy(self, run, src_datum, src, dst, remote):
+        """Claim the copy here (so claims are counted in order), then move bytes in a worker."""
         dtype, version = src_datum["type"], src_datum.get("pax_version")
         src_path = src_datum.get("location")
         if src is self.site:
@@ -100,7 +108,7 @@ class _Copy(Task):
                      f"{dst.name}:{dst_path}", datum=key)
             return
         try:
-            method = self.method(remote)
+            self.method(remote)  # connect before claiming: an unreachable site claims nothing
         except TransferError as e:
             self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}", datum=key)
             return
@@ -112,17 +120,44 @@ class _Copy(Task):
             return
         self.log(logging.INFO, run, f"copy start {src.name} -> {dst.name} via {remote.method}",
                  datum=key)
+        job = (run, key, src_path, dst_path, remote)
+        if self.site.max_transfers <= 1:
+            self._transfer(*job)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.site.max_transfers, thread_name_prefix="copy")
+            self._slots = threading.Semaphore(self.site.max_transfers)
+        self._slots.acquire()  # at most max_transfers copies claimed and not yet finished
+        self._futures.append(self._pool.submit(self._transfer_released, *job))
+
+    def _transfer_released(self, *job):
+        try:
+            self._transfer(*job)
+        finally:
+            self._slots.release()
+
+    def _transfer(self, run, key, src_path, dst_path, remote):
         started = time.monotonic()
         moved = [0]
-        method.progress = self._progress(run, key, moved)
+        bar = None
         try:
+            method = self.method(remote)
+            if progress.wanted():
+                total = None
+                try:
+                    total = (os.path.getsize(src_path) if self.direction == "push"
+                             and os.path.isfile(src_path) else None)
+                except OSError:
+                    pass
+                bar = progress.Bar(f"{run['name']} {key_str(key)}", total)
+            method.progress = self._progress(run, key, moved, bar)
             method.makedirs(os.path.dirname(dst_path))
             if self.direction == "push":
                 method.put(src_path, dst_path)
             else:
                 method.get(src_path, dst_path)
         except Interrupted:
-            self.record_error(run, key, "transferring", "interrupted")
+            self.record_error(run, key, "transferring", "interrupted", kind="interrupted")
             return
         except TransferError as e:
             self.record_error(run, key, "transferring", str(e))
@@ -130,49 +165,69 @@ class _Copy(Task):
         except Exception as e:  # still a failed copy: say so in the Runs DB
             self.record_error(run, key, "transferring", f"{type(e).__name__}: {e}")
             return
+        finally:
+            if bar is not None:
+                bar.close()
         seconds = max(time.monotonic() - started, 1e-6)
         self.log(logging.INFO, run, f"copy done {moved[0]} bytes in {seconds:.1f} s "
                  f"({moved[0] / seconds / 1e6:.1f} MB/s)", datum=key)
-        if not self.db.set_status(run["_id"], key, "transferring", "verifying", heartbeat=now()):
+        if not self.db.set_status(run["_id"], key, "transferring", "verifying",
+                                  heartbeat=now()):
             self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
             return
         if self.direction == "pull" or remote.method == "local":
-            verify(self, run["_id"], key, lambda algo: _local_checksum(dst_path, algo))
+            verify(self, run["_id"], key, lambda algo: _local_checksum(dst_path, algo, self.ctx))
         elif getattr(method, "remote_checksum", False):
             verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 
-    def _progress(self, run, key, moved):
+    def _progress(self, run, key, moved, bar):
         """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
         last = [time.monotonic()]
 
         def progress(n):
             moved[0] += n
+            if bar is not None:
+                bar.update(n)
             if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
                 last[0] = time.monotonic()
                 self.db.update_datum(run["_id"], key, "transferring", {"heartbeat": now()})
         return progress
 
     def method(self, remote):
-        """One connection per remote site per pass, reused for every run."""
-        m = self._methods.get(remote.name)
+        """One connection per remote site per worker per pass, reused for every run."""
+        methods = getattr(self._local, "methods", None)
+        if methods is None:
+            methods = self._local.methods = {}
+        m = methods.get(remote.name)
         if m is None:
             m = open_method(remote, cancel=self.ctx.stop.is_set)
             m.connect()
-            self._methods[remote.name] = m
+            methods[remote.name] = m
+            with self._lock:
+                self._opened.append(m)
         return m
 
     def finish(self):
-        for m in self._methods.values():
+        for f in self._futures:
+            try:
+                f.result()
+            except Exception as e:  # _transfer records its own errors; this is a bug guard
+                self.log(logging.ERROR, None, f"copy worker failed: {type(e).__name__}: {e}")
+        self._futures.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for m in self._opened:
             try:
                 m.close()
             except Exception as e:  # closing must not hide the pass's result
                 self.log(logging.WARNING, None, f"closing connection failed: {e}")
-        self._methods.clear()
+        self._opened.clear()
+        self._local = threading.local()
 
 
-def _local_checksum(path, algorithm):
-    from cax.checksum import checksum
-    return checksum(path, algorithm)
+def _local_checksum(path, algorithm, ctx):
+    return checksum(path, algorithm, cancel=ctx.stop.is_set)
 
 
 class CopyPush(_Copy):

@@ -1,0 +1,162 @@
+"""Healing: copies that stalled, failed, or arrived corrupt are removed and claimed again.
+
+Only the daemon that owns a copy heals it (the one that claimed it, ``creation_place``, else the
+site holding it), and it first moves the datum to ``retrying`` with a conditional update, so one
+daemon removes the files and no new copy can be under that name yet. Retries are counted on the run
+(``retries``); after the site's ``max_retries`` the datum stays ``error`` for a human.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from cax import paths
+from cax.runsdb import now, reference
+from cax.tasks.base import Task
+from cax.transfer import TransferError, open_method
+
+HEALABLE = ("stalled", "interrupted", "failed")
+
+
+def _key(datum):
+    key = {"host": datum["host"], "type": datum["type"]}
+    if datum.get("pax_version") is not None:
+        key["pax_version"] = datum["pax_version"]
+    return key
+
+
+def _aware(t):
+    from datetime import timezone
+    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class _Heal(Task):
+    projection = {"name": 1, "number": 1, "data": 1, "references": 1, "retries": 1}
+
+    def owner(self, datum) -> str:
+        return datum.get("creation_place") or datum["host"]
+
+    def remove_files(self, datum) -> None:
+        """Remove a copy's files here or, for a copy this daemon pushed, at the destination."""
+        location = datum.get("location")
+        if datum["host"] == self.host:
+            paths.check_location(self.site, location, datum["type"])
+            site = self.site
+        else:
+            site = self.ctx.config.site(datum["host"])
+            paths.check_remote_location(site, location, datum["type"])
+        with open_method(site, cancel=self.ctx.stop.is_set) as method:
+            method.remove(location)
+
+    def retry(self, run, datum, index, why: str) -> None:
+        """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""
+        key = _key(datum)
+        limit = self.site.max_retries
+        if (run.get("retries") or 0) >= limit:
+            self.log(logging.WARNING, run, f"not retried: {run.get('retries')} retries reached "
+                     f"(max_retries {limit}); left in error for a human", datum=key)
+            return
+        if self.dry_run:
+            self.log(logging.INFO, run, f"dry-run: would remove and re-copy ({why})", datum=key)
+            return
+        if not self.db.update_datum_if_unchanged(run["_id"], run["data"], index,
+                                                 {"status": "retrying", "retry_time": now()},
+                                                 f"mark {why} copy for retry"):
+            return  # someone changed the run meanwhile: decide again next pass
+        self.finish_retry(run, datum, why)
+
+    def finish_retry(self, run, datum, why: str) -> None:
+        key = _key(datum)
+        try:
+            self.remove_files(datum)
+        except (TransferError, paths.UnsafePath, OSError) as e:
+            self.record_error(run, key, "retrying", f"retry could not remove files: {e}",
+                              kind="retry-failed")
+            return
+        if self.db.pull_datum(run["_id"], key, "retrying"):
+            self.db.inc_run(run["_id"], "retries")
+            self.log(logging.WARNING, run, f"removed for retry ({why}); retry "
+                     f"{(run.get('retries') or 0) + 1} of {self.site.max_retries}", datum=key)
+
+    def each_location(self, run, datum):
+        # a retry that crashed after marking is finished by its owner on the next pass
+        if datum.get("status") == "retrying" and self.owner(datum) == self.host:
+            self.finish_retry(run, datum, "unfinished retry")
+
+
+class RetryStalledTransfer(_Heal):
+    """Copies with no progress for ``stalled_after`` seconds, and copies that failed, go again."""
+
+    def query(self):
+        owned = [{"host": self.host}, {"creation_place": self.host}]
+        return {"data": {"$elemMatch": {
+            "$or": owned,
+            "status": {"$in": ["transferring", "verifying", "error", "retrying"]}}}}
+
+    def each_location(self, run, datum):
+        if self.owner(datum) != self.host or not datum.get("source"):
+            return  # only copies are re-copied; an origin has nowhere to come from
+        index = run["data"].index(datum)
+        status = datum.get("status")
+        if status in ("transferring", "verifying"):
+            last = _aware(datum.get("heartbeat") or datum.get("creation_time"))
+            if last is None or now() - last < timedelta(seconds=self.site.stalled_after):
+                return
+            if self.dry_run:
+                self.log(logging.INFO, run, f"dry-run: would mark stalled (no progress since "
+                         f"{last.isoformat()})", datum=datum)
+                return
+            reason = f"stalled: no progress since {last.isoformat()}"
+            fields = {"status": "error", "error": reason, "error_kind": "stalled",
+                      "error_time": now()}
+            if not self.db.update_datum_if_unchanged(run["_id"], run["data"], index, fields,
+                                                     "mark stalled copy"):
+                return
+            self.log(logging.WARNING, run, reason, datum=datum)
+            run = self.db.run(run["_id"], self.projection)
+            datum = next(d for d in run["data"] if _key(d) == _key(datum))
+            index = run["data"].index(datum)
+            status = "error"
+        if status == "error" and datum.get("error_kind") in HEALABLE:
+            self.retry(run, datum, index, datum.get("error_kind"))
+        elif status == "retrying":
+            super().each_location(run, datum)
+
+
+class RetryBadChecksumTransfer(_Heal):
+    """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere."""
+
+    def query(self):
+        # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error
+        return {"data": {"$elemMatch": {"host": self.host,
+                                        "status": {"$in": ["error", "retrying"]}}}}
+
+    def each_location(self, run, datum):
+        if datum["host"] != self.host:
+            return
+        if datum.get("status") == "retrying":
+            if self.owner(datum) == self.host or datum.get("error_kind") == "checksum":
+                self.finish_retry(run, datum, "unfinished retry")
+            return
+        ref = reference(run, datum["type"], datum.get("pax_version"))
+        if ref is None:
+            return
+        bad = ((datum.get("status") == "error" and datum.get("error_kind") == "checksum")
+               or (datum.get("status") == "transferred" and datum.get("checksum")
+                   and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
+                   and datum["checksum"] != ref["checksum"]))
+        if not bad:
+            return
+        good = [d for d in run["data"] if d is not datum and d.get("type") == datum["type"]
+                and d.get("pax_version") == datum.get("pax_version")
+                and d.get("status") == "transferred" and d.get("checksum") == ref["checksum"]]
+        if not good:
+            self.log(logging.ERROR, run, "corrupt copy is the only copy: left in place, "
+                     "flagged for a human", datum=datum)
+            if datum.get("status") == "transferred" and not self.dry_run:
+                self.record_error(run, _key(datum), "transferred",
+                                  "checksum differs from reference and no good copy exists "
+                                  "elsewhere", kind="checksum")
+            return
+        self.retry(run, datum, run["data"].index(datum),
+                   f"bad checksum; good copy at {good[0]['host']}")
