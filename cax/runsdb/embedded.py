@@ -78,18 +78,9 @@ def _index_keys(key_or_list, direction=None) -> list:
     return [[k, d] for k, d in key_or_list]
 
 
-def _pin_id(filter: Mapping, _id) -> dict:
-    """``filter`` narrowed to one document, keeping its top-level keys.
-
-    The top-level keys must stay where they are: mongomock resolves a positional ``data.$`` from the
-    ``data`` condition at the top of the filter, so wrapping the filter in ``$and`` would break it.
-    """
-    pinned = dict(filter)
-    if "_id" in pinned:
-        pinned.setdefault("$and", [])
-        pinned["$and"] = list(pinned["$and"]) + [{"_id": pinned.pop("_id")}]
-    pinned["_id"] = _id
-    return pinned
+def _cache_key(_id):
+    """The key mongomock's internal store uses for ``_id`` (dict _ids are wrapped to be hashable)."""
+    return mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
 
 
 class EmbeddedClient:
@@ -199,17 +190,31 @@ class EmbeddedCollection:
             (self.full_name, self._seen)).fetchall()
         if not rows and not idx_rows:
             return
-        if self._seen and rows:
-            ids = [bson.decode(r[0])["_id"] for r in rows]
-            self._mm.delete_many({"_id": {"$in": ids}})
-        docs = [bson.decode(r[2], _DECODE) for r in rows if r[2] is not None]
-        if docs:
-            self._mm.insert_many(docs)
+        # Straight into mongomock's store: these are committed documents, already validated, and
+        # mongomock's own insert/delete would rescan the whole collection per document.
+        store = self._store()
+        if self._seen:
+            for r in rows:
+                key = _cache_key(bson.decode(r[0])["_id"])
+                if key in store:
+                    del store[key]
+        for r in rows:
+            if r[2] is not None:
+                doc = bson.decode(r[2], _DECODE)
+                store[_cache_key(doc["_id"])] = doc
         for name, spec, _ in idx_rows:
             spec = bson.decode(spec)
             self._mm.create_index([tuple(k) for k in spec["keys"]], unique=spec["unique"],
                                   name=name)
         self._seen = max([self._seen] + [r[1] for r in rows] + [r[2] for r in idx_rows])
+
+    def _store(self):
+        """mongomock's internal document store (an OrderedDict-like keyed by _id).
+
+        Used for O(1) access by _id; mongomock itself only scans. mongomock is pinned (4.3) and the
+        contract tests cover every path that touches this.
+        """
+        return self._mm._store
 
     def _next_seq(self) -> int:
         seq = self._conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0] + 1
@@ -218,13 +223,8 @@ class EmbeddedCollection:
 
     def _persist(self, ids: Iterable, deleted: Iterable = ()):
         """Write the cache's current version of ``ids`` (and tombstones for ``deleted``)."""
-        ids = list(ids)
-        rows = []
-        if ids:
-            by_key = {_id_key(d["_id"]): d for d in self._mm.find({"_id": {"$in": ids}})}
-            for key in map(_id_key, ids):
-                if key in by_key:
-                    rows.append((key, bson.encode(by_key[key])))
+        store = self._store()
+        rows = [(_id_key(_id), bson.encode(store[_cache_key(_id)])) for _id in ids]
         rows += [(_id_key(_id), None) for _id in deleted]
         for key, doc in rows:
             seq = self._next_seq()
@@ -325,22 +325,42 @@ class EmbeddedCollection:
 
     def _update(self, filter, update, upsert, multi) -> UpdateResult:
         ids = [d["_id"] for d in self._mm.find(filter, {"_id": 1}).limit(0 if multi else 1)]
-        if multi:
-            r = self._mm.update_many(filter, update, upsert=upsert)
-        elif ids:
-            r = self._mm.update_one(_pin_id(filter, ids[0]), update)
-        else:
-            r = self._mm.update_one(filter, update, upsert=upsert)
-        if r.upserted_id is not None:
-            ids = [r.upserted_id]
-        if r.modified_count or r.upserted_id is not None:
-            self._persist(ids)
-        raw = {"n": r.matched_count if r.upserted_id is None else 1,
-               "nModified": r.modified_count, "ok": 1.0,
-               "updatedExisting": r.upserted_id is None and r.matched_count > 0}
-        if r.upserted_id is not None:
-            raw["upserted"] = r.upserted_id
-        return UpdateResult(raw, True)
+        if not ids and upsert:
+            r = self._mm.update_one(filter, update, upsert=True)
+            self._persist([r.upserted_id])
+            return UpdateResult({"n": 1, "nModified": 0, "ok": 1.0, "updatedExisting": False,
+                                 "upserted": r.upserted_id}, True)
+        modified = self._update_ids(ids, filter, update)
+        return UpdateResult({"n": len(ids), "nModified": modified, "ok": 1.0,
+                             "updatedExisting": bool(ids)}, True)
+
+    def _update_ids(self, ids: list, filter: Mapping, update: Mapping) -> int:
+        """Apply ``update`` to exactly the documents ``ids`` (which match ``filter``).
+
+        The update runs in a scratch mongomock collection holding just those documents, with the
+        original filter: the scratch collection picks no other document (so update_one and
+        find_one_and_update hit the chosen one, whatever mongomock's scan order), positional
+        ``data.$`` still finds its array condition in the filter, and nothing rescans the cache.
+        mongomock updates the document objects in place, so the cache sees the change; unique
+        indexes are then checked against the whole cache.
+        """
+        if not ids:
+            return 0
+        store = self._store()
+        keys = [_cache_key(_id) for _id in ids]
+        before = [bson.encode(store[k]) for k in keys]
+        scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
+        for k in keys:
+            scratch._store[k] = store[k]
+        scratch.update_many(filter, update)
+        changed = []
+        for _id, k, old in zip(ids, keys, before):
+            store[k] = scratch._store[k]
+            if bson.encode(store[k]) != old:
+                self._mm._ensure_uniques(store[k])
+                changed.append(_id)
+        self._persist(changed)
+        return len(changed)
 
     def update_one(self, filter: Mapping, update: Mapping, upsert: bool = False) -> UpdateResult:
         with self._write():
@@ -379,9 +399,7 @@ class EmbeddedCollection:
                     return None
                 return self._mm.find_one({"_id": r.upserted_id}, projection)
             _id = before["_id"]
-            r = self._mm.update_one(_pin_id(filter, _id), update)
-            if r.modified_count:
-                self._persist([_id])
+            self._update_ids([_id], filter, update)
             if return_document == ReturnDocument.AFTER:
                 return self._mm.find_one({"_id": _id}, projection)
             if projection is None:
