@@ -382,3 +382,38 @@ def test_wire_daemon_survives_kill(wire_daemon):
 
 def test_backend_param_is_known(collection, request):
     assert backend_of(request) in {"mongomock", "embedded", "wire", "mongodb"}
+
+
+def test_embedded_threads_share_one_handle_and_separate_handles(tmp_path):
+    """Threads in one daemon: one shared client, and separate clients (separate SQLite connections)."""
+    import threading
+
+    path = tmp_path / "threads.sqlite"
+    shared = open_collection(path)
+    shared.insert_one({"_id": "run", "data": [], "n": 0})
+    nthreads, rounds = 6, 30
+    barrier = threading.Barrier(nthreads, timeout=60)
+    wins, errors = [], []
+
+    def worker(i):
+        coll = shared if i % 2 else open_collection(path)
+        try:
+            for r in range(rounds):
+                barrier.wait()
+                key = {"host": f"s{r}", "type": "raw"}
+                if _claim(coll, "run", key, key).modified_count:
+                    wins.append(r)
+                coll.update_one({"_id": "run"}, {"$inc": {"n": 1}})
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert sorted(wins) == list(range(rounds))
+    doc = open_collection(path).find_one({"_id": "run"})
+    assert len(doc["data"]) == rounds and doc["n"] == nthreads * rounds
