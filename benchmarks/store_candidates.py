@@ -301,10 +301,12 @@ def speed(name, opener, tmp, ndocs, budget):
     i = iter(range(10**9))
     k = iter(range(10**9))
 
-    def claim():
+    def claim(by_id=False):
         key = {"host": f"h{next(k)}", "type": "raw"}
-        c.update_one({"number": ndocs // 3, "data": {"$not": {"$elemMatch": key}}},
-                     {"$push": {"data": key}})
+        f = {"_id": target["_id"]} if by_id else {"number": ndocs // 3}
+        c.update_one(dict(f, data={"$not": {"$elemMatch": key}}), {"$push": {"data": key}})
+
+    target = {}
 
     def bulk():
         t0 = time.perf_counter()
@@ -321,14 +323,19 @@ def speed(name, opener, tmp, ndocs, budget):
          lambda: 1e3 * timed(lambda: list(
              c.find({"det": "tpc", "number": {"$gte": ndocs - 100}},
                     {"number": 1, "data.host": 1}).sort("number", 1).limit(100)), budget)),
-        (f"claim ($push), {ndocs} docs, ms", lambda: 1e3 * timed(claim, budget)),
+        (f"claim ($push) by number, {ndocs} docs, ms", lambda: 1e3 * timed(claim, budget)),
+        ("(fetch _id)", lambda: target.update(c.find_one({"number": ndocs // 4}, {"_id": 1}))),
+        (f"find_one by _id, {ndocs} docs, ms",
+         lambda: 1e3 * timed(lambda: c.find_one({"_id": target["_id"]}), budget)),
+        (f"claim ($push) by _id, {ndocs} docs, ms",
+         lambda: 1e3 * timed(lambda: claim(by_id=True), budget)),
     ]
     for label, step in steps:
         try:
             v = step()
         except Exception as e:
             v = f"n/a ({type(e).__name__})"
-        if label.startswith("create_index"):
+        if label.startswith(("create_index", "(")):
             continue
         res[label] = v
     return res

@@ -417,3 +417,19 @@ def test_embedded_threads_share_one_handle_and_separate_handles(tmp_path):
     assert sorted(wins) == list(range(rounds))
     doc = open_collection(path).find_one({"_id": "run"})
     assert len(doc["data"]) == rounds and doc["n"] == nthreads * rounds
+
+
+def test_queries_on_id(collection):
+    a = collection.insert_one(_run(1, RAW_A)).inserted_id
+    b = collection.insert_one(_run(2, RAW_B)).inserted_id
+    collection.insert_one({"_id": {"site": "x", "n": 1}, "number": 3})
+    assert collection.find_one({"_id": a, "number": 2}) is None
+    assert collection.find_one({"_id": ObjectId()}) is None
+    assert collection.find_one(b)["number"] == 2
+    assert sorted(d["number"] for d in collection.find({"_id": {"$in": [a, b]}})) == [1, 2]
+    assert collection.count_documents({"_id": {"$ne": a}}) == 2
+    assert collection.find_one({"_id": {"site": "x", "n": 1}})["number"] == 3
+    r = collection.update_one({"_id": {"site": "x", "n": 1}}, {"$set": {"k": 1}})
+    assert r.modified_count == 1 and collection.find_one({"k": 1})["number"] == 3
+    assert collection.delete_one({"_id": {"site": "x", "n": 1}}).deleted_count == 1
+    assert collection.count_documents({}) == 2

@@ -78,6 +78,9 @@ def _index_keys(key_or_list, direction=None) -> list:
     return [[k, d] for k, d in key_or_list]
 
 
+_NO_ID = object()
+
+
 def _cache_key(_id):
     """The key mongomock's internal store uses for ``_id`` (dict _ids are wrapped to be hashable)."""
     return mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
@@ -216,6 +219,22 @@ class EmbeddedCollection:
         """
         return self._mm._store
 
+    def _engine(self, filter) -> Any:
+        """The mongomock collection to run ``filter`` on.
+
+        mongomock scans every document for every query. A filter that pins ``_id`` to one value (how
+        tasks read a run fresh and how they claim and update datums) can only match that document,
+        so it runs on a scratch collection holding just it: O(1) instead of O(collection).
+        """
+        _id = filter.get("_id", _NO_ID) if isinstance(filter, Mapping) else _NO_ID
+        if _id is _NO_ID or (isinstance(_id, Mapping) and any(str(k).startswith("$") for k in _id)):
+            return self._mm
+        scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
+        key, store = _cache_key(_id), self._store()
+        if key in store:
+            scratch._store[key] = store[key]  # not copied: mongomock copies what find returns
+        return scratch
+
     def _next_seq(self) -> int:
         seq = self._conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0] + 1
         self._conn.execute("UPDATE counter SET v = ? WHERE k = 'seq'", (seq,))
@@ -260,14 +279,14 @@ class EmbeddedCollection:
 
     def count_documents(self, filter: Mapping, **kwargs) -> int:
         with self._read():
-            return self._mm.count_documents(filter, **kwargs)
+            return self._engine(filter).count_documents(filter, **kwargs)
 
     def estimated_document_count(self) -> int:
         return self.count_documents({})
 
     def distinct(self, key: str, filter: Mapping | None = None) -> list:
         with self._read():
-            return self._mm.distinct(key, filter)
+            return self._engine(filter or {}).distinct(key, filter)
 
     def index_information(self) -> dict:
         with self._read():
@@ -324,7 +343,8 @@ class EmbeddedCollection:
         return InsertManyResult([d["_id"] for d in documents], True)
 
     def _update(self, filter, update, upsert, multi) -> UpdateResult:
-        ids = [d["_id"] for d in self._mm.find(filter, {"_id": 1}).limit(0 if multi else 1)]
+        ids = [d["_id"] for d in
+               self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
         if not ids and upsert:
             r = self._mm.update_one(filter, update, upsert=True)
             self._persist([r.upserted_id])
@@ -373,7 +393,7 @@ class EmbeddedCollection:
     def replace_one(self, filter: Mapping, replacement: Mapping,
                     upsert: bool = False) -> UpdateResult:
         with self._write():
-            ids = [d["_id"] for d in self._mm.find(filter, {"_id": 1}).limit(1)]
+            ids = [d["_id"] for d in self._engine(filter).find(filter, {"_id": 1}).limit(1)]
             r = self._mm.replace_one({"_id": ids[0]} if ids else filter, replacement, upsert=upsert)
             if r.upserted_id is not None:
                 ids = [r.upserted_id]
@@ -386,7 +406,7 @@ class EmbeddedCollection:
                             return_document: bool = ReturnDocument.BEFORE) -> dict | None:
         """Implemented here: mongomock's own updates the wrong array element with ``data.$``."""
         with self._write():
-            cur = self._mm.find(filter)
+            cur = self._engine(filter).find(filter)
             if sort is not None:
                 cur = cur.sort(_index_keys(sort))
             before = next(iter(cur.limit(1)), None)
@@ -397,11 +417,11 @@ class EmbeddedCollection:
                 self._persist([r.upserted_id])
                 if return_document == ReturnDocument.BEFORE:
                     return None
-                return self._mm.find_one({"_id": r.upserted_id}, projection)
+                return self._engine({"_id": r.upserted_id}).find_one({"_id": r.upserted_id}, projection)
             _id = before["_id"]
             self._update_ids([_id], filter, update)
             if return_document == ReturnDocument.AFTER:
-                return self._mm.find_one({"_id": _id}, projection)
+                return self._engine({"_id": _id}).find_one({"_id": _id}, projection)
             if projection is None:
                 return before
             # Apply the projection to the pre-image the way mongomock would.
@@ -417,7 +437,8 @@ class EmbeddedCollection:
 
     def _delete(self, filter, multi) -> DeleteResult:
         with self._write():
-            ids = [d["_id"] for d in self._mm.find(filter, {"_id": 1}).limit(0 if multi else 1)]
+            ids = [d["_id"] for d in
+               self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
             if ids:
                 self._mm.delete_many({"_id": {"$in": ids}})
                 self._persist([], deleted=ids)
@@ -514,7 +535,7 @@ class EmbeddedCursor:
     def _run(self) -> list:
         if self._results is None:
             with self._coll._read():
-                cur = self._coll._mm.find(self._filter, self._projection)
+                cur = self._coll._engine(self._filter).find(self._filter, self._projection)
                 if self._sort:
                     cur = cur.sort([tuple(k) for k in self._sort])
                 self._results = list(cur.skip(self._skip).limit(self._limit))
