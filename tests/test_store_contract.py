@@ -433,3 +433,79 @@ def test_queries_on_id(collection):
     assert r.modified_count == 1 and collection.find_one({"k": 1})["number"] == 3
     assert collection.delete_one({"_id": {"site": "x", "n": 1}}).deleted_count == 1
     assert collection.count_documents({}) == 2
+
+
+def test_wire_uri_reaches_the_wire_server(wire_uri):
+    import pymongo
+
+    client = pymongo.MongoClient(wire_uri, serverSelectionTimeoutMS=10_000, tz_aware=True)
+    try:
+        coll = client["cax_uri_test"]["runs_new"]
+        coll.insert_one(_run(1))
+        assert coll.count_documents({"number": 1}) == 1
+        client.drop_database("cax_uri_test")
+    finally:
+        client.close()
+
+
+# -- differential: two embedded handles on one file behave like one mongomock collection ----------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_hosts = st.sampled_from(["a", "b", "c"])
+_types = st.sampled_from(["raw", "processed"])
+_status = st.sampled_from(["transferring", "verifying", "transferred", "error"])
+_ops = st.one_of(
+    st.tuples(st.just("insert"), st.integers(0, 5)),
+    st.tuples(st.just("claim"), st.integers(0, 5), _hosts, _types),
+    st.tuples(st.just("set"), st.integers(0, 5), _hosts, _types, _status, _status),
+    st.tuples(st.just("pull"), st.integers(0, 5), _hosts, _types),
+    st.tuples(st.just("inc"), st.integers(0, 5)),
+    st.tuples(st.just("delete"), st.integers(0, 5)),
+    st.tuples(st.just("rename"), st.integers(0, 5), st.integers(0, 5)),
+)
+
+
+def _apply(coll, op):
+    """One cax-like operation; returns what the caller would observe."""
+    kind, n = op[0], op[1]
+    try:
+        if kind == "insert":
+            return coll.insert_one({"_id": f"r{n}", "number": n, "data": []}).inserted_id
+        if kind == "claim":
+            key = {"host": op[2], "type": op[3]}
+            return _claim(coll, f"r{n}", key, dict(key, status="transferring")).modified_count
+        if kind == "set":
+            r = coll.update_one({"number": n, "data": {"$elemMatch": {
+                "host": op[2], "type": op[3], "status": op[4]}}}, {"$set": {"data.$.status": op[5]}})
+            return r.matched_count, r.modified_count
+        if kind == "pull":
+            return coll.update_one({"_id": f"r{n}"},
+                                   {"$pull": {"data": {"host": op[2], "type": op[3]}}}).modified_count
+        if kind == "inc":
+            return coll.update_many({"number": {"$gte": n}}, {"$inc": {"v": 1}}).modified_count
+        if kind == "delete":
+            return coll.delete_one({"number": n}).deleted_count
+        if kind == "rename":  # may violate the unique index on number
+            return coll.update_one({"_id": f"r{n}"}, {"$set": {"number": op[2]}}).modified_count
+    except DuplicateKeyError:
+        return "dup"
+    raise AssertionError(op)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.booleans(), _ops), max_size=25))
+def test_embedded_matches_mongomock_through_two_handles(tmp_path_factory, ops):
+    import mongomock
+
+    path = tmp_path_factory.mktemp("diff") / "x.sqlite"
+    handles = [open_collection(path), open_collection(path)]
+    handles[0].create_index("number", unique=True)
+    ref = mongomock.MongoClient(tz_aware=True)["db"]["c"]
+    ref.create_index("number", unique=True)
+    for which, op in ops:
+        assert _apply(handles[which], op) == _apply(ref, op), op
+    want = sorted(ref.find(), key=lambda d: d["_id"])
+    for h in handles + [open_collection(path)]:
+        assert sorted(h.find(), key=lambda d: d["_id"]) == want
