@@ -44,6 +44,12 @@ from pymongo.results import DeleteResult, InsertManyResult, InsertOneResult, Upd
 __all__ = ["open_collection", "EmbeddedClient", "EmbeddedDatabase", "EmbeddedCollection",
            "EmbeddedCursor"]
 
+# The cache reaches into mongomock (its _id-keyed store, its unique-index check) for O(1) access by
+# _id; verified against mongomock 4.3. Fail at import, not with wrong answers, if that moves.
+if not all(hasattr(mongomock.Collection, a) for a in ("_store", "_ensure_uniques")) or not hasattr(
+        mongomock.helpers, "hashdict"):
+    raise ImportError(f"cax.runsdb.embedded needs mongomock 4.3 internals; found {mongomock.__version__}")
+
 # Naive datetimes in the cache: mongomock keeps naive UTC internally and converts aware inputs itself.
 _DECODE = CodecOptions(tz_aware=False)
 
@@ -417,7 +423,8 @@ class EmbeddedCollection:
                 self._persist([r.upserted_id])
                 if return_document == ReturnDocument.BEFORE:
                     return None
-                return self._engine({"_id": r.upserted_id}).find_one({"_id": r.upserted_id}, projection)
+                _id = r.upserted_id
+                return self._engine({"_id": _id}).find_one({"_id": _id}, projection)
             _id = before["_id"]
             self._update_ids([_id], filter, update)
             if return_document == ReturnDocument.AFTER:
@@ -438,10 +445,11 @@ class EmbeddedCollection:
     def _delete(self, filter, multi) -> DeleteResult:
         with self._write():
             ids = [d["_id"] for d in
-               self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
-            if ids:
-                self._mm.delete_many({"_id": {"$in": ids}})
-                self._persist([], deleted=ids)
+                   self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
+            store = self._store()
+            for _id in ids:
+                del store[_cache_key(_id)]
+            self._persist([], deleted=ids)
         return DeleteResult({"n": len(ids), "ok": 1.0}, True)
 
     def drop(self):
