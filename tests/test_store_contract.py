@@ -507,5 +507,43 @@ def test_embedded_matches_mongomock_through_two_handles(tmp_path_factory, ops):
     for which, op in ops:
         assert _apply(handles[which], op) == _apply(ref, op), op
     want = sorted(ref.find(), key=lambda d: d["_id"])
-    for h in handles + [open_collection(path)]:
-        assert sorted(h.find(), key=lambda d: d["_id"]) == want
+    handles.append(open_collection(path))  # a fresh process's view: loaded from the file alone
+    try:
+        for h in handles:
+            assert sorted(h.find(), key=lambda d: d["_id"]) == want
+    finally:
+        for h in handles:
+            h.database.client.close()
+
+
+def _die_holding_write_lock(path, ready):
+    """A cax process killed in the middle of a write: lock taken, a claim half written."""
+    coll = open_collection(path)
+    conn = coll.database.client._conn
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE docs SET doc = NULL")  # would wipe everything if it were ever committed
+    ready.set()
+    multiprocessing.Event().wait()  # never set: blocks until the parent kills us
+
+
+def test_embedded_writer_killed_mid_transaction(tmp_path):
+    import signal
+
+    path = str(tmp_path / "kill.sqlite")
+    coll = open_collection(path)
+    _id = coll.insert_one(_run(1, RAW_A)).inserted_id
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_die_holding_write_lock, args=(path, ready))
+    p.start()
+    try:
+        assert ready.wait(timeout=60)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(timeout=30)
+        assert p.exitcode == -signal.SIGKILL
+    finally:
+        if p.is_alive():
+            p.kill()
+    # the lock died with the process and its uncommitted write is gone
+    assert _claim(coll, _id, {"host": "b", "type": "raw"}, RAW_B).modified_count == 1
+    assert open_collection(path).find_one({"_id": _id})["data"] == [RAW_A, RAW_B]
