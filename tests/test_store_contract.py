@@ -547,3 +547,24 @@ def test_embedded_writer_killed_mid_transaction(tmp_path):
     # the lock died with the process and its uncommitted write is gone
     assert _claim(coll, _id, {"host": "b", "type": "raw"}, RAW_B).modified_count == 1
     assert open_collection(path).find_one({"_id": _id})["data"] == [RAW_A, RAW_B]
+
+
+def test_sparse_unique_index(collection):
+    collection.create_index("alias", unique=True, sparse=True)
+    collection.insert_many([_run(1), _run(2)])  # no alias: not constrained
+    collection.insert_one(_run(3, alias="x"))
+    with pytest.raises(DuplicateKeyError):
+        collection.insert_one(_run(4, alias="x"))
+    assert collection.count_documents({}) == 3
+
+
+def test_embedded_create_index_rejects_unknown_options(tmp_path):
+    coll = open_collection(tmp_path / "x.sqlite")
+    with pytest.raises(NotImplementedError):
+        coll.create_index("t", expireAfterSeconds=10)
+    coll.create_index("alias", unique=True, sparse=True)
+    other = open_collection(tmp_path / "x.sqlite")  # options reach other processes too
+    other.insert_many([_run(1), _run(2)])
+    other.insert_one(_run(3, alias="y"))
+    with pytest.raises(DuplicateKeyError):
+        other.insert_one(_run(4, alias="y"))

@@ -214,7 +214,7 @@ class EmbeddedCollection:
         for name, spec, _ in idx_rows:
             spec = bson.decode(spec)
             self._mm.create_index([tuple(k) for k in spec["keys"]], unique=spec["unique"],
-                                  name=name)
+                                  name=name, **spec.get("options", {}))
         self._seen = max([self._seen] + [r[1] for r in rows] + [r[2] for r in idx_rows])
 
     def _store(self):
@@ -301,15 +301,24 @@ class EmbeddedCollection:
     # -- writes ------------------------------------------------------------------------------------
 
     def create_index(self, keys, unique: bool = False, name: str | None = None, **kwargs) -> str:
+        """Recorded in the file so every process enforces ``unique``; queries still scan.
+
+        Options that change which documents an index constrains are kept; an unknown option is an
+        error rather than silently ignored (it could mean a uniqueness rule not being enforced).
+        """
         keys = _index_keys(keys)
         name = name or "_".join(f"{k}_{d}" for k, d in keys)
-        spec = bson.encode({"keys": keys, "unique": bool(unique)})
+        kwargs.pop("background", None)  # meaningless here
+        options = {k: kwargs.pop(k) for k in ("sparse", "partialFilterExpression") if k in kwargs}
+        if kwargs:
+            raise NotImplementedError(f"create_index options not supported: {sorted(kwargs)}")
+        spec = bson.encode({"keys": keys, "unique": bool(unique), "options": options})
         with self._write():
             old = self._conn.execute("SELECT spec FROM indexes WHERE ns = ? AND name = ?",
                                      (self.full_name, name)).fetchone()
             if old is not None and old[0] == spec:
                 return name  # idempotent, as in MongoDB
-            self._mm.create_index([tuple(k) for k in keys], unique=unique, name=name)
+            self._mm.create_index([tuple(k) for k in keys], unique=unique, name=name, **options)
             seq = self._next_seq()
             self._conn.execute("INSERT OR REPLACE INTO indexes VALUES (?, ?, ?, ?)",
                                (self.full_name, name, spec, seq))
