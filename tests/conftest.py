@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.backends", "tests.slurm"]
+
 
 def missing_component(reason: str):
     """Skip (locally) or fail (under CI=true) because a real component is not available."""

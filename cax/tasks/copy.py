@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
-from cax.runsdb import key_str, now
+from cax.runsdb import key_str, now, reference
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify
 from cax.transfer import Interrupted, TransferError, open_method
@@ -82,6 +82,9 @@ class _Copy(Task):
                         continue
                     if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
                         continue
+                    ref = reference(run, dtype, datum.get("pax_version"))
+                    if ref and datum.get("checksum") != ref["checksum"]:
+                        continue  # never spread a copy that disagrees with the reference
                     self.copy(run, datum, src, dst, remote)
 
     @staticmethod

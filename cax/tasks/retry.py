@@ -68,7 +68,10 @@ class _Heal(Task):
     def finish_retry(self, run, datum, why: str) -> None:
         key = _key(datum)
         try:
-            self.remove_files(datum)
+            # a failed or interrupted copy never reached its final name (the method removed its
+            # partial copy), and whatever is there now is not ours to delete
+            if datum.get("error_kind") not in ("failed", "interrupted"):
+                self.remove_files(datum)
         except (TransferError, paths.UnsafePath, OSError) as e:
             self.record_error(run, key, "retrying", f"retry could not remove files: {e}",
                               kind="retry-failed")
@@ -118,6 +121,12 @@ class RetryStalledTransfer(_Heal):
             index = run["data"].index(datum)
             status = "error"
         if status == "error" and datum.get("error_kind") in HEALABLE:
+            if datum.get("error_kind") != "stalled":
+                # back off: a site that is down for an hour must not use up every retry
+                wait = self.site.retry_delay * 2 ** (run.get("retries") or 0)
+                failed_at = _aware(datum.get("error_time"))
+                if failed_at is not None and now() - failed_at < timedelta(seconds=wait):
+                    return
             self.retry(run, datum, index, datum.get("error_kind"))
         elif status == "retrying":
             super().each_location(run, datum)
