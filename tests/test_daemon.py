@@ -1,0 +1,195 @@
+"""The daemon as users run it: real processes on the embedded Runs DB."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cax.config import load
+from cax.runsdb import connect
+from tests.helpers import make_raw, run_doc, three_sites
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cax(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "cax", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(cond, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def transferred_at(db, host, location_root, name, number):
+    loc = make_raw(location_root, name, nfiles=6, size=400_000)
+    doc = run_doc(number, name, loc, host=host, status="verifying")
+    db.insert_run(doc)
+    return loc
+
+
+def test_two_daemons_racing_make_one_datum_and_one_copy(tmp_path):
+    cfg = three_sites(tmp_path)
+    cfg2 = str(tmp_path / "second.json")
+    shutil.copy(cfg, cfg2)  # a second daemon for the same site (its own lock)
+    config = load(cfg)
+    db = connect(config)
+    for i in range(8):
+        transferred_at(db, "buffer", str(tmp_path / "buffer"), f"16010{i}_0000", i)
+    # the buffer verifies its copies (origin here), so both archive daemons can pull
+    assert cax("--config", cfg, "--once", "--host", "buffer").wait(60) == 0
+    procs = [cax("--config", c, "--once", "--host", "archive") for c in (cfg, cfg2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for run in db.collection.find({}):
+        archive = [d for d in run["data"] if d["host"] == "archive"]
+        assert len(archive) == 1, run["data"]
+        assert archive[0]["status"] == "transferred"
+    assert sorted(os.listdir(tmp_path / "archive")) == [f"16010{i}_0000" for i in range(8)]
+    both = outs[0][1] + outs[1][1]
+    assert both.count("copy start") == 8  # each run copied by exactly one of them
+
+
+def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
+    cfg = three_sites(tmp_path)
+    db = connect(load(cfg))
+    name = "160101_0000"
+    src = tmp_path / "daq" / name
+    src.mkdir()
+    fifo = src / "stream.bin"
+    os.mkfifo(fifo)  # the copy blocks reading it until the test feeds it: no timing guesses
+    doc = run_doc(1, name, str(src), status="transferred")
+    doc["data"][0]["checksum"] = "ab" * 64
+    db.insert_run(doc)
+    daemon = cax("--config", cfg, "--host", "daq", "--interval", "3600")
+    with open(fifo, "wb") as writer:  # opens when the copy opens the file for reading
+        writer.write(b"x" * (1 << 20))
+        writer.flush()
+        wait_for(lambda: any(d["host"] == "buffer" and d["status"] == "transferring"
+                             for d in db.run_by(number=1)["data"]), what="copy in flight")
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "received SIGTERM" in _drain(daemon), what="signal handled")
+        try:  # if the copy is still reading, it reads on, sees the stop flag, and stops
+            writer.write(b"y" * (1 << 20))
+        except BrokenPipeError:
+            pass  # it already stopped (the signal woke its read)
+    out, err = daemon.communicate(timeout=60)
+    err = _stderr_seen[daemon.pid] + err
+    assert daemon.returncode == 0, err
+    buffer = next(d for d in db.run_by(number=1)["data"] if d["host"] == "buffer")
+    assert buffer["status"] == "error" and buffer["error"] == "interrupted", buffer
+    assert not os.path.exists(tmp_path / "buffer" / name)
+    assert os.listdir(tmp_path / "buffer") == []  # no partial copy left behind either
+    assert "stopped cleanly" in err
+
+
+_stderr_seen: dict = {}
+
+
+def _drain(proc):
+    """Read what the daemon logged so far without blocking (stderr is a pipe)."""
+    import fcntl
+    fd = proc.stderr.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        chunk = proc.stderr.read() or ""
+    except (BlockingIOError, TypeError):
+        chunk = ""
+    _stderr_seen[proc.pid] = _stderr_seen.get(proc.pid, "") + chunk
+    return _stderr_seen[proc.pid]
+
+
+def test_second_daemon_for_same_site_is_refused(tmp_path):
+    cfg = three_sites(tmp_path)
+    first = cax("--config", cfg, "--host", "buffer", "--interval", "3600")
+    try:
+        wait_for(lambda: "pass 1 end" in _drain(first), what="first daemon running")
+        second = cax("--config", cfg, "--host", "buffer", "--once")
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        assert "already running" in err and "'buffer'" in err and str(first.pid) in err
+        other = cax("--config", cfg, "--host", "archive", "--once")  # another site is fine
+        assert other.wait(60) == 0
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+
+
+def test_runs_add_validates_and_rejects_duplicates(tmp_path):
+    cfg = three_sites(tmp_path)
+    runs = [
+        {"number": 1, "name": "160101_0000", "detector": "tpc", "start": "2016-01-01T00:00:00Z",
+         "data": [{"host": "daq", "type": "raw", "status": "verifying", "location": "/x",
+                   "creation_time": "2016-01-01T00:10:00+01:00"}]},
+        {"number": 1, "name": "160101_0001", "detector": "tpc", "start": "2016-01-01T01:00:00"},
+        {"number": 3, "name": "../../etc", "detector": "tpc", "start": "2016-01-01T01:00:00"},
+        {"number": "4", "name": "x", "detector": "tpc", "start": "2016-01-01T01:00:00"},
+        {"number": 5, "name": "160101_0005", "detector": "tpc", "start": "yesterday"},
+    ]
+    p = tmp_path / "runs.json"
+    p.write_text(json.dumps(runs))
+    proc = cax("--config", cfg, "runs", "add", str(p))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "added 1 run(s), rejected 4" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 4
+    assert "already exists" in lines[0]
+    assert "unsafe run name" in lines[1]
+    assert "'number' must be an integer" in lines[2]
+    assert "'start'" in lines[3] and "ISO-8601" in lines[3]
+    run = connect(load(cfg)).run_by(number=1)
+    assert run["start"].isoformat() == "2016-01-01T00:00:00+00:00"
+    assert run["data"][0]["creation_time"].isoformat() == "2015-12-31T23:10:00+00:00"
+
+
+def test_status_json_and_checksum_command(tmp_path):
+    from checksumdir import dirhash
+    cfg = three_sites(tmp_path)
+    loc = make_raw(str(tmp_path / "daq"), "160101_0000")
+    db = connect(load(cfg))
+    db.insert_run(run_doc(1, "160101_0000", loc))
+    for _ in range(2):
+        for host in ("daq", "buffer", "archive"):
+            assert cax("--config", cfg, "--once", "--host", host).wait(60) == 0
+    out, _ = cax("--config", cfg, "status", "--json").communicate(timeout=60)
+    runs = json.loads(out)
+    assert [r["name"] for r in runs] == ["160101_0000"]
+    assert {d["host"]: d["status"] for d in runs[0]["data"]} == {
+        "daq": "transferred", "buffer": "transferred", "archive": "transferred"}
+    assert {d["checksum"] for d in runs[0]["data"]} == {dirhash(loc, "sha512")}
+    out, _ = cax("checksum", str(tmp_path / "archive" / "160101_0000")).communicate(timeout=60)
+    assert out.split()[0] == dirhash(loc, "sha512")
+    table, _ = cax("--config", cfg, "status").communicate(timeout=60)
+    assert "all equal (3)" in table
+
+
+def test_once_exits_1_when_runs_db_unusable(tmp_path):
+    cfg = three_sites(tmp_path, runs_db=str(tmp_path / "missing-dir" / "x.runsdb"))
+    proc = cax("--config", cfg, "--once", "--host", "daq")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("cax: error: cannot use Runs DB")
+
+
+def test_missing_password_variable_is_clear_and_secret_free(tmp_path, monkeypatch):
+    cfg = three_sites(tmp_path, runs_db="mongodb://cax@127.0.0.1:1/run")
+    env = {k: v for k, v in os.environ.items() if k != "MONGO_PASSWORD"}
+    proc = subprocess.run([sys.executable, "-m", "cax", "--config", cfg, "--once", "--host",
+                           "daq"], env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "MONGO_PASSWORD is not set" in proc.stderr
