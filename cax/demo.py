@@ -76,21 +76,27 @@ def main(directory: str, nruns: int = 3) -> int:
     print(f"demo: three sites under {root}: daq -> buffer (push) -> archive (pull)")
     if cax("--config", config, "runs", "add", runs) != 0:
         return 1
-    for n in range(1, 4):
-        print(f"demo: pass {n}")
+    for n in range(1, 6):
+        print(f"\ndemo: pass {n}: each site's daemon runs once, as cron would run it")
         for site in SITES:
-            if cax("--config", config, "--log", "WARNING", "--once", "--host", site) != 0:
+            if cax("--config", config, "--once", "--host", site) != 0:
                 return 1
-    cax("--config", config, "status")
+        print()
+        cax("--config", config, "status")
+        if complete(config):
+            print("\ndemo: every run is transferred at all three sites with equal checksums")
+            print(f"demo: try  .venv/bin/cax --config {config} status --json")
+            return 0
+    print("demo: FAILED: not every run reached all sites", file=sys.stderr)
+    return 1
+
+
+def complete(config: str) -> bool:
     out = subprocess.run([sys.executable, "-m", "cax", "--config", config, "status", "--json"],
                          check=True, capture_output=True, text=True).stdout
-    ok = True
     for run in json.loads(out):
         sums = {d["host"]: (d["status"], d["checksum"]) for d in run["data"] if d["type"] == "raw"}
         if set(sums) != set(SITES) or any(s != "transferred" for s, _ in sums.values()) \
                 or len({c for _, c in sums.values()}) != 1:
-            ok = False
-            print(f"demo: run {run['name']} not complete: {sums}", file=sys.stderr)
-    print("demo: every run is transferred at all three sites with equal checksums" if ok
-          else "demo: FAILED")
-    return 0 if ok else 1
+            return False
+    return True
