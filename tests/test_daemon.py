@@ -193,3 +193,18 @@ def test_missing_password_variable_is_clear_and_secret_free(tmp_path, monkeypatc
                           timeout=60)
     assert proc.returncode == 1
     assert "MONGO_PASSWORD is not set" in proc.stderr
+
+
+def test_log_file_has_one_line_per_event_with_run_task_site(tmp_path):
+    cfg = three_sites(tmp_path)
+    db = connect(load(cfg))
+    loc = make_raw(str(tmp_path / "daq"), "160101_0000")
+    db.insert_run(run_doc(1, "160101_0000", loc))
+    log = tmp_path / "cax.log"
+    for _ in range(2):
+        assert cax("--config", cfg, "--once", "--host", "daq", "--log-file", str(log)).wait(60) == 0
+    lines = log.read_text().splitlines()
+    copy = [ln for ln in lines if "copy start" in ln]
+    assert len(copy) == 1
+    assert "run=160101_0000" in copy[0] and "task=CopyPush" in copy[0] and "site=daq" in copy[0]
+    assert "datum=raw@buffer" in copy[0]
