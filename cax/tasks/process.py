@@ -219,6 +219,8 @@ class ProcessBatchQueue(Task):
             self.log(logging.DEBUG, run, f"job {job_id} belongs to backend {job_backend!r}; "
                      "left alone", datum=key)
             return False
+        elif job_id in self.queued().values():
+            return False  # alive: one squeue a pass answers for every queued job
         else:
             state = self.backend().status(job_id)
             if state not in FINAL_STATES:
