@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -35,6 +36,7 @@ from cax.runsdb import RunsDBError, connect, now
 from cax.tasks.base import Context, Task
 from cax.tasks.checksum import verify
 from cax.tasks.process import (
+    HEARTBEAT_SECONDS,
     fill_command,
     find_datum,
     open_backend,
@@ -68,18 +70,36 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def _run_command(argv) -> tuple:
-    """Run the command (argument list, no shell), pass its output through, keep the last lines."""
+def _run_command(argv, beat=None) -> tuple:
+    """Run the command (argument list, no shell), pass its output through, keep the last lines.
+
+    ``beat()`` is called every HEARTBEAT_SECONDS meanwhile: a run by hand has no batch system to
+    tell the daemon it died, only the heartbeat going stale."""
     tail = collections.deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    for raw in proc.stdout:
-        sys.stdout.buffer.write(raw)
-        line = raw.decode(errors="replace").strip()
-        if line:
-            tail.append(line)
-    sys.stdout.flush()
-    rc = proc.wait()
+    done = threading.Event()
+
+    def heartbeat():
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                beat()
+            except Exception as e:  # a missed beat is no reason to stop processing
+                log.warning("heartbeat failed: %s", e)
+
+    beater = threading.Thread(target=heartbeat, daemon=True) if beat else None
+    if beater:
+        beater.start()
+    try:
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            line = raw.decode(errors="replace").strip()
+            if line:
+                tail.append(line)
+        sys.stdout.flush()
+        rc = proc.wait()
+    finally:
+        done.set()
     return (rc if rc >= 0 else 128 - rc), list(tail)
 
 
@@ -160,7 +180,8 @@ def _process_owned(task, site, p, run, key, version) -> int:
     db.update_datum(run["_id"], key, "processing", {"heartbeat": now(), "started": now()})
     started = time.monotonic()
     try:
-        rc, tail = _run_command(argv)
+        rc, tail = _run_command(argv, beat=lambda: db.update_datum(run["_id"], key, "processing",
+                                                                    {"heartbeat": now()}))
     except OSError as e:
         task.record_error(run, key, "processing", f"cannot run {argv[0]}: {e.strerror or e}")
         return 127

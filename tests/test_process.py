@@ -427,3 +427,39 @@ def test_massive_dry_run_and_throttle(local_site):
         assert argv[1:3] == ["-m", "cax"] and "--once" in argv
         wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the massive job")
         assert backend.exit_code(job_id) == 0
+
+
+def test_stale_processing_datums_without_a_live_job_end_error(local_site):
+    """A daemon that died between claim and submit, or a by-hand run that died, leaves a datum
+    ``processing`` that no batch system will ever report on: the age of the claim / heartbeat
+    decides."""
+    s = local_site.configure(COPY, submit_grace=60)
+    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    fresh = datetime.now(timezone.utc)
+    for n, extra in ((41, {"creation_time": old}), (42, {"creation_time": fresh}),
+                     (43, {"creation_time": old, "heartbeat": old, "job_backend": "manual",
+                           "job_id": "manual:h:1"}),
+                     (44, {"creation_time": old, "heartbeat": fresh, "job_backend": "manual",
+                           "job_id": "manual:h:2"})):
+        s.add_run(n)
+        s.db.collection.update_one({"number": n}, {"$push": {"data": dict(
+            {"host": s.host, "type": "processed", "pax_version": VERSION, "status": "processing",
+             "location": str(s.data / VERSION / f"160315_{n:04d}")}, **extra)}})
+    queries = s.db.queries
+    s.run_pass()
+    assert s.status(41) == "error" and "no batch job was recorded" in s.datum(41)["error"]
+    assert s.status(42) == "processing"
+    assert s.status(43) == "error" and "stopped updating its heartbeat" in s.datum(43)["error"]
+    assert s.status(44) == "processing"
+    assert s.jobs() == []  # max_retries 0: nothing resubmitted
+    assert s.db.queries - queries < 10
+
+
+def test_idle_pass_costs_one_query_and_no_batch_call(local_site, monkeypatch):
+    s = local_site.configure(COPY)
+    s.add_run(51, tags=[{"name": "donotprocess"}])
+    calls = []
+    monkeypatch.setattr(ProcessBatchQueue, "backend", lambda self: calls.append(1))
+    before = s.db.queries
+    assert s.run_pass() == 0
+    assert s.db.queries - before == 1 and calls == []

@@ -29,6 +29,7 @@ from cax.tasks.base import Task
 JOB_PREFIX = "cax-proc-"
 PLACEHOLDERS = ("name", "number", "input", "output", "version", "ncpus")
 DEFAULT_SUBMIT_GRACE = 600.0
+HEARTBEAT_SECONDS = 60.0  # cax-process by hand refreshes its datum this often
 
 
 def check_template(command) -> None:
@@ -215,6 +216,13 @@ class ProcessBatchQueue(Task):
             if started is None or (now() - started).total_seconds() < self.p["submit_grace"]:
                 return False  # the submitting daemon may still be recording the job id
             reason = "no batch job was recorded for this datum (submitting daemon died?)"
+        elif job_backend == "manual":
+            beat = datum.get("heartbeat") or datum.get("creation_time")
+            stale = max(self.p["submit_grace"], 3 * HEARTBEAT_SECONDS)
+            if beat is None or (now() - beat).total_seconds() < stale:
+                return False
+            reason = (f"cax-process run by hand ({job_id}) stopped updating its heartbeat "
+                      f"at {beat.isoformat(timespec='seconds')}")
         elif job_backend != self.p["backend"]:
             self.log(logging.DEBUG, run, f"job {job_id} belongs to backend {job_backend!r}; "
                      "left alone", datum=key)
