@@ -107,13 +107,6 @@ def process(config, host: str, number: int, version: str, db=None) -> int:
     """Process one run; returns the exit status for cax-process (0: datum ``transferred``)."""
     site = config.site(host)
     p = settings(site)
-    if version not in p["versions"]:
-        log.error("site=%s version %r is not among this site's processing versions %s", host,
-                  version, p["versions"])
-        return 2
-    if not p.get("command"):
-        log.error("site=%s has no processing command configured", host)
-        return 2
     db = db or connect(config)
     task = ProcessRun(Context(config=config, host=host, db=db))
     run = db.run_by(number=number)
@@ -123,6 +116,19 @@ def process(config, host: str, number: int, version: str, db=None) -> int:
     key = processed_key(host, version)
     datum = find_datum(run, key)
     me = _own_job_id()
+    problem = None
+    if version not in p["versions"]:
+        problem = f"version {version!r} is not among this site's processing versions {p['versions']}"
+    elif not p.get("command"):
+        problem = "this site has no processing command configured"
+    if problem:
+        # the config changed after the job was submitted: say so on the job's datum
+        if (me and datum is not None and datum.get("status") == "processing"
+                and datum.get("job_id") in (me, None)):
+            task.record_error(run, key, "processing", f"cax-process: {problem}")
+        else:
+            task.log(logging.ERROR, run, problem, datum=key)
+        return 2
     if datum is None:
         try:
             location = output_path(site, p, run["name"], version)

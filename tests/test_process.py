@@ -463,3 +463,23 @@ def test_idle_pass_costs_one_query_and_no_batch_call(local_site, monkeypatch):
     before = s.db.queries
     assert s.run_pass() == 0
     assert s.db.queries - before == 1 and calls == []
+
+
+def test_cax_massive_takes_the_root_options(local_site):
+    """`cax --config C --host H --dry-run massive` behaves like `massive-cax --config C ... --dry-run`."""
+    from cax.cli import cli
+    from cax.processing import massive
+
+    s = local_site.configure(COPY)
+    s.add_run(61)
+    added = "massive" not in cli.commands
+    if added:
+        cli.add_command(massive)
+    try:
+        res = CliRunner().invoke(cli, ["--config", s.cfg, "--host", s.host, "--dry-run", "massive"])
+    finally:
+        if added:
+            cli.commands.pop("massive")
+    assert res.exit_code == 0, res.output
+    assert "would submit cax-massive-" in res.output and "--run 61" in res.output
+    assert s.jobs() == []
