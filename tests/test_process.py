@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -318,6 +319,11 @@ def test_hostile_run_fields_cannot_change_the_command_line(site, tmp_path):
             assert job_argv[:4] == [PY, "-m", "cax.processing", "--config"]
             assert job_argv[4:8] == [site.cfg, "--host", site.host, "--run"]
             assert job_argv[8] in ("10", "11", "12") and job_argv[9:] == ["--version", VERSION]
+    else:  # the scripts sbatch got: only trusted values and the run number, each quoted
+        lines = {p.read_text().splitlines()[-1] for p in (tmp_path / "scripts").glob("*.sh")}
+        assert lines == {"exec " + shlex.join([PY, "-m", "cax.processing", "--config", site.cfg,
+                                               "--host", site.host, "--run", str(n),
+                                               "--version", VERSION]) for n in (10, 11, 12)}
     assert not any(c.exists() for c in canaries)
 
 
