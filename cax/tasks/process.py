@@ -186,7 +186,8 @@ class ProcessBatchQueue(Task):
             run = self.db.run(run["_id"], self.projection) or run
             datum = find_datum(run, key)
         if datum is not None and datum.get("status") == "error":
-            if not self.retry(run, key, datum, version):
+            # a run tagged donotprocess since keeps its error: pulling it would hide what happened
+            if not self.wants(run) or not self.retry(run, key, datum, version):
                 return
             run = self.db.run(run["_id"], self.projection) or run
             datum = find_datum(run, key)
