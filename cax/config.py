@@ -73,6 +73,11 @@ PROCESSING_SCHEMA = {
         "output_dir": _path,
         "env_setup": {"type": "array", "items": {"type": "string"}},
         "max_local_jobs": {"type": "integer", "minimum": 1},
+        "max_jobs": {"type": "integer", "minimum": 1},
+        "state_dir": _path,
+        "script_dir": _path,
+        "extra_args": {"type": "array", "items": {"type": "string"}},
+        "submit_grace": _pos_num,
     },
     "additionalProperties": False,
 }
@@ -293,9 +298,37 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         processing = dict(processing)
         versions = processing.pop("pax_versions", None)
         processing.setdefault("versions", versions or raw.get("pax_versions") or [])
-        for key in ("log_dir", "output_dir"):
+        local_jobs = processing.pop("max_local_jobs", None)
+        if local_jobs is not None:
+            processing.setdefault("max_jobs", local_jobs)
+        processing.setdefault("backend", "local")
+        for key in ("log_dir", "output_dir", "state_dir", "script_dir"):
             if key in processing:
                 processing[key] = absolute(processing[key])
+        for version in processing["versions"]:
+            if not version or "/" in version or version.startswith((".", "-")) or ".." in version \
+                    or not all(c.isalnum() or c in "_+=,@%:.-" for c in version):
+                raise ConfigError(f"{_where(path, name, 'processing.versions')}: unsafe processor "
+                                  f"version {version!r} (it becomes a directory name)")
+        if processing["versions"] or "command" in processing:
+            # processed data must land where AddChecksum, copies and purges look for them
+            if "processed" not in dirs:
+                raise ConfigError(f"{_where(path, name, 'processing')}: the site processes data but "
+                                  f"has no directory for processed data (set 'dir_processed')")
+            out = processing.setdefault("output_dir", dirs["processed"])
+            root = dirs["processed"]
+            if out != root and not out.startswith(root.rstrip(os.sep) + os.sep):
+                raise ConfigError(f"{_where(path, name, 'processing.output_dir')}: {out} is outside "
+                                  f"the site's processed-data directory {root}")
+            if processing["versions"] and "command" not in processing:
+                raise ConfigError(f"{_where(path, name, 'processing.command')}: is required when "
+                                  f"'versions' are set")
+        if "command" in processing:
+            from cax.tasks.process import check_template  # late import: tasks import config
+            try:
+                check_template(processing["command"])
+            except ValueError as e:
+                raise ConfigError(f"{_where(path, name, 'processing.command')}: {e}")
 
     mode = raw.get("mode")
     return Site(

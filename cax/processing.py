@@ -1,0 +1,373 @@
+"""``cax-process`` (what a processing job runs) and ``massive-cax`` (reprocessing campaigns).
+
+``cax-process --config C --host H --run N --version V`` runs the site's processing command for one
+run and records the result in the Runs DB itself, because only the job knows how its command ended:
+the daemon that submitted it may be gone by then. The command writes to a partial path that is
+renamed into place only on success, so a half-written output is never taken for data; the datum
+then goes ``verifying`` -> ``transferred`` through the same :func:`cax.tasks.checksum.verify` every
+copy uses, and its checksum becomes the reference for copies of it elsewhere. A failure ends the datum
+``error`` with the exit code and the last lines of the command's output, on one line.
+
+Called by hand (no datum yet), it claims the datum first, so a daemon will not submit the same run
+meanwhile.
+
+``massive-cax`` / ``cax massive`` submits one ``cax --once --run N`` job per selected run, never
+more than ``max_queued`` cax jobs at a time, as the original cax did for reprocessing campaigns.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import click
+
+from cax import config as cfgmod
+from cax import logs, paths
+from cax.batch import BatchError, Job, safe_job_name
+from cax.runsdb import RunsDBError, connect, now
+from cax.tasks.base import Context, Task
+from cax.tasks.checksum import verify
+from cax.tasks.process import (
+    HEARTBEAT_SECONDS,
+    fill_command,
+    find_datum,
+    open_backend,
+    output_path,
+    partial_path,
+    processed_key,
+    settings,
+)
+
+log = logging.getLogger("cax.processing")
+TAIL_LINES = 5
+MASSIVE_PREFIX = "cax-massive-"
+
+
+class ProcessRun(Task):
+    """A task object for one run, so cax-process logs and records errors exactly like the daemon."""
+
+    def query(self):
+        return None
+
+
+def _own_job_id():
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("CAX_JOB_ID")
+
+
+def _remove(path: str) -> None:
+    """Remove a leftover file, link or directory at ``path`` (a link itself, never its target)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _run_command(argv, beat=None) -> tuple:
+    """Run the command (argument list, no shell), pass its output through, keep the last lines.
+
+    ``beat()`` is called every HEARTBEAT_SECONDS meanwhile: a run by hand has no batch system to
+    tell the daemon it died, only the heartbeat going stale."""
+    tail = collections.deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    done = threading.Event()
+
+    def heartbeat():
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                beat()
+            except Exception as e:  # a missed beat is no reason to stop processing
+                log.warning("heartbeat failed: %s", e)
+
+    beater = threading.Thread(target=heartbeat, daemon=True) if beat else None
+    if beater:
+        beater.start()
+    try:
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            line = raw.decode(errors="replace").strip()
+            if line:
+                tail.append(line)
+        sys.stdout.flush()
+        rc = proc.wait()
+    finally:
+        done.set()
+    return (rc if rc >= 0 else 128 - rc), list(tail)
+
+
+def process(config, host: str, number: int, version: str, db=None) -> int:
+    """Process one run; returns the exit status for cax-process (0: datum ``transferred``)."""
+    site = config.site(host)
+    p = settings(site)
+    db = db or connect(config)
+    task = ProcessRun(Context(config=config, host=host, db=db))
+    run = db.run_by(number=number)
+    if run is None:
+        log.error("site=%s run %s not found in the Runs DB", host, number)
+        return 1
+    key = processed_key(host, version)
+    datum = find_datum(run, key)
+    me = _own_job_id()
+    problem = None
+    if version not in p["versions"]:
+        problem = f"version {version!r} is not among this site's processing versions {p['versions']}"
+    elif not p.get("command"):
+        problem = "this site has no processing command configured"
+    if problem:
+        # the config changed after the job was submitted: say so on the job's datum
+        if (me and datum is not None and datum.get("status") == "processing"
+                and datum.get("job_id") in (me, None)):
+            task.record_error(run, key, "processing", f"cax-process: {problem}")
+        else:
+            task.log(logging.ERROR, run, problem, datum=key)
+        return 2
+    if datum is None:
+        try:
+            location = output_path(site, p, run["name"], version)
+        except paths.UnsafePath as e:
+            task.log(logging.ERROR, run, f"refused: {e}")
+            return 1
+        job_id = f"manual:{socket.gethostname()}:{os.getpid()}"
+        if not db.claim(run["_id"], dict(key, status="processing", location=location, checksum=None,
+                                         creation_time=now(), creation_place=host,
+                                         job_backend="manual", job_id=job_id)):
+            task.log(logging.ERROR, run, "another cax claimed this datum first", datum=key)
+            return 1
+        task.log(logging.INFO, run, f"claimed for processing by hand ({job_id})", datum=key)
+    elif datum.get("status") != "processing":
+        task.log(logging.WARNING if datum.get("status") == "error" else logging.INFO, run,
+                 f"nothing to do: datum is {datum.get('status')}"
+                 + (f" ({datum.get('error')})" if datum.get("error") else ""), datum=key)
+        return 0 if datum.get("status") in ("verifying", "transferred") else 1
+    elif datum.get("job_id") and datum["job_id"] != me:
+        task.log(logging.ERROR, run, f"datum is being processed by job {datum['job_id']} "
+                 f"({datum.get('job_backend')}); not starting a second one", datum=key)
+        return 1
+    try:
+        return _process_owned(task, site, p, run, key, version)
+    except Exception as e:  # whatever happens, the Runs DB says so
+        task.record_error(run, key, "processing", f"cax-process failed: {type(e).__name__}: {e}")
+        return 1
+
+
+def _process_owned(task, site, p, run, key, version) -> int:
+    db = task.db
+    try:
+        final = output_path(site, p, run["name"], version)
+        raw = next((d for d in run.get("data") or [] if d.get("host") == task.host
+                    and d.get("type") == "raw" and d.get("status") == "transferred"), None)
+        if raw is None:
+            task.record_error(run, key, "processing", "no transferred raw data at this site")
+            return 1
+        source = paths.check_location(site, raw.get("location"), "raw")
+    except paths.UnsafePath as e:
+        task.record_error(run, key, "processing", f"refused: {e}")
+        return 1
+    datum = find_datum(run, key) or {}
+    if datum.get("location") not in (None, final):
+        task.record_error(run, key, "processing", f"datum location {datum.get('location')} is not "
+                          f"where this site writes version {version} ({final})")
+        return 1
+    partial = partial_path(final)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    _remove(partial)  # leftovers of a killed attempt
+    argv = fill_command(p["command"], {"name": run["name"], "number": int(run["number"]),
+                                       "input": source, "output": partial, "version": version,
+                                       "ncpus": p["ncpus"]})
+    task.log(logging.INFO, run, f"processing start: {shlex.join(argv)}", datum=key)
+    db.update_datum(run["_id"], key, "processing", {"heartbeat": now(), "started": now()})
+    started = time.monotonic()
+    try:
+        rc, tail = _run_command(argv, beat=lambda: db.update_datum(run["_id"], key, "processing",
+                                                                    {"heartbeat": now()}))
+    except OSError as e:
+        task.record_error(run, key, "processing", f"cannot run {argv[0]}: {e.strerror or e}")
+        return 127
+    seconds = time.monotonic() - started
+    if rc != 0:
+        _remove(partial)
+        last = " | ".join(tail) if tail else "(no output)"
+        task.record_error(run, key, "processing",
+                          f"command exited with code {rc} after {seconds:.0f} s; last output: {last}")
+        return rc if 0 < rc < 256 else 1
+    if not os.path.lexists(partial):
+        task.record_error(run, key, "processing",
+                          f"command exited 0 after {seconds:.0f} s but wrote nothing to {partial}")
+        return 1
+    _remove(final)
+    os.rename(partial, final)
+    task.log(logging.INFO, run, f"processing done in {seconds:.1f} s: {final}", datum=key)
+    if not db.set_status(run["_id"], key, "processing", "verifying", heartbeat=now(),
+                         processing_seconds=round(seconds, 3)):
+        task.log(logging.WARNING, run, "datum changed while processing (marked dead?); "
+                 "output left for the next attempt", datum=key)
+        return 1
+    from cax.checksum import checksum
+    verify(task, run["_id"], key, lambda algo: checksum(final, algo))
+    after = find_datum(db.run(run["_id"], {"data": 1}) or {}, key) or {}
+    return 0 if after.get("status") == "transferred" else 1
+
+
+@click.command("cax-process", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Config file (default: ./cax.json, else the copy packaged with cax).")
+@click.option("--host", default=None, help="Site (default: $CAX_HOST, else the short hostname).")
+@click.option("--run", "number", type=int, required=True, help="Run number.")
+@click.option("--version", "version", required=True, help="Processor version to produce.")
+@click.option("--log", "log_level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def process_cmd(config_path, host, number, version, log_level):
+    """Process one run at this site and record the result in the Runs DB (run by processing jobs;
+    works by hand too)."""
+    logs.setup(log_level)
+    try:
+        config = cfgmod.load(config_path)
+        host = host or cfgmod.default_host()
+        config.site(host)
+    except cfgmod.ConfigError as e:
+        click.echo(f"cax-process: error: {e}", err=True)
+        sys.exit(2)
+    try:
+        sys.exit(process(config, host, number, version))
+    except RunsDBError as e:
+        click.echo(f"cax-process: error: {e}", err=True)
+        sys.exit(1)
+
+
+def process_main():
+    process_cmd(prog_name="cax-process")
+
+
+# ---- massive-cax ------------------------------------------------------------------------------
+def select_runs(db, host, start=None, stop=None, numbers=(), tags=()):
+    """Runs with data at this host, narrowed by number range, explicit numbers and tags."""
+    clauses = [{"data.host": host}]
+    rng = {}
+    if start is not None:
+        rng["$gte"] = start
+    if stop is not None:
+        rng["$lte"] = stop
+    if rng:
+        clauses.append({"number": rng})
+    if numbers:
+        clauses.append({"number": {"$in": list(numbers)}})
+    if tags:
+        clauses.append({"tags.name": {"$in": list(tags)}})
+    return list(db.find_runs({"$and": clauses}, {"number": 1, "name": 1}))
+
+
+def massive_job(config, host, p, run) -> Job:
+    number = int(run["number"])
+    log_dir = p["log_dir"]
+    return Job(name=MASSIVE_PREFIX + safe_job_name(host, number),
+               argv=[sys.executable, "-m", "cax", "--config", config.path, "--host", host,
+                     "--once", "--run", str(number)],
+               env_setup=p["env_setup"], ncpus=p["ncpus"], mem_per_cpu=p.get("mem_per_cpu"),
+               walltime=p.get("walltime"), partition=p.get("partition"), account=p.get("account"),
+               qos=p.get("qos"), log_path=os.path.join(log_dir, f"massive_{number}.log"),
+               workdir=log_dir)
+
+
+def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interval=60.0,
+                   timeout=None, dry_run=False, echo=click.echo, backend=None) -> int:
+    """Submit the runs' jobs, waiting for room in the queue; returns how many are left unsubmitted."""
+    p = settings(config.site(host))
+    limit = p.get("max_queued") if max_queued is None else max_queued
+    jobs = [massive_job(config, host, p, r) for r in runs]
+    if dry_run:
+        for job in jobs:
+            echo(f"would submit {job.name}: {shlex.join(job.argv)}")
+        return 0
+    backend = backend or open_backend(p)
+    os.makedirs(p["log_dir"], exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = list(jobs)
+    failed = 0
+    while pending:
+        queued = backend.queued("cax-")
+        names = {name for _id, name in queued}
+        room = None if limit is None else limit - len(queued)
+        while pending and (room is None or room > 0):
+            job = pending.pop(0)
+            if job.name in names:
+                echo(f"{job.name}: already queued, skipped")
+                continue
+            try:
+                job_id = backend.submit(job)
+            except BatchError as e:
+                echo(f"{job.name}: submit failed: {e}")
+                failed += 1
+                continue
+            echo(f"submitted {job.name} as {job_id}")
+            if room is not None:
+                room -= 1
+        if not pending:
+            break
+        if not wait:
+            echo(f"queue full ({limit} cax jobs); {len(pending)} run(s) not submitted (--no-wait)")
+            break
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            echo(f"timed out waiting for room in the queue; {len(pending)} run(s) not submitted")
+            break
+        time.sleep(interval if left is None else min(interval, left))  # then look at the queue again
+    return len(pending) + failed
+
+
+@click.command("massive", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Config file (default: ./cax.json, else the copy packaged with cax).")
+@click.option("--host", default=None, help="Site (default: $CAX_HOST, else the short hostname).")
+@click.option("--start", type=int, default=None, help="First run number.")
+@click.option("--stop", type=int, default=None, help="Last run number (inclusive).")
+@click.option("--run", "numbers", type=int, multiple=True, help="This run (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Only runs with this tag (repeatable).")
+@click.option("--max-queued", type=click.IntRange(min=1), default=None,
+              help="Most cax jobs queued at once (default: the site's processing max_queued).")
+@click.option("--no-wait", is_flag=True, help="Stop when the queue is full instead of waiting.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds between looks at the queue while it is full.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Give up waiting for room after this many seconds (default: wait as needed).")
+@click.option("--dry-run", is_flag=True, help="List the jobs that would be submitted; submit none.")
+@click.pass_context
+def massive(ctx, config_path, host, start, stop, numbers, tags, max_queued, no_wait, interval,
+            timeout, dry_run):
+    """Submit one `cax --once --run N` batch job per selected run (reprocessing campaigns)."""
+    root = (ctx.find_root().obj or {}) if ctx.parent is not None else {}
+    config_path = config_path or root.get("config_path")
+    host = host or root.get("host")
+    dry_run = dry_run or bool(root.get("dry_run"))
+    if ctx.parent is None:
+        logs.setup("INFO")
+    try:
+        config = cfgmod.load(config_path)
+        host = host or cfgmod.default_host()
+        config.site(host)
+    except cfgmod.ConfigError as e:
+        raise click.ClickException(str(e))
+    try:
+        db = connect(config)
+    except RunsDBError as e:
+        raise click.ClickException(str(e))
+    runs = select_runs(db, host, start, stop, numbers, tags)
+    click.echo(f"{len(runs)} run(s) selected at site {host}")
+    left = massive_submit(config, host, db, runs, max_queued=max_queued, wait=not no_wait,
+                          interval=interval, timeout=timeout, dry_run=dry_run)
+    sys.exit(1 if left else 0)
+
+
+def massive_main():
+    massive(prog_name="massive-cax")
+
+
+if __name__ == "__main__":
+    process_main()

@@ -1,0 +1,491 @@
+"""Processing on the site's batch system: ProcessBatchQueue, cax-process and massive-cax.
+
+Jobs really run (private Slurm from tests/slurm.py, and the local backend) and record their results
+through a real MongoDB wire server shared by every process (SecantusDB), as at a site.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from click.testing import CliRunner
+
+from cax import config as cfgmod
+from cax.batch import ACTIVE_STATES, FINAL_STATES, RUNNING, get_backend
+from cax.checksum import checksum
+from cax.runsdb import connect
+from cax.tasks.base import Context
+from cax.tasks.process import ProcessBatchQueue, fill_command
+from tests.conftest import missing_component
+
+pytest_plugins = ["tests.slurm"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+VERSION = "v1.0.2"
+COPY = [PY, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2]); print('copied', sys.argv[3])",
+        "{input}", "{output}", "{name}"]
+FAIL = [PY, "-c", "import sys; print('line one'); print('bad thing happened', sys.argv[1]); sys.exit(3)",
+        "{name}"]
+SLEEP = [PY, "-c", "import time; time.sleep(120)"]
+
+
+def wait_until(predicate, timeout=30.0, what="condition", interval=0.1, site=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}"
+                        + (f"; {site.diagnostics()}" if site else ""))
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def wire_uri():
+    try:
+        from secantus import SecantusDBServer
+    except ImportError as e:
+        missing_component(f"SecantusDB (MongoDB wire server) not importable: {e}")
+    with SecantusDBServer(storage_path=":memory:") as server:
+        yield server.uri
+
+
+@pytest.fixture(autouse=True)
+def _job_pythonpath(monkeypatch):
+    # jobs start `python -m cax.processing` elsewhere: they must find this checkout's cax
+    monkeypatch.setenv("PYTHONPATH", REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+class Site:
+    """One processing site in tmp_path: config, Runs DB handle, backend, and job bookkeeping."""
+
+    def __init__(self, tmp_path, uri, backend, cluster=None):
+        self.tmp = tmp_path
+        self.uri = uri
+        self.backend_name = backend
+        self.cluster = cluster
+        self.host = "p" + uuid.uuid4().hex[:8]
+        self.collection = "runs_" + uuid.uuid4().hex[:8]
+        self.data = tmp_path / "data"
+        self.data.mkdir()
+        self.cfg = None
+        self.db = None
+
+    def configure(self, command, **processing):
+        proc = {"backend": self.backend_name, "versions": [VERSION], "command": command,
+                "log_dir": str(self.tmp / "logs"), "max_retries": 0, **processing}
+        if self.backend_name == "local":
+            proc.setdefault("state_dir", str(self.tmp / "state"))
+            proc.setdefault("max_jobs", 4)
+        else:
+            proc.setdefault("script_dir", str(self.tmp / "scripts"))
+        doc = {"runs_db": self.uri, "collection": self.collection,
+               "sites": [{"name": self.host, "directory": str(self.data),
+                          "data_type": ["raw", "processed"], "processing": proc}]}
+        path = self.tmp / "cax.json"
+        path.write_text(json.dumps(doc))
+        self.cfg = str(path)
+        self.db = connect(cfgmod.load(self.cfg))
+        return self
+
+    def backend(self):
+        return ProcessBatchQueue(self.ctx()).backend()
+
+    def ctx(self, db=None):
+        return Context(config=cfgmod.load(self.cfg), host=self.host, db=db or self.db)
+
+    def run_pass(self, db=None):
+        return ProcessBatchQueue(self.ctx(db)).go()
+
+    def add_run(self, number, name=None, location=None, **fields):
+        name = name or f"160315_{number:04d}"
+        if location is None:
+            location = str(self.data / name)
+            os.makedirs(os.path.join(location, "sub"))
+            for i in range(3):
+                with open(os.path.join(location, "sub" if i else "", f"f{i}.bin"), "wb") as f:
+                    f.write(os.urandom(500 + i))
+        t = datetime(2016, 3, 15, tzinfo=timezone.utc) + timedelta(hours=number)
+        self.db.insert_run({"number": number, "name": name, "detector": "tpc", "start": t,
+                            "data": [{"host": self.host, "type": "raw", "status": "transferred",
+                                      "location": location, "checksum": "x" * 128,
+                                      "checksum_type": "sha512"}], **fields})
+        return location
+
+    def run(self, number):
+        return self.db.collection.find_one({"number": number})
+
+    def datum(self, number):
+        run = self.run(number)
+        return next((d for d in run.get("data") or [] if d.get("type") == "processed"), None)
+
+    def status(self, number):
+        d = self.datum(number)
+        return d and d.get("status")
+
+    def jobs(self):
+        """(job id, name, argv) of every job this site's backend got, finished ones included."""
+        if self.backend_name == "local":
+            root = self.tmp / "state" / "jobs"
+            out = []
+            for job_id in sorted(os.listdir(root)) if root.is_dir() else []:
+                meta = json.loads((root / job_id / "meta.json").read_text())
+                out.append((job_id, meta["name"], meta["argv"]))
+            return out
+        res = self.cluster.run("squeue", "-h", "-t", "all", "-o", "%i %j")
+        return [(i, n, None) for i, n in (line.split(None, 1) for line in res.stdout.splitlines())
+                if self.host in n]
+
+    def diagnostics(self) -> str:
+        """Job logs and Runs DB state, for failure messages."""
+        out = []
+        for path in sorted(self.tmp.glob("logs/*.log")) + sorted(self.tmp.glob("state/jobs/*/wrapper.log")):
+            out.append(f"{path.name}: " + " | ".join(path.read_text(errors="replace").splitlines()[-6:]))
+        for run in self.db.collection.find({}, {"number": 1, "data": 1}):
+            out.append(f"run {run['number']}: " + ", ".join(
+                f"{d['type']}={d['status']}/{d.get('job_id')}" for d in run.get("data") or []))
+        if self.cluster:
+            out.append(self.cluster.run("squeue", "-h", "-t", "all", "-o", "%i %j %T", check=False).stdout)
+        return "\n".join(out)
+
+    def cleanup(self):
+        if self.cfg is None:
+            return
+        b = self.backend()
+        for job_id, _name, _argv in self.jobs():
+            if b.status(job_id) in ACTIVE_STATES:
+                b.cancel(job_id)
+
+
+@pytest.fixture(params=["local", pytest.param("slurm", marks=pytest.mark.slurm)])
+def site(request, tmp_path, wire_uri):
+    cluster = request.getfixturevalue("slurm") if request.param == "slurm" else None
+    s = Site(tmp_path, wire_uri, request.param, cluster)
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def local_site(tmp_path, wire_uri):
+    s = Site(tmp_path, wire_uri, "local")
+    yield s
+    s.cleanup()
+
+
+# -- both backends ---------------------------------------------------------------------------------
+def test_submitted_once_then_transferred_with_checksum(site):
+    site.configure(COPY)
+    raw = site.add_run(1)
+    # two daemons at the same moment, each with its own connection and backend instance
+    dbs = [connect(cfgmod.load(site.cfg)) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def daemon(db):
+        try:
+            barrier.wait()
+            site.run_pass(db)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=daemon, args=(db,)) for db in dbs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    site.run_pass()  # a later pass: the datum exists, nothing new
+    assert len(site.jobs()) == 1
+    d = site.datum(1)
+    assert d["job_id"] == site.jobs()[0][0] and d["job_backend"] == site.backend_name
+    wait_until(lambda: site.status(1) in ("transferred", "error"), 60, "the job to record its result", site=site)
+    d = site.datum(1)
+    assert d["status"] == "transferred", d.get("error")
+    final = str(site.data / VERSION / "160315_0001")
+    assert d["location"] == final and d["pax_version"] == VERSION
+    assert d["checksum"] == checksum(final) == checksum(raw)
+    assert site.run(1)["references"][0]["pax_version"] == VERSION
+    assert not os.path.exists(site.data / VERSION / ".160315_0001.cax-partial")
+    site.run_pass()
+    assert len(site.jobs()) == 1
+
+
+def test_failing_command_ends_error_with_exit_code_and_tail(site):
+    site.configure(FAIL)
+    site.add_run(2)
+    site.run_pass()
+    wait_until(lambda: site.status(2) in ("transferred", "error"), 60, "the job to record its result", site=site)
+    d = site.datum(2)
+    assert d["status"] == "error"
+    assert "exited with code 3" in d["error"] and "bad thing happened 160315_0002" in d["error"]
+    assert "\n" not in d["error"] and d["error_time"]
+    site.run_pass()  # max_retries 0: stays error, no second job
+    assert site.status(2) == "error" and len(site.jobs()) == 1
+
+
+def test_cancelled_job_found_dead_retried_within_max_retries(site):
+    site.configure(SLEEP, max_retries=1)
+    site.add_run(3)
+    backend = site.backend()
+    site.run_pass()
+    first = site.datum(3)["job_id"]
+    wait_until(lambda: "started" in site.datum(3), 60, "cax-process to start the command")
+    backend.cancel(first)
+    wait_until(lambda: backend.status(first) in FINAL_STATES, 30, "the cancelled job to end")
+    assert site.status(3) == "processing"  # nobody recorded anything: the job died silently
+
+    site.run_pass()  # found dead -> error -> retry 1 of 1 -> submitted again
+    d = site.datum(3)
+    assert d["status"] == "processing" and d["job_id"] != first
+    retries = site.run(3)["processing_retries"]
+    assert len(retries) == 1 and retries[0]["pax_version"] == VERSION
+    assert retries[0]["job_id"] == first and "CANCELLED" in retries[0]["error"]
+
+    second = d["job_id"]
+    wait_until(lambda: backend.status(second) == RUNNING, 60, "the second job to run")
+    backend.cancel(second)
+    wait_until(lambda: backend.status(second) in FINAL_STATES, 30, "the second job to end")
+    site.run_pass()
+    site.run_pass()
+    d = site.datum(3)
+    assert d["status"] == "error" and d["job_id"] == second
+    assert f"batch job {second} ended CANCELLED" in d["error"]
+    assert len(site.run(3)["processing_retries"]) == 1
+    assert len(site.jobs()) == 2
+
+
+def test_max_queued_and_donotprocess(site):
+    gate = site.tmp / "gate"
+    site.configure([PY, "-c", "import os, shutil, sys, time\n"
+                    "while not os.path.exists(sys.argv[1]): time.sleep(0.1)\n"
+                    "shutil.copytree(sys.argv[2], sys.argv[3])", str(gate), "{input}", "{output}"],
+                   max_queued=2)
+    for n in (1, 2, 3):
+        site.add_run(n)
+    site.add_run(4, tags=[{"name": "donotprocess"}])
+    site.add_run(5, trigger={"events_built": 0})
+    site.add_run(6, trigger={"events_built": 10})
+    site.run_pass()
+    site.run_pass()
+    assert [site.status(n) for n in range(1, 7)] == ["processing", "processing", None, None, None, None]
+    assert len(site.jobs()) == 2
+    gate.write_text("go")
+    wait_until(lambda: site.status(1) == site.status(2) == "transferred", 60, "runs 1 and 2", site=site)
+    wait_until(lambda: not site.backend().queued("cax-proc-"), 30, "the queue to drain")
+    site.run_pass()
+    wait_until(lambda: site.status(3) == site.status(6) == "transferred", 60, "runs 3 and 6", site=site)
+    site.run_pass()
+    assert site.status(4) is None and site.status(5) is None
+    assert len(site.jobs()) == 4
+
+
+def test_hostile_run_fields_cannot_change_the_command_line(site, tmp_path):
+    site.configure([PY, "-c", "import json, os, sys; os.makedirs(sys.argv[-1]); "
+                    "json.dump(sys.argv[1:], open(os.path.join(sys.argv[-1], 'argv.json'), 'w'))",
+                    "{name}", "{input}", "in={input};{number}", "{version}", "{output}"])
+    canaries = [tmp_path / f"pwned{i}" for i in range(4)]
+    hostile_inputs = [str(site.data / f"x; touch {canaries[0]}"),
+                      str(site.data / f"$(touch {canaries[1]})"),
+                      str(site.data / f"`touch {canaries[2]}` {{output}}")]
+    for i, loc in enumerate(hostile_inputs):
+        os.makedirs(loc)
+        site.add_run(10 + i, location=loc)
+    site.add_run(20, name=f"x; touch {canaries[3]}", location=str(site.data / "ok20"))
+    site.add_run(21, name=f"$(touch {canaries[3]})", location=str(site.data / "ok21"))
+    site.run_pass()
+    for i, loc in enumerate(hostile_inputs):
+        n = 10 + i
+        wait_until(lambda: site.status(n) in ("transferred", "error"), 60, f"run {n}")
+        d = site.datum(n)
+        assert d["status"] == "transferred", d.get("error")
+        partial = str(site.data / VERSION / f".160315_{n:04d}.cax-partial")
+        argv = json.loads((site.data / VERSION / f"160315_{n:04d}" / "argv.json").read_text())
+        assert argv == [f"160315_{n:04d}", loc, f"in={loc};{n}", VERSION, partial]
+    # hostile names are refused outright: no datum, no job
+    assert site.datum(20) is None and site.datum(21) is None
+    assert len(site.jobs()) == 3
+    if site.backend_name == "local":
+        for _id, _name, job_argv in site.jobs():
+            assert job_argv[:4] == [PY, "-m", "cax.processing", "--config"]
+            assert job_argv[4:8] == [site.cfg, "--host", site.host, "--run"]
+            assert job_argv[8] in ("10", "11", "12") and job_argv[9:] == ["--version", VERSION]
+    else:  # the scripts sbatch got: only trusted values and the run number, each quoted
+        lines = {p.read_text().splitlines()[-1] for p in (tmp_path / "scripts").glob("*.sh")}
+        assert lines == {"exec " + shlex.join([PY, "-m", "cax.processing", "--config", site.cfg,
+                                               "--host", site.host, "--run", str(n),
+                                               "--version", VERSION]) for n in (10, 11, 12)}
+    assert not any(c.exists() for c in canaries)
+
+
+# -- cax-process by hand, template rules, config -------------------------------------------------
+def test_cax_process_by_hand(local_site):
+    s = local_site.configure(COPY)
+    raw = s.add_run(7)
+    s.add_run(8)
+    cmd = [PY, "-m", "cax.processing", "--config", s.cfg, "--host", s.host, "--version", VERSION]
+    res = subprocess.run(cmd + ["--run", "7"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    d = s.datum(7)
+    assert d["status"] == "transferred" and d["job_backend"] == "manual"
+    assert d["checksum"] == checksum(raw)
+    s.run_pass()  # run 7 is done; run 8 is submitted
+    assert [name.endswith("_8_" + VERSION) for _i, name, _a in s.jobs()] == [True]
+    # a second run by hand on a datum another job owns does nothing
+    res = subprocess.run(cmd + ["--run", "8"], capture_output=True, text=True, timeout=60)
+    if s.status(8) == "processing":
+        assert res.returncode == 1 and "being processed by job" in res.stderr
+
+
+def test_cax_process_by_hand_failure(local_site):
+    s = local_site.configure(FAIL)
+    s.add_run(9)
+    res = subprocess.run([PY, "-m", "cax.processing", "--config", s.cfg, "--host", s.host,
+                          "--version", VERSION, "--run", "9"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 3
+    assert s.status(9) == "error" and "exited with code 3" in s.datum(9)["error"]
+
+
+def test_fill_command_keeps_arguments_whole():
+    values = {"name": "a b; rm -rf ~", "number": 5, "input": "/d/$(x)", "output": "/o/{name}",
+              "version": "v1", "ncpus": 2}
+    assert fill_command(["p", "{name}", "-n{ncpus}", "{input}{output}"], values) == \
+        ["p", "a b; rm -rf ~", "-n2", "/d/$(x)/o/{name}"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["p", "{nmae}"], "unknown placeholder"),
+    (["p", "{name.__class__}"], "unknown placeholder"),
+    (["p", "{input[0]}"], "unknown placeholder"),
+    (["p", "{name!r}"], "conversions"),
+    (["p", "{name"], "expected '}'"),
+])
+def test_bad_templates_refused_at_load(tmp_path, command, message):
+    doc = {"sites": [{"name": "s", "directory": str(tmp_path),
+                      "processing": {"versions": ["v1"], "command": command}}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(cfgmod.ConfigError, match=message):
+        cfgmod.load(str(tmp_path / "c.json"))
+
+
+def test_processing_config_normalised_and_checked(tmp_path):
+    def load(processing, **site):
+        doc = {"sites": [{"name": "s", "directory": str(tmp_path), **site, "processing": processing}]}
+        (tmp_path / "c.json").write_text(json.dumps(doc))
+        return cfgmod.load(str(tmp_path / "c.json")).site("s").processing
+
+    p = load({"pax_versions": ["v6.10.1"], "command": ["p"], "max_local_jobs": 3})
+    assert p["versions"] == ["v6.10.1"] and p["max_jobs"] == 3 and p["backend"] == "local"
+    assert p["output_dir"] == str(tmp_path)
+    with pytest.raises(cfgmod.ConfigError, match="outside"):
+        load({"versions": ["v1"], "command": ["p"], "output_dir": "/elsewhere"})
+    with pytest.raises(cfgmod.ConfigError, match="unsafe processor version"):
+        load({"versions": ["../v1"], "command": ["p"]})
+    with pytest.raises(cfgmod.ConfigError, match="command"):
+        load({"versions": ["v1"]})
+    with pytest.raises(cfgmod.ConfigError, match="backend"):
+        load({"versions": ["v1"], "command": ["p"], "backend": "condor"})
+
+
+# -- massive-cax -----------------------------------------------------------------------------------
+def test_massive_dry_run_and_throttle(local_site):
+    from cax.processing import massive
+
+    s = local_site.configure(COPY)
+    for n in (31, 32, 33):
+        s.add_run(n)
+    s.add_run(34, tags=[{"name": "calibration"}])
+    runner = CliRunner()
+    res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--start", "31",
+                                  "--stop", "33", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("would submit") == 3 and "--once --run 32" in res.output
+    assert s.jobs() == []
+    res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--tag", "calibration",
+                                  "--dry-run"])
+    assert res.output.count("would submit") == 1 and "--run 34" in res.output
+
+    # queue of at most one cax job, --no-wait: one submitted, the rest reported
+    res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--run", "31", "--run", "32",
+                                  "--max-queued", "1", "--no-wait"])
+    assert res.exit_code == 1 and "1 run(s) not submitted" in res.output, res.output
+    names = [name for _i, name, _a in s.jobs()]
+    assert len(names) == 1 and names[0].startswith("cax-massive-")
+
+    # waiting mode: every run gets its job, never more than one queued at a time
+    res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--start", "32", "--stop", "33",
+                                  "--max-queued", "1", "--interval", "0.2", "--timeout", "60"])
+    assert res.exit_code == 0, res.output
+    massive_jobs = [(i, a) for i, name, a in s.jobs() if name.startswith("cax-massive-")]
+    assert len(massive_jobs) == 3
+    backend = get_backend("local", state_dir=str(s.tmp / "state"))
+    for job_id, argv in massive_jobs:
+        assert argv[1:3] == ["-m", "cax"] and "--once" in argv
+        wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the massive job")
+        assert backend.exit_code(job_id) == 0
+
+
+def test_stale_processing_datums_without_a_live_job_end_error(local_site):
+    """A daemon that died between claim and submit, or a by-hand run that died, leaves a datum
+    ``processing`` that no batch system will ever report on: the age of the claim / heartbeat
+    decides."""
+    s = local_site.configure(COPY, submit_grace=60)
+    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    fresh = datetime.now(timezone.utc)
+    for n, extra in ((41, {"creation_time": old}), (42, {"creation_time": fresh}),
+                     (43, {"creation_time": old, "heartbeat": old, "job_backend": "manual",
+                           "job_id": "manual:h:1"}),
+                     (44, {"creation_time": old, "heartbeat": fresh, "job_backend": "manual",
+                           "job_id": "manual:h:2"})):
+        s.add_run(n)
+        s.db.collection.update_one({"number": n}, {"$push": {"data": dict(
+            {"host": s.host, "type": "processed", "pax_version": VERSION, "status": "processing",
+             "location": str(s.data / VERSION / f"160315_{n:04d}")}, **extra)}})
+    queries = s.db.queries
+    s.run_pass()
+    assert s.status(41) == "error" and "no batch job was recorded" in s.datum(41)["error"]
+    assert s.status(42) == "processing"
+    assert s.status(43) == "error" and "stopped updating its heartbeat" in s.datum(43)["error"]
+    assert s.status(44) == "processing"
+    assert s.jobs() == []  # max_retries 0: nothing resubmitted
+    assert s.db.queries - queries < 10
+
+
+def test_idle_pass_costs_one_query_and_no_batch_call(local_site, monkeypatch):
+    s = local_site.configure(COPY)
+    s.add_run(51, tags=[{"name": "donotprocess"}])
+    calls = []
+    monkeypatch.setattr(ProcessBatchQueue, "backend", lambda self: calls.append(1))
+    before = s.db.queries
+    assert s.run_pass() == 0
+    assert s.db.queries - before == 1 and calls == []
+
+
+def test_cax_massive_takes_the_root_options(local_site):
+    """`cax --config C --host H --dry-run massive` behaves like `massive-cax --config C ... --dry-run`."""
+    from cax.cli import cli
+    from cax.processing import massive
+
+    s = local_site.configure(COPY)
+    s.add_run(61)
+    added = "massive" not in cli.commands
+    if added:
+        cli.add_command(massive)
+    try:
+        res = CliRunner().invoke(cli, ["--config", s.cfg, "--host", s.host, "--dry-run", "massive"])
+    finally:
+        if added:
+            cli.commands.pop("massive")
+    assert res.exit_code == 0, res.output
+    assert "would submit cax-massive-" in res.output and "--run 61" in res.output
+    assert s.jobs() == []
