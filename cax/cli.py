@@ -103,7 +103,9 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
 
     config = load_config(config_path)
     host = resolve_host(config, host)
-    lock = SiteLock(config, host)
+    scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
+                     if v is not None)
+    lock = SiteLock(config, host, scope)
     try:
         lock.acquire()
     except AlreadyRunning as e:
@@ -322,7 +324,10 @@ def main():
     cli(prog_name="cax")
 
 
-def process_main():
-    click.echo("cax-process: batch processing is not available in this version of cax yet; "
-               "nothing was done", err=True)
-    sys.exit(3)
+def _register_subcommands():
+    """Commands that live with the code they drive (imported last: they import tasks)."""
+    from cax.processing import massive
+    cli.add_command(massive)
+
+
+_register_subcommands()

@@ -28,11 +28,14 @@ class AlreadyRunning(Exception):
 class SiteLock:
     """``flock`` on a file named after the config path and host; released when the process dies."""
 
-    def __init__(self, config, host: str):
-        ident = hashlib.sha1(f"{config.path}\0{host}".encode()).hexdigest()[:16]
+    def __init__(self, config, host: str, scope: str = ""):
+        # a pass narrowed to one run (--run/--name, as massive-cax jobs run) locks only that run,
+        # so a reprocessing campaign can run many jobs on one host beside the site's daemon
+        ident = hashlib.sha1(f"{config.path}\0{host}\0{scope}".encode()).hexdigest()[:16]
         lock_dir = config.lock_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
         self.path = os.path.join(lock_dir, f"cax-{host}-{ident}.lock")
-        self.description = f"site {host!r} with config {config.path}"
+        self.description = f"site {host!r} with config {config.path}" + (
+            f" ({scope})" if scope else "")
         self.fd = None
 
     def acquire(self) -> None:

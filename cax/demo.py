@@ -13,6 +13,15 @@ from datetime import datetime, timedelta, timezone
 
 SITES = ("daq", "buffer", "archive")
 
+#: the demo's "processor": summarises a raw run into one small JSON file, as a stand-in for pax
+#: (no braces: command arguments are format templates)
+PROCESSOR = (
+    "import json, os, sys; raw, out, version = sys.argv[1:4]; "
+    "files = [os.path.join(d, f) for d, _, fs in os.walk(raw) for f in fs]; "
+    "json.dump(dict(version=version, files=len(files), "
+    "bytes=sum(os.path.getsize(f) for f in files)), open(out, 'w'))"
+)
+
 
 def write_config(root: str) -> str:
     config = {
@@ -23,8 +32,13 @@ def write_config(root: str) -> str:
              "upload_options": ["buffer"], "download_options": None, "data_type": ["raw"]},
             {"name": "buffer", "method": "local", "directory": "buffer",
              "upload_options": None, "download_options": None, "data_type": ["raw"]},
-            {"name": "archive", "method": "local", "directory": "archive",
-             "upload_options": None, "download_options": ["buffer"], "data_type": ["raw"]},
+            {"name": "archive", "method": "local", "dir_raw": "archive/raw",
+             "dir_processed": "archive/processed", "upload_options": None,
+             "download_options": ["buffer"], "data_type": ["raw", "processed"],
+             "processing": {
+                 "backend": "local", "versions": ["v1.0"], "max_queued": 4,
+                 "command": [sys.executable, "-c", PROCESSOR, "{input}", "{output}", "{version}"],
+                 "state_dir": "batch", "log_dir": "logs"}},
         ],
     }
     path = os.path.join(root, "cax.json")
@@ -76,15 +90,17 @@ def main(directory: str, nruns: int = 3) -> int:
     print(f"demo: three sites under {root}: daq -> buffer (push) -> archive (pull)")
     if cax("--config", config, "runs", "add", runs) != 0:
         return 1
-    for n in range(1, 6):
+    for n in range(1, 9):
         print(f"\ndemo: pass {n}: each site's daemon runs once, as cron would run it")
         for site in SITES:
             if cax("--config", config, "--once", "--host", site) != 0:
                 return 1
+        done = complete(config)  # before the table, so the table is never behind the verdict
         print()
         cax("--config", config, "status")
-        if complete(config):
-            print("\ndemo: every run is transferred at all three sites with equal checksums")
+        if done:
+            print("\ndemo: every run is transferred at all three sites with equal checksums, "
+                  "and processed (v1.0) at the archive")
             print(f"demo: try  .venv/bin/cax --config {config} status --json")
             return 0
     print("demo: FAILED: not every run reached all sites", file=sys.stderr)
@@ -98,5 +114,8 @@ def complete(config: str) -> bool:
         sums = {d["host"]: (d["status"], d["checksum"]) for d in run["data"] if d["type"] == "raw"}
         if set(sums) != set(SITES) or any(s != "transferred" for s, _ in sums.values()) \
                 or len({c for _, c in sums.values()}) != 1:
+            return False
+        processed = [d for d in run["data"] if d["type"] == "processed"]
+        if [(d["host"], d["status"]) for d in processed] != [("archive", "transferred")]:
             return False
     return True
