@@ -333,3 +333,72 @@ def test_purge_processed_old_versions(tmp_path):
     PurgeProcessed(ctx(cfg, "buffer", db)).go()
     assert copies(db, 1, "processed") == {"archive": "transferred"}
     assert copies(db, 2, "processed") == {"buffer": "transferred", "archive": "transferred"}
+
+
+# ---- two real processes purging the same runs at the same moment -------------------------------
+def _race_child(cfg_path, host, run_ids, barrier, results):
+    """Decide, wait until the other process has decided too, then both try to mark and delete."""
+    from cax import config as cfgmod
+    from cax.runsdb import connect
+    cfg = cfgmod.load(cfg_path)
+    db = connect(cfg)
+    site = cfg.site(host)
+    out = {}
+    for rid in run_ids:
+        steps = deletion.delete_steps(db, site, rid, {"host": host, "type": "raw"}, min_copies=2)
+        waited = False
+        try:
+            while True:
+                step = next(steps)
+                if step == "decided" and not waited:
+                    waited = True
+                    barrier.wait(timeout=60)
+        except StopIteration as stop:
+            out[str(rid)] = stop.value.action
+        if not waited:
+            barrier.wait(timeout=60)  # keep the two processes in step
+    results.put((host, out))
+
+
+@pytest.mark.parametrize("kind", ["embedded", "wire"])
+def test_two_processes_purge_same_runs_at_once(tmp_path, request, kind):
+    import multiprocessing
+    import json
+    if kind == "wire":
+        runs_db = request.getfixturevalue("wire_server").uri
+    else:
+        try:
+            import cax.runsdb.embedded  # noqa: F401
+        except ImportError:
+            from tests.conftest import missing_component
+            missing_component("cax.runsdb.embedded is not in this build")
+        runs_db = str(tmp_path / "shared.runsdb")
+    cfg = sites_config(tmp_path, purge={"buffer": 2, "archive": 2}, runs_db=runs_db)
+    doc = json.loads(open(cfg).read())
+    doc["database"] = f"race{abs(hash(str(tmp_path)))}"
+    open(cfg, "w").write(json.dumps(doc))
+    from cax.config import load
+    from cax.runsdb import connect
+    db = connect(load(cfg))
+    ids = [add_run(db, tmp_path, n, {"daq": "transferred", "buffer": "transferred",
+                                     "archive": "transferred"})["_id"] for n in range(1, 9)]
+    mp = multiprocessing.get_context("spawn")
+    barrier, results = mp.Barrier(2), mp.Queue()
+    procs = [mp.Process(target=_race_child, args=(cfg, h, ids, barrier, results))
+             for h in ("buffer", "archive")]
+    for p in procs:
+        p.start()
+    outs = dict(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for n, rid in enumerate(ids, 1):
+        state = copies(db, n)
+        good = [h for h, s in state.items() if s == "transferred"]
+        assert len(good) >= 2, state
+        assert "deleting" not in state.values()
+        # both decided it was safe; exactly one of them could mark it
+        actions = sorted(outs[h][str(rid)] for h in ("buffer", "archive"))
+        assert actions == ["deleted", "unsafe"], actions
+        for h in good:
+            assert os.path.isdir(tmp_path / h / f"1603{n:02d}_1200")
