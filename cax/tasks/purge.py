@@ -32,8 +32,16 @@ class _Purge(Task):
         raise NotImplementedError
 
     def query(self):
+        """Finish this site's ``deleting`` datums first, then start new deletions.
+
+        A site without purge settings costs no query at all (idle passes stay cheap); a
+        ``deleting`` datum there can only come from a crashed ``cax rm``, which finishes it when
+        run again.
+        """
+        if self.settings is None:
+            return None
         clauses = [self.finish_clause()]
-        new = self.new_clause() if self.settings is not None else None
+        new = self.new_clause()
         if new is not None:
             clauses.append(new)
         return clauses[0] if len(clauses) == 1 else {"$or": clauses}
@@ -153,6 +161,11 @@ class PurgeProcessed(_Purge):
     def finish_clause(self):
         return {"data": {"$elemMatch": {"host": self.host, "type": "processed",
                                         "status": "deleting"}}}
+
+    def query(self):
+        if not (self.retired or self.old_versions):
+            return None  # nothing retired: BufferPurger finishes any 'deleting' datum here
+        return super().query()
 
     def new_clause(self):
         versions = []
