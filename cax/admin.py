@@ -17,11 +17,22 @@ import uuid
 
 import click
 
-from cax import cli as _cli
 from cax import deletion, logs, paths
 from cax.runsdb import key_str, now
 
 log = logging.getLogger("cax.admin")
+
+
+class _CliHelpers:
+    """``cax.cli`` imported on first use: cli.py registers these commands at import time, so a
+    module-level import here would be circular whichever module is imported first."""
+
+    def __getattr__(self, name):
+        from cax import cli
+        return getattr(cli, name)
+
+
+_cli = _CliHelpers()
 
 
 class Admin:
@@ -60,9 +71,14 @@ class Admin:
 
 
 def _common(f):
+    """--config/--host as on every cax command (before or after the name), plus --dry-run."""
     f = click.option("--dry-run", "dry_run", is_flag=True,
                      help="Change nothing; print what would be done and why.")(f)
-    return _cli._common(f)
+    f = click.option("--host", "host", default=None,
+                     help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
+    f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+    return f
 
 
 def _echo_say(level, msg):
