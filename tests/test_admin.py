@@ -160,3 +160,13 @@ def test_root_dry_run_flag_reaches_commands(env):
                            catch_exceptions=False)
     assert r.exit_code == 0 and "would delete" in r.output, r.output
     assert snapshot(db, tmp) == before
+
+
+def test_rm_force_without_terminal_needs_explicit_flag(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    loc = str(tmp / "buffer" / "160301_1200")
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--force",
+               "--yes-i-know-this-deletes-data", "--location", loc)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(loc) and copies(db, 1) == {}

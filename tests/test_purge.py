@@ -402,3 +402,23 @@ def test_two_processes_purge_same_runs_at_once(tmp_path, request, kind):
         assert actions == ["deleted", "unsafe"], actions
         for h in good:
             assert os.path.isdir(tmp_path / h / f"1603{n:02d}_1200")
+
+
+def test_pipeline_buffer_purged_once_archive_verified(tmp_path):
+    """daq -> buffer -> archive with the daemon's task order: the buffer copy goes, not before."""
+    import json
+    from cax.daemon import run_pass
+    from tests.helpers import context, make_raw, run_doc, three_sites
+    cfg = three_sites(tmp_path)
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1]["purge"] = {"min_copies": 2}
+    open(cfg, "w").write(json.dumps(doc))
+    db = fresh_db()
+    db.insert_run(run_doc(1, "160315_1432", make_raw(str(tmp_path / "daq"), "160315_1432")))
+    for host in ("daq", "daq", "buffer"):  # the daq verifies, then pushes on its next pass
+        run_pass(context(cfg, host, db))
+    assert copies(db, 1) == {"daq": "transferred", "buffer": "transferred"}  # only one other copy
+    run_pass(context(cfg, "archive", db))
+    run_pass(context(cfg, "buffer", db))
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert os.listdir(tmp_path / "buffer") == []
