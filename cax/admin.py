@@ -61,11 +61,12 @@ class Admin:
     def datums_at(self, location):
         """(run, datum) pairs of this host whose location is ``location`` (as written or real)."""
         wanted = {location, os.path.realpath(location)}
-        q = {"data": {"$elemMatch": {"host": self.host, "location": {"$in": sorted(wanted)}}}}
+        spelled = sorted(wanted | {w + "/" for w in wanted})
+        q = {"data": {"$elemMatch": {"host": self.host, "location": {"$in": spelled}}}}
         out = []
         for run in self.db.find_runs(q, deletion.PROJECTION):
             for d in run.get("data") or []:
-                if d.get("host") == self.host and d.get("location") in wanted:
+                if d.get("host") == self.host and d.get("location") in spelled:
                     out.append((run, d))
         return out
 
@@ -179,7 +180,9 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     if run is None:
         raise _cli.Fatal(f"no run {run_id!r} in the Runs DB", 1)
     datum = next((d for d in run.get("data") or [] if d.get("host") == a.host
-                  and d.get("location") in (location, os.path.realpath(location))), None)
+                  and isinstance(d.get("location"), str)
+                  and os.path.normpath(d["location"]) in (location, os.path.realpath(location))),
+                 None)
     if datum is None:
         raise _cli.Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
     key = deletion.key_of(datum)

@@ -127,10 +127,19 @@ def remove_path(location: str) -> bool:
     """Remove a file or directory tree without following symlinks; False if it was already gone."""
     if not os.path.lexists(location):
         return False
-    if os.path.isdir(location) and not os.path.islink(location):
-        shutil.rmtree(location)  # rmtree unlinks symlinks inside; it never follows them
-    else:
-        os.unlink(location)
+    def gone_already(func, path, exc_info):
+        # another daemon of this site finishing the same 'deleting' datum: not an error
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+
+    try:
+        if os.path.isdir(location) and not os.path.islink(location):
+            # rmtree unlinks symlinks inside; it never follows them
+            shutil.rmtree(location, onerror=gone_already)
+        else:
+            os.unlink(location)
+    except FileNotFoundError:
+        pass
     return True
 
 
