@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cax import paths
-from cax.runsdb import key_str, now, reference
+from cax.runsdb import now, reference
 
 log = logging.getLogger("cax.deletion")
 
@@ -251,7 +251,3 @@ def drive(gen):
 
 def delete_copy(db, site, run_id, key, **kw) -> Outcome:
     return drive(delete_steps(db, site, run_id, key, **kw))
-
-
-def describe(key: dict) -> str:
-    return key_str(key)

@@ -3,7 +3,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 
 import mongomock
 import pymongo
