@@ -189,6 +189,31 @@ class RunsDB:
     def inc_run(self, run_id, field: str, by: int = 1) -> bool:
         return self._write(f"increment {field}", {"_id": run_id}, {"$inc": {field: by}})
 
+    # ---- deletion (cax/deletion.py) ------------------------------------------------------------
+    def mark_deleting(self, run_id, index: int, key: dict, expected_status, good=(),
+                      **fields) -> bool:
+        """Move the datum at ``data.<index>`` (which must still be ``key`` in ``expected_status``)
+        to ``deleting``, only if every copy in ``good`` (``$elemMatch`` specs) is still there.
+
+        Why index addressing: the filter must name several elements of ``data`` (the copies that
+        make the delete safe) and the update must touch exactly one other element. ``$`` after
+        ``$all`` is rejected by mongomock, the embedded store and real servers alike, and mongomock
+        has no ``array_filters``; ``data.<i>.field`` in both filter and ``$set`` is exact on all of
+        them (tests/test_purge.py::test_marking_update_semantics). If the array shifted since the
+        read, the ``data.<i>`` conditions fail and nothing is written.
+        """
+        p = f"data.{index}"
+        filt: dict = {"_id": run_id, f"{p}.host": key["host"], f"{p}.type": key["type"],
+                      f"{p}.pax_version": key.get("pax_version")}
+        filt[f"{p}.status"] = ({"$in": list(expected_status)}
+                               if isinstance(expected_status, (list, tuple, set))
+                               else expected_status)
+        if good:
+            filt["data"] = {"$all": [{"$elemMatch": g} for g in good]}
+        update = {"$set": {f"{p}.status": "deleting", f"{p}.deleting_time": now(),
+                           **{f"{p}.{k}": v for k, v in fields.items()}}}
+        return self._write(f"mark {key_str(key)} deleting", filt, update)
+
 
 def reference(run: dict, dtype: str, version: Optional[str] = None) -> Optional[dict]:
     """The reference checksum of a run's data: ``{checksum, checksum_type, host}`` or None.

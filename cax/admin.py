@@ -1,0 +1,342 @@
+"""The site admin's file tools: ``cax mv``, ``cax rm``, ``cax stray`` (and ``cax-status``).
+
+Hand-moving or hand-deleting data behind cax's back is how Runs DBs drift from the disks: a datum
+names files that are gone (and may be counted as a good copy), or files sit where no datum names
+them. These commands change files and the Runs DB together, refuse paths outside the site's data
+directories, and ``rm`` deletes only under the same invariant and protocol as the purge tasks.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import click
+
+from cax import deletion, logs, paths
+from cax.runsdb import key_str, now
+
+log = logging.getLogger("cax.admin")
+
+
+class _CliHelpers:
+    """``cax.cli`` imported on first use: cli.py registers these commands at import time, so a
+    module-level import here would be circular whichever module is imported first."""
+
+    def __getattr__(self, name):
+        from cax import cli
+        return getattr(cli, name)
+
+
+_cli = _CliHelpers()
+
+
+class Admin:
+    """What every admin command needs: config, this site, the Runs DB, dry-run."""
+
+    def __init__(self, ctx, config_path, host, dry_run):
+        root = ctx.find_root()
+        if root.obj is None:  # run as cax-mv etc., not under the cax group: set up logging here
+            logs.setup("WARNING")
+        config_path, host = _cli._settings(ctx, config_path, host)
+        self.dry_run = bool(dry_run or (root.obj or {}).get("dry_run"))
+        self.config = _cli.load_config(config_path)
+        self.host = _cli.resolve_host(self.config, host)
+        self.site = self.config.site(self.host)
+        self.db = _cli.open_db(self.config, self.dry_run)
+
+    def check(self, path, what) -> str:
+        """Absolute, normalised, inside the data directories; one-line refusal otherwise."""
+        p = os.path.normpath(os.path.abspath(path))
+        try:
+            paths.check_location(self.site, p)
+        except paths.UnsafePath as e:
+            raise _cli.Fatal(f"{what}: {e}", 2)
+        return p
+
+    def datums_at(self, location):
+        """(run, datum) pairs of this host whose location is ``location`` (as written or real)."""
+        wanted = {location, os.path.realpath(location)}
+        spelled = sorted(wanted | {w + "/" for w in wanted})
+        q = {"data": {"$elemMatch": {"host": self.host, "location": {"$in": spelled}}}}
+        out = []
+        for run in self.db.find_runs(q, deletion.PROJECTION):
+            for d in run.get("data") or []:
+                if d.get("host") == self.host and d.get("location") in spelled:
+                    out.append((run, d))
+        return out
+
+
+def _common(f):
+    """--config/--host as on every cax command (before or after the name), plus --dry-run."""
+    f = click.option("--dry-run", "dry_run", is_flag=True,
+                     help="Change nothing; print what would be done and why.")(f)
+    f = click.option("--host", "host", default=None,
+                     help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
+    f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+    return f
+
+
+def _echo_say(level, msg):
+    log.log(level, msg)
+    click.echo(msg, err=level >= logging.WARNING)
+
+
+# ---- mv -------------------------------------------------------------------------------------
+@click.command("mv")
+@_common
+@click.option("--input", "src", required=True, help="Current location of the data on this site.")
+@click.option("--output", "dst", required=True, help="New location (inside the data directories).")
+@click.pass_context
+def mv(ctx, config_path, host, dry_run, src, dst):
+    """Move data on this site and update its datum's location in the Runs DB."""
+    a = Admin(ctx, config_path, host, dry_run)
+    src, dst = a.check(src, "--input"), a.check(dst, "--output")
+    if os.path.islink(src):
+        raise _cli.Fatal(f"--input {src} is a symlink; move the data it points to instead", 2)
+    if not os.path.lexists(src):
+        raise _cli.Fatal(f"--input {src} does not exist", 2)
+    if os.path.lexists(dst):
+        raise _cli.Fatal(f"--output {dst} already exists; refusing to overwrite it", 2)
+    found = a.datums_at(src)
+    if not found:
+        raise _cli.Fatal(f"no datum of site {a.host} has location {src}; "
+                         f"nothing to move (see cax stray)", 1)
+    if len(found) > 1:
+        raise _cli.Fatal(f"{len(found)} datums of site {a.host} name {src}; fix the Runs DB first", 1)
+    run, datum = found[0]
+    key, status = deletion.key_of(datum), datum.get("status")
+    label = f"run {run.get('name')} datum {key_str(key)}"
+    if status not in ("transferred", "error"):
+        raise _cli.Fatal(f"{label} is {status!r} (in flight); try again when it is settled", 1)
+    if a.dry_run:
+        click.echo(f"dry-run: would move {src} -> {dst} and set the location of {label}")
+        return
+    # 1. say in the Runs DB that a move is under way: a crash leaves a trace, not a mystery
+    if not a.db.update_datum(run["_id"], key, status, {"moving_to": dst, "moving_time": now()}):
+        raise _cli.Fatal(f"{label} changed meanwhile; nothing moved", 1)
+    try:
+        _move(src, dst)
+    except OSError as e:
+        a.db.update_datum(run["_id"], key, status, {}, unset=["moving_to", "moving_time"])
+        raise _cli.Fatal(f"moving {src} -> {dst} failed: {e}; nothing changed", 1)
+    if not a.db.update_datum(run["_id"], key, status, {"location": dst},
+                             unset=["moving_to", "moving_time"]):
+        raise _cli.Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
+                         f"NOT updated (moving_to names the new place)", 1)
+    log.info("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
+             key_str(key), src, dst)
+    click.echo(f"moved {src} -> {dst}; {label} updated")
+
+
+def _move(src, dst):
+    """Atomic rename on one filesystem; otherwise copy to a temporary name, rename, then delete."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.cax-mv-{uuid.uuid4().hex[:8]}")
+    try:
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp, symlinks=True)
+        else:
+            shutil.copy2(src, tmp, follow_symlinks=False)
+        os.rename(tmp, dst)
+    except BaseException:
+        deletion.remove_path(tmp)
+        raise
+    deletion.remove_path(src)
+
+
+# ---- rm -------------------------------------------------------------------------------------
+def stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+@click.command("rm")
+@_common
+@click.option("--run", "run_id", required=True, help="Run number or name.")
+@click.option("--location", required=True, help="Location of this site's copy to delete.")
+@click.option("--min-copies", type=click.IntRange(0), default=None,
+              help="Other verified copies required (default: the site's purge.min_copies, else 2).")
+@click.option("--force", is_flag=True,
+              help="Delete even if the invariant does not hold (asks you to type the run name).")
+@click.option("--yes-i-know-this-deletes-data", "yes", is_flag=True,
+              help="With --force and no terminal: skip the typed confirmation.")
+@click.pass_context
+def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes):
+    """Delete one copy of a run on this site, and its datum, under the deletion invariant."""
+    a = Admin(ctx, config_path, host, dry_run)
+    location = a.check(location, "--location")
+    run = a.db.run_by(number=int(run_id)) if run_id.isdigit() else a.db.run_by(name=run_id)
+    if run is None:
+        raise _cli.Fatal(f"no run {run_id!r} in the Runs DB", 1)
+    datum = next((d for d in run.get("data") or [] if d.get("host") == a.host
+                  and isinstance(d.get("location"), str)
+                  and os.path.normpath(d["location"]) in (location, os.path.realpath(location))),
+                 None)
+    if datum is None:
+        raise _cli.Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
+    key = deletion.key_of(datum)
+    if min_copies is None:
+        min_copies = (a.site.purge or {}).get("min_copies", 2)
+    if force and not a.dry_run:
+        if stdin_is_tty():
+            typed = click.prompt(f"This deletes {location} even if it is the last good copy. "
+                                 f"Type the run name ({run.get('name')}) to confirm",
+                                 default="", show_default=False)
+            if typed.strip() != run.get("name"):
+                raise _cli.Fatal("confirmation did not match the run name; nothing deleted", 1)
+        elif not yes:
+            raise _cli.Fatal("--force needs a typed confirmation and stdin is not a terminal; "
+                             "add --yes-i-know-this-deletes-data to delete anyway", 2)
+    say = lambda level, msg: _echo_say(level, f"run={run.get('name')} datum={key_str(key)} {msg}")  # noqa: E731
+    outcome = deletion.delete_copy(a.db, a.site, run["_id"], key, min_copies=min_copies,
+                                   own_statuses=("transferred", "error"), force=force,
+                                   dry_run=a.dry_run, say=say)
+    if outcome.action in ("deleted", "would-delete"):
+        return
+    if outcome.action == "unsafe":
+        raise _cli.Fatal(f"refusing to delete {location}: {outcome.reason} (deleting it could "
+                         f"lose the data; --force overrides)", 1)
+    raise _cli.Fatal(f"{location} not deleted: {outcome.reason}", 1)
+
+
+# ---- stray ----------------------------------------------------------------------------------
+def _newest_mtime(path) -> float:
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, dirs, files in os.walk(path, followlinks=False):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                except FileNotFoundError:
+                    pass
+    return newest
+
+
+def find_strays(roots, claimed, keep=()):
+    """Entries under ``roots`` that no datum claims; never descends through symlinks."""
+    claimed = set(claimed) | set(keep)
+    prefixes = {c + os.sep for c in claimed}
+    out = []
+
+    def walk(d):
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            click.echo(f"cannot list {d}: {e}", err=True)
+            return
+        for e in entries:
+            if e.path in claimed:
+                continue
+            if e.is_dir(follow_symlinks=False) and any(p.startswith(e.path + os.sep)
+                                                       for p in prefixes):
+                walk(e.path)
+            else:
+                out.append(e.path)
+    for r in roots:
+        walk(r)
+    return out
+
+
+def _parent_inside(p, roots) -> bool:
+    """The entry itself may be a symlink out (it is unlinked, never followed); its parent must be
+    really inside a data directory, so no symlinked directory on the way leads the delete out."""
+    parent = os.path.realpath(os.path.dirname(p))
+    return any(parent == r or paths.inside(parent, r) for r in roots)
+
+
+@click.command("stray")
+@_common
+@click.option("--delete", is_flag=True,
+              help="Delete strays older than the site's stray_grace_days and mark datums whose "
+                   "files are missing 'error'.")
+@click.pass_context
+def stray(ctx, config_path, host, dry_run, delete):
+    """List files no datum claims, and datums of this site whose files are missing."""
+    a = Admin(ctx, config_path, host, dry_run)
+    roots = []
+    for d in sorted({os.path.realpath(d) for d in a.site.dirs.values()}):
+        if not os.path.isdir(d):
+            raise _cli.Fatal(f"data directory {d} of site {a.host} does not exist (not mounted?); "
+                             f"refusing to judge strays", 1)
+        if not any(paths.inside(d, r) for r in roots):
+            roots.append(d)
+    claimed, missing = set(), []
+    q = {"data": {"$elemMatch": {"host": a.host}}}
+    for run in a.db.find_runs(q, deletion.PROJECTION):
+        for d in run.get("data") or []:
+            if d.get("host") != a.host or not isinstance(d.get("location"), str):
+                continue
+            loc = os.path.normpath(d["location"])
+            claimed.update({loc, os.path.realpath(loc)})
+            if d.get("moving_to"):
+                claimed.add(os.path.normpath(d["moving_to"]))
+            if d.get("status") not in ("transferring", "deleting") and not os.path.lexists(loc):
+                missing.append((run, d))
+    keep = []
+    if not a.config.is_uri():
+        keep += [a.config.runs_db + s for s in ("", "-wal", "-shm", "-journal")]
+    if a.config.lock_dir:
+        keep.append(os.path.realpath(a.config.lock_dir))
+    keep = [os.path.normpath(k) for k in keep]
+    strays = find_strays(roots, claimed, keep)
+    grace = a.site.stray_grace_days * 86400
+    t = time.time()
+    for p in strays:
+        age = t - _newest_mtime(p)
+        line = f"stray: {p} (age {age / 86400:.1f} d)"
+        if not delete:
+            click.echo(line)
+        elif age < grace:
+            click.echo(f"{line}: kept, younger than stray_grace_days={a.site.stray_grace_days:g}")
+        elif not _parent_inside(p, roots):
+            click.echo(f"{line}: kept, not inside the data directories")
+        elif a.dry_run:
+            click.echo(f"{line}: dry-run: would delete")
+        else:
+            deletion.remove_path(p)
+            log.info("task=stray site=%s deleted stray %s", a.host, p)
+            click.echo(f"{line}: deleted")
+    for run, d in missing:
+        key = deletion.key_of(d)
+        line = (f"missing: run {run.get('name')} datum {key_str(key)} ({d.get('status')}): "
+                f"{d['location']} does not exist")
+        if delete and d.get("status") in ("transferred", "verifying"):
+            if a.dry_run:
+                line += ": dry-run: would mark it error"
+            elif a.db.set_error(run["_id"], key, d.get("status"),
+                                f"files missing at {d['location']} (found by cax stray)"):
+                line += ": marked error"
+        click.echo(line)
+    click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files")
+
+
+# ---- console-script entry points ------------------------------------------------------------
+def mv_main():
+    mv(prog_name="cax-mv")
+
+
+def rm_main():
+    rm(prog_name="cax-rm")
+
+
+def stray_main():
+    stray(prog_name="cax-stray")
+
+
+def status_main():
+    logs.setup("WARNING")
+    _cli.status(prog_name="cax-status")
+
+
+COMMANDS = (mv, rm, stray)

@@ -1,0 +1,198 @@
+"""BufferPurger and PurgeProcessed: free this site's disk without ever losing the last good copy.
+
+Both delete through :mod:`cax.deletion` (invariant re-checked by the marking update, mark -> remove
+-> pull), so two sites purging the same run at once can never both go, and a crash mid-way is
+finished by the next pass: any ``deleting`` datum of this host is finished first.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import timedelta
+
+from cax import deletion
+from cax.runsdb import now
+from cax.tasks.base import Task
+
+
+class _Purge(Task):
+    projection = dict(deletion.PROJECTION, start=1)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.settings = self.site.purge  # None: this site never starts new deletions
+        self.min_copies = (self.settings or {}).get("min_copies", 2)
+        self._disk_full_enough = False
+
+    # -- selection --------------------------------------------------------------------------
+    def finish_clause(self) -> dict:
+        return {"data": {"$elemMatch": {"host": self.host, "status": "deleting"}}}
+
+    def new_clause(self):
+        raise NotImplementedError
+
+    def query(self):
+        """Finish this site's ``deleting`` datums first, then start new deletions.
+
+        A site without purge settings costs no query at all (idle passes stay cheap); a
+        ``deleting`` datum there can only come from a crashed ``cax rm``, which finishes it when
+        run again.
+        """
+        if self.settings is None:
+            return None
+        clauses = [self.finish_clause()]
+        new = self.new_clause()
+        if new is not None:
+            clauses.append(new)
+        return clauses[0] if len(clauses) == 1 else {"$or": clauses}
+
+    def candidates(self):
+        """Oldest runs first, so a space-driven purge frees the oldest data."""
+        q = self.query()
+        if q is None:
+            return []
+        if self.ctx.run_filter:
+            q = {"$and": [q, self.ctx.run_filter]}
+        return self.db.find_runs(q, self.projection, sort=(("start", 1), ("number", 1)))
+
+    def wants(self, datum) -> bool:
+        raise NotImplementedError
+
+    # -- space ------------------------------------------------------------------------------
+    def free_fraction(self, dtype: str) -> float:
+        usage = shutil.disk_usage(self.site.data_dir(dtype))
+        return usage.free / usage.total if usage.total else 1.0
+
+    def space_wanted(self, run, dtype) -> bool:
+        """With ``min_free_fraction`` set, new deletions happen only while the disk is too full."""
+        threshold = (self.settings or {}).get("min_free_fraction") or 0
+        if not threshold:
+            return True
+        try:
+            frac = self.free_fraction(dtype)
+        except OSError as e:
+            self.log(logging.ERROR, run, f"cannot read free space of {dtype} directory: {e}; "
+                     "not purging")
+            return False
+        if frac >= threshold:
+            self.log(logging.DEBUG, run, f"free space {frac:.1%} >= {threshold:.1%}; not purging")
+            return False
+        return True
+
+    def old_enough(self, run) -> bool:
+        days = (self.settings or {}).get("older_than_days") or 0
+        if not days:
+            return True
+        start = run.get("start")
+        if start is None:
+            return False
+        if start.tzinfo is None:
+            from datetime import timezone
+            start = start.replace(tzinfo=timezone.utc)
+        return start < now() - timedelta(days=days)
+
+    # -- the work ---------------------------------------------------------------------------
+    def each_location(self, run, datum):
+        if datum.get("host") != self.host:
+            return
+        key = deletion.key_of(datum)
+        say = lambda level, msg: self.log(level, run, msg, datum=key)  # noqa: E731
+        if datum.get("status") == "deleting":
+            if self.dry_run:
+                say(logging.INFO, f"dry-run: would finish deleting {datum.get('location')} "
+                    f"({datum.get('deleting_reason', 'marked earlier')})")
+                return
+            self.report(run, key, deletion.drive(
+                deletion.finish_steps(self.db, self.site, run["_id"], key, say=say)))
+            return
+        if self.settings is None or datum.get("status") != "transferred" or not self.wants(datum):
+            return
+        if not self.old_enough(run) or not self.space_wanted(run, datum["type"]):
+            return
+        outcome = deletion.delete_copy(self.db, self.site, run["_id"], key,
+                                       min_copies=self.min_copies, dry_run=self.dry_run, say=say)
+        self.report(run, key, outcome)
+
+    def report(self, run, key, outcome) -> None:
+        if outcome.action == "unsafe":
+            self.log(self.unsafe_level(key), run, f"kept: {outcome.reason}", datum=key)
+        elif outcome.action == "lost-race":
+            self.log(logging.INFO, run, f"not deleted: {outcome.reason}", datum=key)
+
+    def unsafe_level(self, key) -> int:
+        return logging.DEBUG
+
+
+class BufferPurger(_Purge):
+    """Delete this site's copies of ``purge.types`` once enough verified copies exist elsewhere."""
+
+    def new_clause(self):
+        types = self.settings.get("types") or ["raw"]
+        clause: dict = {"data": {"$elemMatch": {"host": self.host, "type": {"$in": types},
+                                                "status": "transferred"}}}
+        days = self.settings.get("older_than_days") or 0
+        if days:
+            clause["start"] = {"$lt": now() - timedelta(days=days)}
+        return clause
+
+    def wants(self, datum) -> bool:
+        return datum.get("type") in (self.settings.get("types") or ["raw"])
+
+
+class PurgeProcessed(_Purge):
+    """Delete processed data of retired versions here, under the same invariant.
+
+    When this site holds the only good copies of a retired version, they are kept and reported: the
+    invariant is not waived because the admin retired a version.
+    """
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        s = self.settings or {}
+        self.retired = list(s.get("versions") or [])
+        self.current = set(self.site.pax_versions) | set(
+            (self.site.processing or {}).get("versions") or [])
+        self.old_versions = bool(s.get("old_versions"))
+        if self.old_versions and not self.current and self.settings is not None:
+            self.log(logging.WARNING, None, "purge.old_versions is set but the site lists no "
+                     "current versions (pax_versions/processing.versions); retiring nothing")
+            self.old_versions = False
+
+    def finish_clause(self):
+        return {"data": {"$elemMatch": {"host": self.host, "type": "processed",
+                                        "status": "deleting"}}}
+
+    def query(self):
+        if not (self.retired or self.old_versions):
+            return None  # nothing retired: BufferPurger finishes any 'deleting' datum here
+        return super().query()
+
+    def new_clause(self):
+        versions = []
+        if self.retired:
+            versions.append({"pax_version": {"$in": self.retired}})
+        if self.old_versions:
+            versions.append({"pax_version": {"$nin": sorted(self.current)}})
+        if not versions:
+            return None
+        return {"$or": [{"data": {"$elemMatch": dict(v, host=self.host, type="processed",
+                                                     status="transferred")}} for v in versions]}
+
+    def wants(self, datum) -> bool:
+        v = datum.get("pax_version")
+        if datum.get("type") != "processed" or v is None:
+            return False
+        return v in self.retired or (self.old_versions and v not in self.current)
+
+    def each_location(self, run, datum):
+        if datum.get("type") == "processed":
+            super().each_location(run, datum)
+
+    def old_enough(self, run) -> bool:
+        return True  # a retired version goes regardless of the run's age
+
+    def space_wanted(self, run, dtype) -> bool:
+        return True
+
+    def unsafe_level(self, key) -> int:
+        return logging.WARNING  # the admin asked for this version to go: say why it stays

@@ -1,0 +1,93 @@
+"""AddSize: record how big each copy here is, and flag a copy whose size betrays a bad transfer.
+
+Sizes are what admins and disk planning read, and a size that differs from the reference copy's is
+the cheapest sign of a truncated or padded copy, found without re-reading the data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from cax import paths
+from cax.deletion import find_datum, is_good, key_of
+from cax.runsdb import now, reference
+from cax.tasks.base import Task
+
+
+def measure(location: str):
+    """(bytes, regular files) under ``location``; symlinks are counted as nothing, never followed."""
+    st = os.lstat(location)
+    if not os.path.isdir(location) or os.path.islink(location):
+        return (st.st_size, 1) if os.path.isfile(location) and not os.path.islink(location) \
+            else (0, 0)
+    total = files = 0
+    for dirpath, _dirs, names in os.walk(location, followlinks=False):
+        for name in names:
+            s = os.lstat(os.path.join(dirpath, name))
+            if not os.path.islink(os.path.join(dirpath, name)):
+                total += s.st_size
+                files += 1
+    return total, files
+
+
+def reference_size(run: dict, datum: dict):
+    """(size, host) of the reference copy, or None when no copy with a known size qualifies."""
+    ref = reference(run, datum["type"], datum.get("pax_version"))
+    if ref is None:
+        return None
+    candidates = []
+    if ref.get("host"):
+        _, d = find_datum(run, dict(key_of(dict(datum, host=ref["host"]))))
+        if d is not None and d.get("status") == "transferred":
+            candidates.append(d)
+    candidates += [d for d in run.get("data") or []
+                   if d.get("type") == datum["type"]
+                   and d.get("pax_version") == datum.get("pax_version") and is_good(d, ref)]
+    for d in candidates:
+        if d.get("host") != datum["host"] and isinstance(d.get("size"), int):
+            return d["size"], d["host"]
+    return None
+
+
+class AddSize(Task):
+    """Record ``size`` (bytes) and ``files`` on this site's transferred copies that lack them."""
+
+    projection = {"name": 1, "number": 1, "data": 1, "references": 1}
+
+    def query(self):
+        return {"data": {"$elemMatch": {"host": self.host, "status": "transferred",
+                                        "$or": [{"size": None}, {"files": None}]}}}
+
+    def each_location(self, run, datum):
+        if (datum.get("host") != self.host or datum.get("status") != "transferred"
+                or (datum.get("size") is not None and datum.get("files") is not None)):
+            return
+        key = key_of(datum)
+        try:
+            location = paths.check_location(self.site, datum.get("location"), datum["type"])
+            size, files = measure(location)
+        except paths.UnsafePath as e:
+            self.record_error(run, key, "transferred", str(e))
+            return
+        except FileNotFoundError:
+            self.record_error(run, key, "transferred",
+                              f"data missing at {datum.get('location')}")
+            return
+        except OSError as e:
+            self.record_error(run, key, "transferred", f"cannot measure size: {e}")
+            return
+        fields = {"size": size, "files": files}
+        refsize = reference_size(run, datum)
+        if refsize is not None and refsize[0] != size:
+            reason = (f"size {size} bytes differs from reference copy at {refsize[1]} "
+                      f"({refsize[0]} bytes)")
+            self.log(logging.ERROR, run, f"error: {reason}", datum=key)
+            self.db.update_datum(run["_id"], key, "transferred",
+                                 dict(fields, status="error", error=reason, error_time=now()))
+            return
+        if self.dry_run:
+            self.log(logging.INFO, run, f"dry-run: would record size {size} bytes, {files} files",
+                     datum=key)
+            return
+        if self.db.update_datum(run["_id"], key, "transferred", fields):
+            self.log(logging.INFO, run, f"size {size} bytes, {files} files", datum=key)

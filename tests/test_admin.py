@@ -1,0 +1,172 @@
+"""cax mv / rm / stray: files and the Runs DB change together, never outside the data directories."""
+import os
+import time
+
+import click
+import mongomock
+import pytest
+from click.testing import CliRunner
+
+from cax import admin
+from cax import cli as cli_mod
+from cax.runsdb import RunsDB
+from tests.purge_helpers import add_run, copies, sites_config
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    coll = mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
+    monkeypatch.setattr(cli_mod, "open_db", lambda config, dry_run=False: RunsDB(coll, dry_run=dry_run))
+    cfg = sites_config(tmp_path, purge={"buffer": 2},
+                       extra={"buffer": {"stray_grace_days": 1}})
+    return tmp_path, cfg, RunsDB(coll)
+
+
+def invoke(cmd, *args, input=None):
+    return CliRunner().invoke(cmd, list(args), input=input, catch_exceptions=False)
+
+
+def snapshot(db, root):
+    files = sorted(os.path.join(d, f) for d, ds, fs in os.walk(root) for f in fs + ds)
+    return list(db.collection.find({}, sort=[("number", 1)])), files
+
+
+# ---- mv -------------------------------------------------------------------------------------
+def test_mv_moves_and_updates_location(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    src, dst = str(tmp / "buffer" / "160301_1200"), str(tmp / "buffer" / "old" / "160301_1200")
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src, "--output", dst)
+    assert r.exit_code == 0, r.output
+    d = next(d for d in db.collection.find_one({"number": 1})["data"] if d["host"] == "buffer")
+    assert d["location"] == dst and "moving_to" not in d
+    assert os.path.isdir(dst) and not os.path.exists(src)
+
+
+def test_mv_refuses_outside_and_unknown(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    src = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src,
+               "--output", str(tmp / "elsewhere"))
+    assert r.exit_code == 2 and "outside the data directories" in r.output
+    os.makedirs(tmp / "buffer" / "nodatum")
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input",
+               str(tmp / "buffer" / "nodatum"), "--output", str(tmp / "buffer" / "x"))
+    assert r.exit_code == 1 and "no datum of site buffer" in r.output
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--dry-run", "--input", src,
+               "--output", str(tmp / "buffer" / "y"))
+    assert r.exit_code == 0 and "dry-run: would move" in r.output
+    os.rmdir(tmp / "buffer" / "nodatum")
+    assert snapshot(db, tmp) == before
+
+
+# ---- rm -------------------------------------------------------------------------------------
+def test_rm_refuses_unsafe_delete(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    before = snapshot(db, tmp)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1",
+               "--location", str(tmp / "buffer" / "160301_1200"))
+    assert r.exit_code == 1 and "refusing to delete" in r.output and "2 required" in r.output
+    # --force without a terminal and without the explicit flag: refused too
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--force",
+               "--location", str(tmp / "buffer" / "160301_1200"))
+    assert r.exit_code == 2 and "not a terminal" in r.output
+    assert snapshot(db, tmp) == before
+
+
+def test_rm_safe_delete_and_dry_run(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    loc = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "160301_1200",
+               "--location", loc, "--dry-run")
+    assert r.exit_code == 0 and "would delete" in r.output and "daq, archive" in r.output
+    assert snapshot(db, tmp) == before
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--location", loc)
+    assert r.exit_code == 0, r.output
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert not os.path.exists(loc)
+
+
+def test_rm_force_needs_typed_run_name(env, monkeypatch):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    loc = str(tmp / "buffer" / "160301_1200")
+    monkeypatch.setattr(admin, "stdin_is_tty", lambda: True)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--force",
+               "--location", loc, input="wrong\n")
+    assert r.exit_code == 1 and os.path.isdir(loc) and copies(db, 1) == {"buffer": "transferred"}
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--force",
+               "--location", loc, input="160301_1200\n")
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(loc) and copies(db, 1) == {}
+
+
+# ---- stray ----------------------------------------------------------------------------------
+def _age(path, days):
+    t = time.time() - days * 86400
+    for d, ds, fs in os.walk(path):
+        for n in ds + fs:
+            os.utime(os.path.join(d, n), (t, t), follow_symlinks=False)
+    os.utime(path, (t, t), follow_symlinks=False)
+
+
+def test_stray_finds_and_deletes_only_old_strays(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp, 2, {"daq": "transferred", "buffer": "transferred"})
+    import shutil
+    shutil.rmtree(tmp / "buffer" / "160302_1200")   # datum with missing files
+    (tmp / "buffer" / "old_stray").mkdir()
+    (tmp / "buffer" / "old_stray" / "f").write_text("x")
+    _age(tmp / "buffer" / "old_stray", 3)
+    (tmp / "buffer" / "new_stray.bin").write_text("x")
+    os.symlink(tmp / "daq", tmp / "buffer" / "link_out")   # a stray symlink: never followed
+    _age_link = time.time() - 3 * 86400
+    os.utime(tmp / "buffer" / "link_out", (_age_link, _age_link), follow_symlinks=False)
+    before = snapshot(db, tmp)
+    for args in ([], ["--dry-run", "--delete"]):
+        r = invoke(admin.stray, "--config", cfg, "--host", "buffer", *args)
+        assert r.exit_code == 0, r.output
+        assert f"stray: {tmp / 'buffer' / 'old_stray'}" in r.output
+        assert f"stray: {tmp / 'buffer' / 'new_stray.bin'}" in r.output
+        assert "missing: run 160302_1200 datum raw@buffer" in r.output
+        assert "160301_1200 " not in r.output.replace("missing: run 160302", "")
+        assert snapshot(db, tmp) == before
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(tmp / "buffer" / "old_stray")
+    assert not os.path.lexists(tmp / "buffer" / "link_out")
+    assert os.path.isdir(tmp / "daq" / "160301_1200")          # the link's target is untouched
+    assert (tmp / "buffer" / "new_stray.bin").exists()          # younger than the grace period
+    assert os.path.isdir(tmp / "buffer" / "160301_1200")        # claimed data untouched
+    assert copies(db, 2)["buffer"] == "error"
+
+
+def test_root_dry_run_flag_reaches_commands(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    group = click.Group("cax", callback=cli_mod.cli.callback, params=cli_mod.cli.params,
+                        invoke_without_command=False)
+    for c in admin.COMMANDS:
+        group.add_command(c)
+    before = snapshot(db, tmp)
+    r = CliRunner().invoke(group, ["--dry-run", "rm", "--config", cfg, "--host", "buffer",
+                                   "--run", "1", "--location", str(tmp / "buffer" / "160301_1200")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0 and "would delete" in r.output, r.output
+    assert snapshot(db, tmp) == before
+
+
+def test_rm_force_without_terminal_needs_explicit_flag(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    loc = str(tmp / "buffer" / "160301_1200")
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--force",
+               "--yes-i-know-this-deletes-data", "--location", loc)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(loc) and copies(db, 1) == {}

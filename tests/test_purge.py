@@ -1,0 +1,423 @@
+"""BufferPurger and PurgeProcessed: the invariant, the protocol, crashes, paths, dry runs."""
+import logging
+import os
+import subprocess
+import sys
+
+import mongomock
+import pymongo
+import pytest
+
+from cax import deletion
+from cax.runsdb import RunsDB
+from cax.tasks.purge import BufferPurger, PurgeProcessed
+from tests.purge_helpers import add_run, copies, ctx, sites_config
+
+
+def fresh_db():
+    return RunsDB(mongomock.MongoClient(tz_aware=True)["run"]["runs_new"])
+
+
+def purge(cfg, host, db, **kw):
+    BufferPurger(ctx(cfg, host, db, **kw)).go()
+
+
+def test_buffer_copy_goes_when_enough_verified_copies(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
+    assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+
+
+@pytest.mark.parametrize("others", [
+    {"daq": "transferred"},                                   # only one other copy
+    {"daq": "transferred", "archive": ("transferred", "bad")},  # second copy has a bad checksum
+    {"daq": "transferred", "archive": ("transferred", "nosum")},
+    {"daq": "transferred", "archive": "verifying"},
+    {"daq": "transferred", "archive": "deleting"},
+    {"daq": "transferred", "archive": "error"},
+])
+def test_not_enough_good_copies_keeps_data(tmp_path, others):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, dict(others, buffer="transferred"), ref_host="daq")
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "transferred"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+
+
+def test_unknown_reference_never_deletes(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"})
+    db.collection.update_one({"number": 1}, {"$unset": {"references": ""}})
+    # legacy fallback: the origin datum has no 'source', so it is the reference: make every copy a
+    # copy (source set), so no reference exists at all
+    _set_all_source(db)
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "transferred"
+
+
+def _set_all_source(db):
+    run = db.collection.find_one({"number": 1})
+    for i in range(len(run["data"])):
+        db.collection.update_one({"number": 1}, {"$set": {f"data.{i}.source": "elsewhere"}})
+
+
+def test_checksum_type_compared_like_with_like(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.checksum_type": "xxh3"}})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "transferred"
+
+
+def test_classic_numeric_purge_and_older_than(tmp_path):
+    from datetime import datetime, timezone
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "older_than_days": 30}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"},
+            start=datetime.now(timezone.utc))
+    purge(cfg, "buffer", db)
+    assert "buffer" not in copies(db, 1)
+    assert copies(db, 2)["buffer"] == "transferred"
+
+
+def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatch):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "min_free_fraction": 0.5}})
+    db = fresh_db()
+    for n in (3, 1, 2):
+        add_run(db, tmp_path, n, {"daq": "transferred", "buffer": "transferred"})
+    free = iter([0.1, 0.2, 0.9, 0.9])  # two deletions bring the disk above the threshold
+    monkeypatch.setattr(BufferPurger, "free_fraction", lambda self, dtype: next(free))
+    purge(cfg, "buffer", db)
+    assert [("buffer" in copies(db, n)) for n in (1, 2, 3)] == [False, False, True]
+
+
+def test_dry_run_reports_and_deletes_nothing(tmp_path, caplog):
+    cfg = sites_config(tmp_path, purge={"buffer": 2})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"})
+    before = db.collection.find_one({"number": 1})
+    db.dry_run = True
+    with caplog.at_level(logging.INFO):
+        purge(cfg, "buffer", db, dry_run=True)
+    db.dry_run = False
+    assert db.collection.find_one({"number": 1}) == before
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("dry-run: would delete" in m and "160301_1200" in m and "daq, archive" in m
+               for m in msgs), msgs
+
+
+# ---- the marking update: verified on every backend ---------------------------------------------
+def _backends():
+    out = ["mongomock", "embedded", "wire"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def wire_server():
+    try:
+        from secantus import SecantusDBServer
+    except ImportError:
+        from tests.conftest import missing_component
+        missing_component("SecantusDB (MongoDB wire server) is not installed")
+    with SecantusDBServer(storage_path=":memory:") as s:
+        yield s
+
+
+def backend_collection(kind, request, tmp_path):
+    if kind == "mongomock":
+        return mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
+    if kind == "embedded":
+        try:
+            from cax.runsdb.embedded import open_collection
+        except ImportError:
+            from tests.conftest import missing_component
+            missing_component("cax.runsdb.embedded is not in this build")
+        return open_collection(str(tmp_path / "e.runsdb"), database="run", collection="runs_new")
+    server = request.getfixturevalue("wire_server")
+    coll = pymongo.MongoClient(server.uri, tz_aware=True)["run"][f"t{abs(hash(str(tmp_path)))}"]
+    coll.delete_many({})
+    return coll
+
+
+@pytest.mark.parametrize("kind", _backends())
+def test_marking_update_semantics(kind, request, tmp_path):
+    """mark_deleting touches exactly the own element, only while the named copies are good."""
+    db = RunsDB(backend_collection(kind, request, tmp_path))
+    db.collection.insert_one({"_id": 7, "number": 7, "name": "x", "data": [
+        {"host": "a", "type": "raw", "status": "transferred", "checksum": "X"},  # no checksum_type
+        {"host": "b", "type": "processed", "pax_version": "v1", "status": "transferred"},
+        {"host": "b", "type": "raw", "status": "transferred", "checksum": "X",
+         "checksum_type": "sha512"},
+        {"host": "c", "type": "raw", "status": "transferred", "checksum": "X",
+         "checksum_type": "sha512"},
+    ]})
+    ref = {"checksum": "X", "checksum_type": "sha512"}
+    a, c = {"host": "a", "type": "raw"}, {"host": "c", "type": "raw"}
+    b = {"host": "b", "type": "raw"}
+    # wrong index for the key: refused, nothing written
+    assert not db.mark_deleting(7, 1, b, "transferred", [deletion.good_spec(a, ref)])
+    # b names a and c: applies to element 2 only
+    assert db.mark_deleting(7, 2, b, "transferred",
+                            [deletion.good_spec(a, ref), deletion.good_spec(c, ref)])
+    doc = db.collection.find_one({"_id": 7})
+    assert [d["status"] for d in doc["data"]] == ["transferred", "transferred", "deleting",
+                                                  "transferred"]
+    # c names a and b at the same time: b is no longer good, so c's mark must fail
+    assert not db.mark_deleting(7, 3, c, "transferred",
+                                [deletion.good_spec(a, ref), deletion.good_spec(b, ref)])
+    # a bad checksum or another algorithm is not a good copy
+    assert not db.mark_deleting(7, 3, c, "transferred",
+                                [deletion.good_spec(a, {"checksum": "Y", "checksum_type": "sha512"})])
+    assert not db.mark_deleting(7, 3, c, "transferred",
+                                [deletion.good_spec(a, {"checksum": "X", "checksum_type": "xxh3"})])
+    assert db.collection.find_one({"_id": 7}) == doc
+    # processed: the version is part of the key
+    assert not db.mark_deleting(7, 1, {"host": "b", "type": "processed", "pax_version": "v2"},
+                                "transferred")
+    assert db.mark_deleting(7, 1, {"host": "b", "type": "processed", "pax_version": "v1"},
+                            "transferred")
+    assert [d["status"] for d in db.collection.find_one({"_id": 7})["data"]] == [
+        "transferred", "deleting", "deleting", "transferred"]
+
+
+# ---- crashes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("stop_after", ["decided", "marked", "removed"])
+def test_interrupted_purge_is_finished_by_next_pass(tmp_path, stop_after):
+    """Simulated crash: the protocol generator is abandoned after a step."""
+    cfg = sites_config(tmp_path, purge={"buffer": 2})
+    db = fresh_db()
+    run = add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                                    "archive": "transferred"})
+    site = ctx(cfg, "buffer", db).site
+    steps = deletion.delete_steps(db, site, run["_id"], {"host": "buffer", "type": "raw"},
+                                  min_copies=2)
+    for step in steps:
+        if step == stop_after:
+            break
+    steps.close()
+    expect = {"decided": "transferred", "marked": "deleting", "removed": "deleting"}[stop_after]
+    assert copies(db, 1)["buffer"] == expect
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200") == (stop_after != "removed")
+    purge(cfg, "buffer", db)
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
+
+
+CRASH_SCRIPT = r"""
+import sys
+from cax import config as cfgmod
+from cax.runsdb import connect
+from cax.tasks.base import Context
+from cax.tasks.purge import BufferPurger
+cfg = cfgmod.load(sys.argv[1])
+BufferPurger(Context(config=cfg, host="buffer", db=connect(cfg))).go()
+"""
+
+
+@pytest.mark.parametrize("crash_at", ["marked", "removed"])
+def test_killed_purge_is_finished_by_next_pass(tmp_path, wire_server, crash_at):
+    """A real crash: the purging process is SIGKILLed right after the step."""
+    uri = wire_server.uri
+    dbname = f"crash{crash_at}{abs(hash(str(tmp_path)))}"
+    cfg = sites_config(tmp_path, purge={"buffer": 2}, runs_db=uri)
+    import json
+    doc = json.loads(open(cfg).read())
+    doc["database"] = dbname
+    open(cfg, "w").write(json.dumps(doc))
+    from cax.config import load
+    from cax.runsdb import connect
+    db = connect(load(cfg))
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"})
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), **{deletion.CRASH_ENV: crash_at})
+    p = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, cfg], env=env, timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    assert copies(db, 1)["buffer"] == "deleting"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200") == (crash_at == "marked")
+    BufferPurger(ctx(cfg, "buffer", db)).go()
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
+
+
+# ---- paths -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["outside", "symlink-out", "symlink-itself"])
+def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    secret = tmp_path / "secret"
+    os.makedirs(secret / "160301_1200")
+    (secret / "160301_1200" / "keep").write_text("x")
+    if how == "outside":
+        loc = str(secret / "160301_1200")
+    elif how == "symlink-out":
+        os.symlink(secret, tmp_path / "buffer" / "link")
+        loc = str(tmp_path / "buffer" / "link" / "160301_1200")
+    else:
+        os.symlink(tmp_path / "daq" / "160301_1200", tmp_path / "buffer" / "alias")
+        loc = str(tmp_path / "buffer" / "alias")
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.1.location": loc}})
+    purge(cfg, "buffer", db)
+    run = db.collection.find_one({"number": 1})
+    datum = run["data"][1]
+    assert datum["status"] == "error" and "refusing location" in datum["error"]
+    assert (secret / "160301_1200" / "keep").exists()
+    assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+
+
+def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.location": str(tmp_path / "daq")}})
+    purge(cfg, "buffer", db)
+    datum = db.collection.find_one({"number": 1})["data"][1]
+    assert datum["status"] == "error" and "outside the data directories" in datum["error"]
+    assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+
+
+def test_one_bad_run_does_not_stop_others(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": None}})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "error"
+    assert "buffer" not in copies(db, 2)
+
+
+# ---- PurgeProcessed --------------------------------------------------------------------------
+def test_purge_processed_retired_version(tmp_path, caplog):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}},
+                       extra={"buffer": {"pax_versions": ["v2"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    add_run(db, tmp_path, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
+    add_run(db, tmp_path, 3, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v2")
+    with caplog.at_level(logging.WARNING):
+        PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert copies(db, 1, "processed") == {"archive": "transferred"}
+    assert copies(db, 2, "processed") == {"buffer": "transferred"}  # the only copy stays
+    assert copies(db, 3, "processed") == {"buffer": "transferred", "archive": "transferred"}
+    assert any("kept: 0 other verified copies" in r.getMessage() and "run=160302_1200" in
+               r.getMessage() for r in caplog.records)
+
+
+def test_purge_processed_old_versions(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "old_versions": True}},
+                       extra={"buffer": {"pax_versions": ["v2"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    add_run(db, tmp_path, 2, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v2")
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert copies(db, 1, "processed") == {"archive": "transferred"}
+    assert copies(db, 2, "processed") == {"buffer": "transferred", "archive": "transferred"}
+
+
+# ---- two real processes purging the same runs at the same moment -------------------------------
+def _race_child(cfg_path, host, run_ids, barrier, results):
+    """Decide, wait until the other process has decided too, then both try to mark and delete."""
+    from cax import config as cfgmod
+    from cax.runsdb import connect
+    cfg = cfgmod.load(cfg_path)
+    db = connect(cfg)
+    site = cfg.site(host)
+    out = {}
+    for rid in run_ids:
+        steps = deletion.delete_steps(db, site, rid, {"host": host, "type": "raw"}, min_copies=2)
+        waited = False
+        try:
+            while True:
+                step = next(steps)
+                if step == "decided" and not waited:
+                    waited = True
+                    barrier.wait(timeout=60)
+        except StopIteration as stop:
+            out[str(rid)] = stop.value.action
+        if not waited:
+            barrier.wait(timeout=60)  # keep the two processes in step
+    results.put((host, out))
+
+
+@pytest.mark.parametrize("kind", ["embedded", "wire"])
+def test_two_processes_purge_same_runs_at_once(tmp_path, request, kind):
+    import multiprocessing
+    import json
+    if kind == "wire":
+        runs_db = request.getfixturevalue("wire_server").uri
+    else:
+        try:
+            import cax.runsdb.embedded  # noqa: F401
+        except ImportError:
+            from tests.conftest import missing_component
+            missing_component("cax.runsdb.embedded is not in this build")
+        runs_db = str(tmp_path / "shared.runsdb")
+    cfg = sites_config(tmp_path, purge={"buffer": 2, "archive": 2}, runs_db=runs_db)
+    doc = json.loads(open(cfg).read())
+    doc["database"] = f"race{abs(hash(str(tmp_path)))}"
+    open(cfg, "w").write(json.dumps(doc))
+    from cax.config import load
+    from cax.runsdb import connect
+    db = connect(load(cfg))
+    ids = [add_run(db, tmp_path, n, {"daq": "transferred", "buffer": "transferred",
+                                     "archive": "transferred"})["_id"] for n in range(1, 9)]
+    mp = multiprocessing.get_context("spawn")
+    barrier, results = mp.Barrier(2), mp.Queue()
+    procs = [mp.Process(target=_race_child, args=(cfg, h, ids, barrier, results))
+             for h in ("buffer", "archive")]
+    for p in procs:
+        p.start()
+    outs = dict(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for n, rid in enumerate(ids, 1):
+        state = copies(db, n)
+        good = [h for h, s in state.items() if s == "transferred"]
+        assert len(good) >= 2, state
+        assert "deleting" not in state.values()
+        # both decided it was safe; exactly one of them could mark it
+        actions = sorted(outs[h][str(rid)] for h in ("buffer", "archive"))
+        assert actions == ["deleted", "unsafe"], actions
+        for h in good:
+            assert os.path.isdir(tmp_path / h / f"1603{n:02d}_1200")
+
+
+def test_pipeline_buffer_purged_once_archive_verified(tmp_path):
+    """daq -> buffer -> archive with the daemon's task order: the buffer copy goes, not before."""
+    import json
+    from cax.daemon import run_pass
+    from tests.helpers import context, make_raw, run_doc, three_sites
+    cfg = three_sites(tmp_path)
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1]["purge"] = {"min_copies": 2}
+    open(cfg, "w").write(json.dumps(doc))
+    db = fresh_db()
+    db.insert_run(run_doc(1, "160315_1432", make_raw(str(tmp_path / "daq"), "160315_1432")))
+    for host in ("daq", "daq", "buffer"):  # the daq verifies, then pushes on its next pass
+        run_pass(context(cfg, host, db))
+    assert copies(db, 1) == {"daq": "transferred", "buffer": "transferred"}  # only one other copy
+    run_pass(context(cfg, "archive", db))
+    run_pass(context(cfg, "buffer", db))
+    assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
+    assert os.listdir(tmp_path / "buffer") == []
