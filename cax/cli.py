@@ -326,8 +326,12 @@ def main():
 
 def _register_subcommands():
     """Commands that live with the code they drive (imported last: they import tasks)."""
+    from cax import admin
     from cax.processing import massive
     cli.add_command(massive)
+    for command in admin.COMMANDS:
+        cli.add_command(command)
 
 
 _register_subcommands()
+

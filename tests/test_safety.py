@@ -117,7 +117,7 @@ def idle_pass_calls(tmp_path, nruns):
     for i in range(nruns):
         data = [{"host": h, "type": "raw", "status": "transferred", "checksum": "ab",
                  "checksum_type": "sha512", "location": str(tmp_path / h / f"r{i}"),
-                 "source": None if h == "daq" else "daq"}
+                 "source": None if h == "daq" else "daq", "size": 1, "files": 1}
                 for h in ("daq", "buffer", "archive")]
         docs.append({"number": i, "name": f"r{i}", "detector": "tpc", "start": t, "data": data,
                      "references": [{"type": "raw", "pax_version": None, "checksum": "ab",
