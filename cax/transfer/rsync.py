@@ -10,7 +10,9 @@ exists under its final name from the first file on, so a half-copied run could b
 from __future__ import annotations
 
 import os
+import posixpath
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -46,27 +48,47 @@ class RsyncMethod(SshMethod):
             host = f"[{host}]"
         return f"{username(self.site)}@{host}:{path}"
 
+    def _prepare(self, remote: str) -> None:
+        # No separate round trip: the remote rsync creates the parent (see _put), and _finish
+        # refuses to rename over an existing path. Each remote shell start costs a round trip
+        # plus the login shell's start-up, which matters for small runs.
+        self._parent = posixpath.dirname(remote.rstrip("/")) or "/"
+
     def _put(self, local: str, partial: str) -> None:
+        # "mkdir -p PARENT && rsync": the remote rsync is started by the remote shell, so the
+        # parent is created in the same round trip; the path is quoted for that shell.
+        rsync_path = f"mkdir -p -- {shlex.quote(self._parent)} && rsync"
         if os.path.isdir(local):
-            self._run([local.rstrip("/") + "/", self._remote(partial + "/")], f"push {local}")
+            src, dst = local.rstrip("/") + "/", self._remote(partial + "/")
         else:
-            self._run([local, self._remote(partial)], f"push {local}")
+            src, dst = local, self._remote(partial)
+        self._run(self.command(src, dst, rsync_path), f"push {local}")
 
-    def _get(self, remote: str, partial: str, is_dir: bool, total: int) -> None:
-        if is_dir:
-            self._run([self._remote(remote.rstrip("/") + "/"), partial + "/"], f"pull {remote}")
-        else:
-            self._run([self._remote(remote), partial], f"pull {remote}")
+    def _get(self, remote: str, partial: str) -> None:
+        # rsync HOST:remote into a private holder directory, so a file and a tree need no stat
+        # round trip; the result is moved to ``partial`` (same directory, atomic)
+        holder = partial + ".d"
+        os.mkdir(holder, 0o700)
+        try:
+            self._run(self.command(self._remote(remote.rstrip("/") or "/"), holder + "/"),
+                      f"pull {remote}")
+            name = posixpath.basename(remote.rstrip("/"))
+            os.rename(os.path.join(holder, name), partial)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
 
-    def command(self, src: str, dst: str) -> list:
+    def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
-        return [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2",
-                "--no-inc-recursive", "-e", self.shell.rsh(), "--", src, dst]
+        cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2",
+               "--no-inc-recursive", "-e", self.shell.rsh()]
+        if rsync_path:
+            cmd.append(f"--rsync-path={rsync_path}")
+        return cmd + ["--", src, dst]
 
-    def _run(self, args: list, what: str) -> None:
+    def _run(self, cmd: list, what: str) -> None:
         self.shell.connect()
         self.check_cancel()
-        proc = subprocess.Popen(self.command(*args), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         state = {"bytes": 0, "err": b""}
 

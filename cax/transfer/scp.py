@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from cax.transfer.ssh import SshMethod, TransferFailed, one_line
+from cax.transfer.ssh import SourceNotFound, SshMethod, TransferFailed, one_line
 
 BUFSIZE = 1 << 20
 
@@ -63,6 +63,13 @@ class ScpMethod(SshMethod):
         self._run(client, lambda: client.put(local, remote_path=partial,
                                              recursive=os.path.isdir(local)))
 
-    def _get(self, remote: str, partial: str, is_dir: bool, total: int) -> None:
+    def _get(self, remote: str, partial: str) -> None:
+        from scp import SCPException
         client = self._client()
-        self._run(client, lambda: client.get(remote, local_path=partial, recursive=is_dir))
+        try:
+            # "scp -r -f" sends a lone file as well as a tree: no stat round trip needed
+            self._run(client, lambda: client.get(remote, local_path=partial, recursive=True))
+        except SCPException as e:
+            if "no such file" in str(e).lower():
+                raise SourceNotFound(f"{self.label}: {remote} does not exist") from None
+            raise

@@ -7,7 +7,14 @@ import os
 import posixpath
 import stat
 
-from cax.transfer.ssh import WINDOW, SshMethod, TransferFailed, check_path
+from cax.transfer.ssh import (
+    WINDOW,
+    DestinationNotAccessible,
+    SourceNotFound,
+    SshMethod,
+    TransferFailed,
+    check_path,
+)
 
 READ_CHUNK = 1 << 20  # local read size per write call
 REQUEST = 255 * 1024  # bytes per SFTP read/write request (OpenSSH's limit is 256 KiB - 1 KiB)
@@ -41,6 +48,44 @@ class SftpMethod(SshMethod):
                 pass
             self._sftp = None
         super().close()
+
+    # ------------------------------------------------------------------ SFTP-protocol operations
+    # (no remote shell start-up: one round trip each)
+    def _lexists(self, sftp, path: str) -> bool:
+        try:
+            sftp.lstat(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def exists(self, path: str) -> bool:
+        check_path(path, self.label)
+        try:
+            return self._lexists(self.sftp(), path)
+        except Exception as e:  # noqa: BLE001
+            raise self._translate(e, f"exists {path}") from e
+
+    def _prepare(self, remote: str) -> None:
+        sftp = self.sftp()
+        try:
+            if self._lexists(sftp, remote):
+                raise DestinationNotAccessible(f"{self.label}: {remote} already exists; refusing "
+                                               f"to overwrite")
+            missing, d = [], posixpath.dirname(remote.rstrip("/")) or "/"
+            while not self._lexists(sftp, d):
+                missing.append(d)
+                d = posixpath.dirname(d)
+            for d in reversed(missing):
+                sftp.mkdir(d)
+        except Exception as e:  # noqa: BLE001
+            raise self._translate(e, f"prepare {remote}") from e
+
+    def _finish(self, partial: str, remote: str) -> None:
+        sftp = self.sftp()
+        if self._lexists(sftp, remote):
+            raise DestinationNotAccessible(f"{self.label}: {remote} already exists; refusing to "
+                                           f"overwrite")
+        sftp.rename(partial, remote)  # plain SFTP rename never replaces an existing path
 
     # ------------------------------------------------------------------ push
     def _put(self, local: str, partial: str) -> None:
@@ -78,10 +123,14 @@ class SftpMethod(SshMethod):
                 fr.close()  # waits for every pipelined write's status
 
     # ------------------------------------------------------------------ pull
-    def _get(self, remote: str, partial: str, is_dir: bool, total: int) -> None:
+    def _get(self, remote: str, partial: str) -> None:
         sftp = self.sftp()
-        if not is_dir:
-            self._get_file(sftp, remote, partial, sftp.stat(remote).st_size)
+        try:
+            st = sftp.stat(remote)
+        except FileNotFoundError:
+            raise SourceNotFound(f"{self.label}: {remote} does not exist") from None
+        if not stat.S_ISDIR(st.st_mode or 0):
+            self._get_file(sftp, remote, partial, st.st_size)
             return
         os.mkdir(partial)
         self._get_dir(sftp, remote, partial)

@@ -18,6 +18,7 @@ import errno
 import getpass
 import logging
 import os
+import posixpath
 import shlex
 import shutil
 import socket
@@ -110,6 +111,25 @@ def local_tree_size(path: str) -> int:
     if not os.path.isdir(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(path) for f in fs)
+
+
+#: POSIX sh one-liners for the frequent operations (no Python start-up on the remote side).
+#: Exit 3: not found, 4: exists. Run as ``sh -c SCRIPT sh ARG...``: arguments are never parsed.
+_EXISTS = '[ -e "$1" ] || [ -L "$1" ]'
+SH_OPS = {
+    "exists": f'{_EXISTS} || exit 3',
+    "prepare": f'if {_EXISTS}; then echo "$1 already exists" >&2; exit 4; fi; mkdir -p -- "$2"',
+    "rename": (f'{_EXISTS} || {{ echo "$1: No such file or directory" >&2; exit 3; }}; '
+               f'if [ -e "$2" ] || [ -L "$2" ]; then echo "$2 already exists" >&2; exit 4; fi; '
+               f'mv -- "$1" "$2"'),
+    "remove": 'rm -rf -- "$1"',
+    "makedirs": 'mkdir -p -- "$1"',
+}
+
+
+def sh_command(op: str, *args: str) -> str:
+    """A remote command line running ``SH_OPS[op]`` with ``args`` as positional parameters."""
+    return shlex.join(["sh", "-c", SH_OPS[op], "sh", *args])
 
 
 # --------------------------------------------------------------------------- paramiko
@@ -378,26 +398,40 @@ class SshMethod(TransferMethod):
     def close(self) -> None:
         self.shell.close()
 
-    # remote helper -----------------------------------------------------------
+    # remote operations -------------------------------------------------------
+    def _shell_op(self, op: str, *paths: str) -> str:
+        """A POSIX ``sh`` one-liner on the remote side; paths are separate, quoted arguments."""
+        for p in paths:
+            check_path(p, self.label)
+        status, out, err = self.shell.run(sh_command(op, *paths))
+        return self._check(status, out, err, op, paths)
+
     def _helper(self, op: str, *paths: str, extra=()):
+        """The Python helper (checksum, size): needs ``python3`` on the remote host."""
         for p in paths:
             check_path(p, self.label)
         status, out, err = self.shell.run(remote_hash.command(op, *extra, *paths))
-        if status == remote_hash.EXIT_OK:
-            return out.decode("utf-8", "replace").strip()
-        msg = f"{self.label}: {op} {' '.join(paths)}: {one_line(err) or f'status {status}'}"
-        if status == remote_hash.EXIT_NOT_FOUND:
-            raise SourceNotFound(msg)
-        if status in (remote_hash.EXIT_EXISTS, remote_hash.EXIT_ACCESS):
-            raise DestinationNotAccessible(msg)
         if status == 127:
             raise TransferFailed(f"{self.label}: {remote_hash.REMOTE_PYTHON} not found on the "
                                  f"remote host (needed for {op})")
+        return self._check(status, out, err, op, paths)
+
+    def _check(self, status, out, err, op, paths) -> str:
+        if status == remote_hash.EXIT_OK:
+            return out.decode("utf-8", "replace").strip()
+        text = one_line(err) or f"status {status}"
+        msg = f"{self.label}: {op} {' '.join(paths)}: {text}"
+        low = text.lower()
+        if status == remote_hash.EXIT_NOT_FOUND:
+            raise SourceNotFound(msg)
+        if status in (remote_hash.EXIT_EXISTS, remote_hash.EXIT_ACCESS) or \
+                "permission denied" in low or "read-only" in low or "no space" in low:
+            raise DestinationNotAccessible(msg)
         raise TransferFailed(msg)
 
     def exists(self, path: str) -> bool:
         try:
-            self._helper("exists", path)
+            self._shell_op("exists", path)
             return True
         except SourceNotFound:
             return False
@@ -406,21 +440,16 @@ class SshMethod(TransferMethod):
         return int(self._helper("size", path))
 
     def remove(self, path: str) -> None:
-        self._helper("remove", path)
+        self._shell_op("remove", path)
 
     def makedirs(self, path: str) -> None:
-        self._helper("makedirs", path)
+        self._shell_op("makedirs", path)
 
     def checksum(self, path: str, algorithm: str = "sha512") -> Optional[str]:
         from cax.checksum import ALGORITHMS
         if algorithm not in ALGORITHMS:
             return None
         return self._helper("checksum", path, extra=(algorithm,))
-
-    def remote_stat(self, path: str):
-        """('d' or 'f', total bytes) of a remote path; SourceNotFound when missing."""
-        kind, size = self._helper("stat", path).split()
-        return kind, int(size)
 
     # copies ------------------------------------------------------------------
     def put(self, local: str, remote: str) -> None:
@@ -429,15 +458,12 @@ class SshMethod(TransferMethod):
         if not os.path.exists(local):
             raise SourceNotFound(f"{self.label}: local source {local} does not exist")
         self.check_cancel()
-        try:
-            self._helper("prepare", remote)
-        except DestinationNotAccessible as e:
-            raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
+        self._prepare(remote)
         partial = partial_path(remote)
         try:
             self._put(local, partial)
             self.check_cancel()
-            self._helper("rename", partial, remote)
+            self._finish(partial, remote)
         except BaseException as e:
             self._remove_remote_partial(partial)
             raise self._translate(e, f"put {local} -> {remote}") from e
@@ -449,19 +475,29 @@ class SshMethod(TransferMethod):
             raise DestinationNotAccessible(f"{self.label}: local destination {local} already "
                                            f"exists; refusing to overwrite")
         self.check_cancel()
-        kind, total = self.remote_stat(remote)
         try:
             os.makedirs(os.path.dirname(local), exist_ok=True)
         except OSError as e:
             raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
         partial = partial_path(local)
         try:
-            self._get(remote, partial, kind == "d", total)
+            self._get(remote, partial)
             self.check_cancel()
             os.rename(partial, local)
         except BaseException as e:
             remove_local(partial)
             raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
+
+    def _prepare(self, remote: str) -> None:
+        """Refuse an existing ``remote``; create its parent directory."""
+        try:
+            self._shell_op("prepare", remote, posixpath.dirname(remote.rstrip("/")) or "/")
+        except DestinationNotAccessible as e:
+            raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
+
+    def _finish(self, partial: str, remote: str) -> None:
+        """Rename the complete copy into place, never over an existing path."""
+        self._shell_op("rename", partial, remote)
 
     def _remove_remote_partial(self, partial: str) -> None:
         if not self.shell.alive:
@@ -490,9 +526,9 @@ class SshMethod(TransferMethod):
             return DestinationNotAccessible(f"{self.label}: {what}: {text}")
         return TransferFailed(f"{self.label}: {what} failed: {text}")
 
-    # subclasses implement these two; ``partial`` never exists beforehand
+    # subclasses implement these two; ``partial`` never exists beforehand and its parent does
     def _put(self, local: str, partial: str) -> None:
         raise NotImplementedError
 
-    def _get(self, remote: str, partial: str, is_dir: bool, total: int) -> None:
+    def _get(self, remote: str, partial: str) -> None:
         raise NotImplementedError
