@@ -79,7 +79,7 @@ class RsyncMethod(SshMethod):
 
     def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
-        cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2",
+        cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2", "--outbuf=N",
                "--no-inc-recursive", "-e", self.shell.rsh()]
         if rsync_path:
             cmd.append(f"--rsync-path={rsync_path}")
@@ -100,7 +100,9 @@ class RsyncMethod(SshMethod):
                     break
                 buf += chunk
                 *lines, buf = re.split(rb"[\r\n]", buf)
-                for line in lines:
+                # a progress line is terminated only when the next one starts: read the
+                # unterminated tail too (numbers only grow, so a partial line is harmless)
+                for line in lines + [buf]:
                     m = _PROGRESS.match(line)
                     if m:
                         state["bytes"] = max(state["bytes"], int(m.group(1).replace(b",", b"")))
@@ -136,9 +138,9 @@ class RsyncMethod(SshMethod):
         finally:
             for t in readers:
                 t.join(timeout=10)
-        if state["bytes"] > reported:
-            self.progress(state["bytes"] - reported)
         if status == 0:
+            if state["bytes"] > reported:
+                self.progress(state["bytes"] - reported)
             return
         if self.cancel():
             raise Interrupted(f"{self.label}: {what} interrupted")
