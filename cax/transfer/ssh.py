@@ -517,14 +517,30 @@ class SshMethod(TransferMethod):
                 return DestinationNotAccessible(f"{self.label}: {what}: {e.strerror or e}")
             if e.errno == errno.ENOENT and not local_dest:
                 return SourceNotFound(f"{self.label}: {what}: {e.strerror or e}")
-        if not self.shell.alive:
-            return ServiceUnavailable(f"{self.label}: connection lost during {what}: "
-                                      f"{one_line(e) or type(e).__name__}")
         text = one_line(e) or type(e).__name__
+        if not self.shell.alive or self._is_link_failure(e):
+            return ServiceUnavailable(f"{self.label}: connection lost during {what}: {text}")
         low = text.lower()
         if "permission denied" in low or "no space left" in low or "read-only" in low:
             return DestinationNotAccessible(f"{self.label}: {what}: {text}")
         return TransferFailed(f"{self.label}: {what} failed: {text}")
+
+    @staticmethod
+    def _is_link_failure(e: BaseException) -> bool:
+        """An error that means the SSH link or the remote server process went away (the transport
+        may not have noticed yet)."""
+        if isinstance(e, (EOFError, ConnectionError, socket.timeout)):
+            return True
+        if isinstance(e, OSError) and e.errno is None and "closed" in str(e).lower():
+            return True  # paramiko's "Socket is closed"
+        try:
+            import paramiko
+        except ImportError:
+            return False
+        if isinstance(e, paramiko.SSHException):
+            low = str(e).lower()
+            return any(w in low for w in ("closed", "dropped", "eof", "reset", "timeout"))
+        return "no response from server" in str(e).lower() or "channel was closed" in str(e)
 
     # subclasses implement these two; ``partial`` never exists beforehand and its parent does
     def _put(self, local: str, partial: str) -> None:
