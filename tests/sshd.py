@@ -64,6 +64,7 @@ class SshServer:
         if not os.path.exists(SSHD):
             raise SshdError(f"{SSHD} not found (install Debian package openssh-server)")
         self.tmpdir = tmpdir or tempfile.mkdtemp(prefix="cax-sshd-")
+        os.makedirs(self.tmpdir, mode=0o700, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port()
         import getpass
