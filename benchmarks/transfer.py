@@ -98,9 +98,11 @@ def run_cax(method: str, site, src: str, dst: str, push: bool) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best counts)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (best counts)")
     ap.add_argument("--only", action="append", help="only these tools (e.g. rsync, 'OpenSSH scp')")
-    ap.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    ap.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    help="scratch directory (default /dev/shm: measures the transfer, not the "
+                         "disk's write-back)")
     args = ap.parse_args()
 
     base = tempfile.mkdtemp(prefix="cax-bench-", dir=args.tmp)
@@ -130,6 +132,7 @@ def main() -> int:
                     for _ in range(args.repeat):
                         dst = os.path.join(remote_dir if push else local_dir, "copy")
                         remove(dst)
+                        os.sync()  # no write-back of the previous copy during this one
                         t0 = time.perf_counter()
                         if tool.startswith("OpenSSH"):
                             openssh(tool, server, src if push else pull_src, dst, push)

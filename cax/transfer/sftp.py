@@ -18,7 +18,7 @@ from cax.transfer.ssh import (
 
 READ_CHUNK = 1 << 20  # local read size per write call
 REQUEST = 255 * 1024  # bytes per SFTP read/write request (OpenSSH's limit is 256 KiB - 1 KiB)
-PREFETCH = 64  # outstanding read requests
+PREFETCH = 16  # outstanding read requests (16 x 255 KiB in flight)
 
 
 class SftpMethod(SshMethod):
