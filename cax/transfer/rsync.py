@@ -21,6 +21,7 @@ from cax.transfer.base import Interrupted
 from cax.transfer.ssh import (
     DestinationNotAccessible,
     OpenSSHMaster,
+    ServiceUnavailable,
     SourceNotFound,
     SshMethod,
     TransferFailed,
@@ -161,6 +162,5 @@ class RsyncMethod(SshMethod):
                 or "quota" in low:
             return DestinationNotAccessible(f"{self.label}: {what}: {text}")
         if not self.shell.alive:
-            from cax.transfer.base import ServiceUnavailable
             return ServiceUnavailable(f"{self.label}: connection lost during {what}: {text}")
         return TransferFailed(f"{self.label}: {what}: rsync status {status}: {text}")

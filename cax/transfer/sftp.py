@@ -18,7 +18,7 @@ from cax.transfer.ssh import (
 
 READ_CHUNK = 1 << 20  # local read size per write call
 REQUEST = 255 * 1024  # bytes per SFTP read/write request (OpenSSH's limit is 256 KiB - 1 KiB)
-PREFETCH = 16  # outstanding read requests (16 x 255 KiB in flight)
+PREFETCH = 32  # outstanding read requests (32 x 255 KiB = 8 MiB in flight)
 
 
 class SftpMethod(SshMethod):
@@ -165,7 +165,9 @@ class SftpMethod(SshMethod):
             got = 0
             while got < size:
                 self.check_cancel()
-                data = fr.read(min(READ_CHUNK, size - got))
+                # whole prefetch chunks: paramiko keeps the unread head of a chunk split by an
+                # unaligned read in its prefetch table, which then grows with the file (O(n²))
+                data = fr.read(min(REQUEST, size - got))
                 if not data:
                     break
                 fl.write(data)
