@@ -1,0 +1,561 @@
+"""What the SSH-based methods (``scp``, ``sftp``, ``rsync``) share.
+
+- :class:`ParamikoShell`: one paramiko connection per site per pass (host key verified against the
+  site's ``known_hosts``, never auto-added), with large windows and an AES-GCM-first cipher order.
+- :class:`OpenSSHMaster`: one OpenSSH ControlMaster connection per site per pass, its socket in a
+  private (0700) temporary directory, for ``rsync`` and remote commands.
+- :class:`SshMethod`: the :class:`~cax.transfer.base.TransferMethod` operations done with the small
+  remote helper (:mod:`cax.transfer.remote_hash`), and the atomic put/get skeleton: copy into
+  ``partial_path(final)``, rename into place, remove the partial copy on any failure.
+
+Remote paths come from the Runs DB and may be hostile: names with NUL or newline are refused
+(:class:`BadPath`), every remote command word is quoted with :func:`shlex.quote`, and no local
+command is ever run through a shell.
+"""
+from __future__ import annotations
+
+import errno
+import getpass
+import logging
+import os
+import posixpath
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+from cax.transfer import remote_hash
+from cax.transfer.base import (
+    DestinationNotAccessible,
+    ServiceUnavailable,
+    SourceNotFound,
+    TransferError,
+    TransferFailed,
+    TransferMethod,
+    partial_path,
+)
+
+log = logging.getLogger("cax.transfer.ssh")
+
+CONNECT_TIMEOUT = 20.0
+COMMAND_TIMEOUT = 3600.0  # a remote checksum of a large run may take minutes
+# Channel window: 16 MiB keeps a 1 Gb/s link busy up to ~100 ms RTT. Larger is slower here:
+# paramiko buffers unread channel data in one array and memmoves it on every read.
+WINDOW = 1 << 24
+PACKET = 1 << 18  # largest SSH packet we accept: big packets halve the per-packet Python cost of pulls
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
+                     "aes256-ctr", "aes192-ctr")
+ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+class HostKeyError(DestinationNotAccessible):
+    """The remote host key is unknown or does not match known_hosts: possibly not the host we mean."""
+
+
+class HostKeyUnknown(HostKeyError):
+    pass
+
+
+class HostKeyChanged(HostKeyError):
+    pass
+
+
+class BadPath(TransferFailed):
+    """A path cax refuses to hand to a remote host (NUL or newline in it)."""
+
+
+# --------------------------------------------------------------------------- small helpers
+def site_label(site) -> str:
+    host = site.hostname if site.port == 22 else f"{site.hostname}:{site.port}"
+    return f"{site.name} ({host})" if site.name and site.name != site.hostname else host
+
+
+def check_path(path: str, where: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise BadPath(f"{where}: empty or non-string path {path!r}")
+    if "\0" in path or "\n" in path or "\r" in path:
+        raise BadPath(f"{where}: refusing path with NUL/newline characters: {path!r}")
+    return path
+
+
+def username(site) -> str:
+    return site.username or getpass.getuser()
+
+
+def known_hosts_files(site) -> list:
+    """The site's own known_hosts, or the user's and the system's."""
+    if site.known_hosts:
+        return [os.path.expanduser(site.known_hosts)]
+    return [os.path.expanduser("~/.ssh/known_hosts"), "/etc/ssh/ssh_known_hosts"]
+
+
+def one_line(text, limit: int = 300) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def remove_local(path: str) -> None:
+    """Best-effort removal of a local file or tree."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def local_tree_size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(path) for f in fs)
+
+
+#: POSIX sh one-liners for the frequent operations (no Python start-up on the remote side).
+#: Exit 3: not found, 4: exists. Run as ``sh -c SCRIPT sh ARG...``: arguments are never parsed.
+_EXISTS = '[ -e "$1" ] || [ -L "$1" ]'
+SH_OPS = {
+    "exists": f'{_EXISTS} || exit 3',
+    "prepare": f'if {_EXISTS}; then echo "$1 already exists" >&2; exit 4; fi; mkdir -p -- "$2"',
+    "rename": (f'{_EXISTS} || {{ echo "$1: No such file or directory" >&2; exit 3; }}; '
+               f'if [ -e "$2" ] || [ -L "$2" ]; then echo "$2 already exists" >&2; exit 4; fi; '
+               f'mv -- "$1" "$2"'),
+    "remove": 'rm -rf -- "$1"',
+    "makedirs": 'mkdir -p -- "$1"',
+}
+
+
+def sh_command(op: str, *args: str) -> str:
+    """A remote command line running ``SH_OPS[op]`` with ``args`` as positional parameters."""
+    return shlex.join(["sh", "-c", SH_OPS[op], "sh", *args])
+
+
+# --------------------------------------------------------------------------- paramiko
+class _Reject:
+    """Missing-host-key policy: never accept a key that is not in known_hosts."""
+
+    def __init__(self, label, files):
+        self.label, self.files = label, files
+
+    def missing_host_key(self, client, hostname, key):
+        raise HostKeyUnknown(
+            f"{self.label}: host key ({key.get_name()}) for {hostname} is not in "
+            f"{' or '.join(self.files)}; refusing to connect (add it after checking it)")
+
+
+class ParamikoShell:
+    """One paramiko SSH connection to a site; reconnects when it was lost."""
+
+    def __init__(self, site):
+        self.site = site
+        self.label = site_label(site)
+        self.client = None
+        self.connections = 0  # SSH connections opened so far (tests check reuse with it)
+
+    @property
+    def transport(self):
+        return self.client.get_transport() if self.client is not None else None
+
+    @property
+    def alive(self) -> bool:
+        t = self.transport
+        return t is not None and t.is_active()
+
+    def connect(self):
+        if self.alive:
+            return self
+        self.close()
+        import paramiko
+
+        site = self.site
+        files = known_hosts_files(site)
+        client = paramiko.SSHClient()
+        for f in files:
+            if os.path.exists(f):
+                try:
+                    client.load_host_keys(f)
+                except (OSError, paramiko.SSHException) as e:
+                    raise HostKeyError(f"{self.label}: cannot read known_hosts {f}: {one_line(e)}")
+        client.set_missing_host_key_policy(_Reject(self.label, files))
+
+        def transport_factory(sock, **kw):
+            t = paramiko.Transport(sock, default_window_size=WINDOW,
+                                   default_max_packet_size=PACKET, **kw)
+            opts = t.get_security_options()
+            have = list(opts.ciphers)
+            opts.ciphers = [c for c in PREFERRED_CIPHERS if c in have] + \
+                           [c for c in have if c not in PREFERRED_CIPHERS]
+            return t
+
+        try:
+            # our own socket, for TCP_NODELAY: without it Nagle and delayed ACKs add ~40 ms to
+            # every small request/acknowledge exchange (scp's per-file handshake)
+            sock = socket.create_connection((site.hostname, site.port), timeout=CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise ServiceUnavailable(f"{self.label}: cannot connect: {one_line(e)}")
+        kwargs = dict(hostname=site.hostname, port=site.port, username=username(site), sock=sock,
+                      timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT,
+                      auth_timeout=CONNECT_TIMEOUT, transport_factory=transport_factory)
+        if site.key_file:
+            kwargs.update(key_filename=os.path.expanduser(site.key_file), look_for_keys=False,
+                          allow_agent=False)
+        try:
+            client.connect(**kwargs)
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            raise HostKeyChanged(
+                f"{self.label}: HOST KEY CHANGED for {e.hostname} ({e.key.get_name()} "
+                f"{e.key.get_fingerprint().hex()} not the one in {' or '.join(files)}); "
+                f"refusing to connect")
+        except paramiko.AuthenticationException as e:
+            client.close()
+            raise DestinationNotAccessible(f"{self.label}: authentication as {username(site)} "
+                                           f"failed: {one_line(e)}")
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            client.close()
+            sock.close()
+            raise ServiceUnavailable(f"{self.label}: cannot connect: {one_line(e)}")
+        client.get_transport().set_keepalive(30)
+        self.client = client
+        self.connections += 1
+        return self
+
+    def close(self):
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+            self.client = None
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT):
+        """Run a (fully quoted) remote command line; return (status, stdout, stderr) bytes."""
+        self.connect()
+        try:
+            chan = self.transport.open_session(timeout=CONNECT_TIMEOUT)
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            chan.shutdown_write()
+            out = chan.makefile("rb").read()  # stderr is buffered meanwhile: no deadlock
+            err = chan.makefile_stderr("rb").read()
+            if not chan.status_event.wait(timeout):
+                raise socket.timeout(f"remote command took over {timeout:.0f} s")
+            status = chan.recv_exit_status()
+            chan.close()
+            if status == -1:
+                raise EOFError("connection closed before the command finished")
+            return status, out, err
+        except TransferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any transport failure
+            raise ServiceUnavailable(f"{self.label}: connection lost: {one_line(e) or type(e).__name__}")
+
+
+# --------------------------------------------------------------------------- OpenSSH
+def classify_ssh_stderr(label: str, status: int, stderr, what: str) -> TransferError:
+    """Map an OpenSSH client's failure to a typed error."""
+    text = one_line(stderr)
+    low = text.lower()
+    if "host key verification failed" in low or "remote host identification has changed" in low:
+        cls = HostKeyChanged if "changed" in low else HostKeyUnknown
+        return cls(f"{label}: host key not known or changed; refusing to connect ({text})")
+    if "permission denied" in low and ("publickey" in low or "password" in low):
+        return DestinationNotAccessible(f"{label}: authentication failed ({text})")
+    for marker in ("connection refused", "timed out", "connection closed", "connection reset",
+                   "broken pipe", "lost connection", "no route to host", "could not resolve",
+                   "network is unreachable", "connection unexpectedly closed",
+                   "kex_exchange_identification", "control socket", "mux_client"):
+        if marker in low:
+            return ServiceUnavailable(f"{label}: {what}: {text}")
+    if status == 255:
+        return ServiceUnavailable(f"{label}: {what}: ssh failed: {text or 'status 255'}")
+    return TransferFailed(f"{label}: {what} failed (status {status}): {text}")
+
+
+class OpenSSHMaster:
+    """An OpenSSH ControlMaster connection; every ``ssh``/``rsync`` of the pass multiplexes on it."""
+
+    def __init__(self, site, ssh: str = "ssh"):
+        self.site = site
+        self.label = site_label(site)
+        self.ssh = shutil.which(ssh) or ssh
+        self.tmpdir: Optional[str] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.connections = 0
+
+    @property
+    def control_path(self) -> str:
+        return os.path.join(self.tmpdir, "ctl")
+
+    @property
+    def destination(self) -> str:
+        return f"{username(self.site)}@{self.site.hostname}"
+
+    def options(self) -> list:
+        """ssh options (argument list) for clients that multiplex on the master."""
+        site = self.site
+        opts = ["-p", str(site.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT)}",
+                "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4",
+                "-o", f"ControlPath={self.control_path}", "-o", "ControlMaster=no",
+                "-o", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,"
+                      "chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"]
+        files = known_hosts_files(site)
+        opts += ["-o", "UserKnownHostsFile=" + " ".join(f'"{f}"' for f in files)]
+        if site.known_hosts:
+            opts += ["-o", "GlobalKnownHostsFile=/dev/null"]
+        if site.key_file:
+            opts += ["-i", os.path.expanduser(site.key_file), "-o", "IdentitiesOnly=yes"]
+        return opts
+
+    def rsh(self) -> str:
+        """The ``rsync -e`` value: rsync splits it on spaces honouring quotes, so quote each word."""
+        return shlex.join([self.ssh] + self.options())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and \
+            os.path.exists(self.control_path)
+
+    def connect(self):
+        if self.alive:
+            return self
+        self.close()
+        self.tmpdir = tempfile.mkdtemp(prefix="cax-ssh-")  # mkdtemp makes it 0700
+        os.chmod(self.tmpdir, 0o700)
+        errlog = os.path.join(self.tmpdir, "master.err")
+        opts = [o if o != "ControlMaster=no" else "ControlMaster=yes" for o in self.options()]
+        with open(errlog, "wb") as err:
+            self.proc = subprocess.Popen(
+                [self.ssh, "-N", *opts, "-o", "ControlPersist=no", "--", self.destination],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True)
+        deadline = time.monotonic() + CONNECT_TIMEOUT + 5
+        while not os.path.exists(self.control_path):
+            if self.proc.poll() is not None:
+                with open(errlog, "rb") as f:
+                    text = f.read()
+                status = self.proc.returncode
+                self.close()
+                raise classify_ssh_stderr(self.label, status, text, "cannot connect")
+            if time.monotonic() > deadline:
+                self.close()
+                raise ServiceUnavailable(f"{self.label}: ssh master did not connect within "
+                                         f"{CONNECT_TIMEOUT + 5:.0f} s")
+            time.sleep(0.01)  # condition wait (socket appears) with a deadline
+        self.connections += 1
+        return self
+
+    def close(self):
+        if self.proc is not None:
+            if self.proc.poll() is None and self.tmpdir and os.path.exists(self.control_path):
+                subprocess.run([self.ssh, "-o", f"ControlPath={self.control_path}", "-O", "exit",
+                                "--", self.destination], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10)
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT):
+        self.connect()
+        try:
+            r = subprocess.run([self.ssh, *self.options(), "--", self.destination, command],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ServiceUnavailable(f"{self.label}: remote command took over {timeout:.0f} s")
+        if r.returncode == 255:
+            raise classify_ssh_stderr(self.label, 255, r.stderr, "remote command")
+        return r.returncode, r.stdout, r.stderr
+
+
+# --------------------------------------------------------------------------- the method base
+class SshMethod(TransferMethod):
+    """Base of scp/sftp/rsync: remote operations through the helper, atomic put/get."""
+
+    remote_checksum = True
+    shell_class = ParamikoShell
+
+    def __init__(self, site, **kw):
+        super().__init__(site, **kw)
+        self.label = site_label(site)
+        self.shell = self.shell_class(site)
+
+    # life cycle --------------------------------------------------------------
+    @property
+    def connections(self) -> int:
+        """SSH connections this object has opened (one per pass unless the link was lost)."""
+        return self.shell.connections
+
+    def connect(self) -> None:
+        self.shell.connect()
+
+    def close(self) -> None:
+        self.shell.close()
+
+    # remote operations -------------------------------------------------------
+    def _shell_op(self, op: str, *paths: str) -> str:
+        """A POSIX ``sh`` one-liner on the remote side; paths are separate, quoted arguments."""
+        for p in paths:
+            check_path(p, self.label)
+        status, out, err = self.shell.run(sh_command(op, *paths))
+        return self._check(status, out, err, op, paths)
+
+    def _helper(self, op: str, *paths: str, extra=()):
+        """The Python helper (checksum, size): needs ``python3`` on the remote host."""
+        for p in paths:
+            check_path(p, self.label)
+        status, out, err = self.shell.run(remote_hash.command(op, *extra, *paths))
+        if status == 127:
+            raise TransferFailed(f"{self.label}: {remote_hash.REMOTE_PYTHON} not found on the "
+                                 f"remote host (needed for {op})")
+        return self._check(status, out, err, op, paths)
+
+    def _check(self, status, out, err, op, paths) -> str:
+        if status == remote_hash.EXIT_OK:
+            return out.decode("utf-8", "replace").strip()
+        text = one_line(err) or f"status {status}"
+        msg = f"{self.label}: {op} {' '.join(paths)}: {text}"
+        low = text.lower()
+        if status == remote_hash.EXIT_NOT_FOUND:
+            raise SourceNotFound(msg)
+        if status in (remote_hash.EXIT_EXISTS, remote_hash.EXIT_ACCESS) or \
+                "permission denied" in low or "read-only" in low or "no space" in low:
+            raise DestinationNotAccessible(msg)
+        raise TransferFailed(msg)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._shell_op("exists", path)
+            return True
+        except SourceNotFound:
+            return False
+
+    def size(self, path: str) -> int:
+        return int(self._helper("size", path))
+
+    def remove(self, path: str) -> None:
+        self._shell_op("remove", path)
+
+    def makedirs(self, path: str) -> None:
+        self._shell_op("makedirs", path)
+
+    def checksum(self, path: str, algorithm: str = "sha512") -> Optional[str]:
+        from cax.checksum import ALGORITHMS
+        if algorithm not in ALGORITHMS:
+            return None
+        return self._helper("checksum", path, extra=(algorithm,))
+
+    # copies ------------------------------------------------------------------
+    def put(self, local: str, remote: str) -> None:
+        check_path(remote, self.label)
+        local = os.path.abspath(local)
+        if not os.path.exists(local):
+            raise SourceNotFound(f"{self.label}: local source {local} does not exist")
+        self.check_cancel()
+        self._prepare(remote)
+        partial = partial_path(remote)
+        try:
+            self._put(local, partial)
+            self.check_cancel()
+            self._finish(partial, remote)
+        except BaseException as e:
+            self._remove_remote_partial(partial)
+            raise self._translate(e, f"put {local} -> {remote}") from e
+
+    def get(self, remote: str, local: str) -> None:
+        check_path(remote, self.label)
+        local = os.path.abspath(local)
+        if os.path.lexists(local):
+            raise DestinationNotAccessible(f"{self.label}: local destination {local} already "
+                                           f"exists; refusing to overwrite")
+        self.check_cancel()
+        try:
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+        except OSError as e:
+            raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
+        partial = partial_path(local)
+        try:
+            self._get(remote, partial)
+            self.check_cancel()
+            os.rename(partial, local)
+        except BaseException as e:
+            remove_local(partial)
+            raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
+
+    def _prepare(self, remote: str) -> None:
+        """Refuse an existing ``remote``; create its parent directory."""
+        try:
+            self._shell_op("prepare", remote, posixpath.dirname(remote.rstrip("/")) or "/")
+        except DestinationNotAccessible as e:
+            raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
+
+    def _finish(self, partial: str, remote: str) -> None:
+        """Rename the complete copy into place, never over an existing path."""
+        self._shell_op("rename", partial, remote)
+
+    def _remove_remote_partial(self, partial: str) -> None:
+        if not self.shell.alive:
+            log.warning("%s: connection lost; partial copy %s left behind", self.label, partial)
+            return
+        try:
+            self._helper("remove", partial)
+        except TransferError as e:
+            log.warning("%s: could not remove partial copy %s: %s", self.label, partial, e)
+
+    def _translate(self, e: BaseException, what: str, local_dest: bool = False) -> BaseException:
+        """Any failure of a copy as a typed TransferError (others pass unchanged)."""
+        if isinstance(e, TransferError) or not isinstance(e, Exception):
+            return e
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, socket.timeout):
+            if e.errno in ACCESS_ERRNOS:
+                return DestinationNotAccessible(f"{self.label}: {what}: {e.strerror or e}")
+            if e.errno == errno.ENOENT and not local_dest:
+                return SourceNotFound(f"{self.label}: {what}: {e.strerror or e}")
+        text = one_line(e) or type(e).__name__
+        if not self.shell.alive or self._is_link_failure(e):
+            return ServiceUnavailable(f"{self.label}: connection lost during {what}: {text}")
+        low = text.lower()
+        if "permission denied" in low or "no space left" in low or "read-only" in low:
+            return DestinationNotAccessible(f"{self.label}: {what}: {text}")
+        return TransferFailed(f"{self.label}: {what} failed: {text}")
+
+    @staticmethod
+    def _is_link_failure(e: BaseException) -> bool:
+        """An error that means the SSH link or the remote server process went away (the transport
+        may not have noticed yet)."""
+        if isinstance(e, (EOFError, ConnectionError, socket.timeout)):
+            return True
+        if isinstance(e, OSError) and e.errno is None and "closed" in str(e).lower():
+            return True  # paramiko's "Socket is closed"
+        try:
+            import paramiko
+        except ImportError:
+            return False
+        if isinstance(e, paramiko.SSHException):
+            low = str(e).lower()
+            return any(w in low for w in ("closed", "dropped", "eof", "reset", "timeout"))
+        return "no response from server" in str(e).lower() or "channel was closed" in str(e)
+
+    # subclasses implement these two; ``partial`` never exists beforehand and its parent does
+    def _put(self, local: str, partial: str) -> None:
+        raise NotImplementedError
+
+    def _get(self, remote: str, partial: str) -> None:
+        raise NotImplementedError
