@@ -25,6 +25,7 @@ from cax import paths
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
 from cax.runsdb import now
 from cax.tasks.base import Task
+from cax.transfer.base import partial_path  # noqa: F401 (cax.processing uses it too)
 
 JOB_PREFIX = "cax-proc-"
 PLACEHOLDERS = ("name", "number", "input", "output", "version", "ncpus")
@@ -95,10 +96,6 @@ def output_path(site, p: dict, run_name: str, version: str) -> str:
     return os.path.join(p["output_dir"], version, run_name)
 
 
-def partial_path(final: str) -> str:
-    """Where the command writes; a fixed name so a crashed attempt's leftovers are reused, not piled up."""
-    head, tail = os.path.split(final)
-    return os.path.join(head, f".{tail}.cax-partial")
 
 
 def job_name(host: str, number, version: str) -> str:

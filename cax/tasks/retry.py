@@ -13,7 +13,7 @@ from datetime import timedelta
 from cax import paths
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
-from cax.transfer import TransferError, open_method
+from cax.transfer import ServiceUnavailable, TransferError, open_method, partial_path
 
 HEALABLE = ("stalled", "interrupted", "failed")
 
@@ -36,8 +36,9 @@ class _Heal(Task):
     def owner(self, datum) -> str:
         return datum.get("creation_place") or datum["host"]
 
-    def remove_files(self, datum) -> None:
-        """Remove a copy's files here or, for a copy this daemon pushed, at the destination."""
+    def remove_files(self, datum, final: bool = True) -> None:
+        """Remove a copy's files (and any partial copy) here or, for a copy this daemon pushed,
+        at the destination. ``final=False`` removes only the partial copy."""
         location = datum.get("location")
         if datum["host"] == self.host:
             paths.check_location(self.site, location, datum["type"])
@@ -46,7 +47,9 @@ class _Heal(Task):
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
         with open_method(site, cancel=self.ctx.stop.is_set) as method:
-            method.remove(location)
+            method.remove(partial_path(location))
+            if final:
+                method.remove(location)
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""
@@ -68,10 +71,13 @@ class _Heal(Task):
     def finish_retry(self, run, datum, why: str) -> None:
         key = _key(datum)
         try:
-            # a failed or interrupted copy never reached its final name (the method removed its
-            # partial copy), and whatever is there now is not ours to delete
-            if datum.get("error_kind") not in ("failed", "interrupted"):
-                self.remove_files(datum)
+            # a failed or interrupted copy never reached its final name, and whatever is there
+            # now is not ours to delete; only its partial copy may be left (lost connection)
+            self.remove_files(datum, final=datum.get("error_kind") not in ("failed",
+                                                                           "interrupted"))
+        except ServiceUnavailable as e:  # the site is down: stay retrying, finish next pass
+            self.log(logging.WARNING, run, f"retry waits for the site: {e}", datum=key)
+            return
         except (TransferError, paths.UnsafePath, OSError) as e:
             self.record_error(run, key, "retrying", f"retry could not remove files: {e}",
                               kind="retry-failed")

@@ -7,7 +7,8 @@ Contract every method keeps:
 - ``put(local, remote)`` and ``get(remote, local)`` copy a file or a whole directory tree. Nothing
   appears under the final name until the copy is complete: data go to ``partial_path(final)`` (a
   hidden name in the same directory, so the rename is atomic) and are renamed into place at the end.
-  On any failure the partial copy is removed (best effort) and a typed error is raised.
+  On any failure the partial copy is removed (best effort) and a typed error is raised; a stale
+  partial left by a copy that died with its connection is removed before a new copy starts.
 - ``progress(nbytes)`` (optional callable given to the constructor) is called as bytes move; the task
   uses it for heartbeats and progress bars.
 - ``cancel()`` (optional callable) is polled between files and chunks; when it returns True the copy
@@ -18,7 +19,6 @@ Contract every method keeps:
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Callable, Optional
 
 
@@ -46,13 +46,18 @@ class Interrupted(TransferError):
     """The daemon was asked to stop (SIGTERM/SIGINT) while the copy was in flight."""
 
 
-PARTIAL_MARK = ".cax-partial-"
+PARTIAL_MARK = ".cax-partial"
 
 
 def partial_path(final: str) -> str:
-    """A hidden sibling of ``final``: same filesystem (atomic rename), never mistaken for data."""
+    """A hidden sibling of ``final``: same filesystem (atomic rename), never mistaken for data.
+
+    The name is fixed for a final path: exactly one daemon owns a final path at a time (the Runs
+    DB claim), so there is no collision, and a copy that died with its connection leaves a partial
+    the next attempt (or the retry task) knows how to find and remove.
+    """
     head, tail = os.path.split(final.rstrip("/"))
-    return os.path.join(head, f".{tail}{PARTIAL_MARK}{secrets.token_hex(4)}")
+    return os.path.join(head, f".{tail}{PARTIAL_MARK}")
 
 
 def is_partial_name(name: str) -> bool:

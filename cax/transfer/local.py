@@ -64,6 +64,7 @@ class LocalMethod(TransferMethod):
         parent = os.path.dirname(dst)
         self.makedirs(parent)
         tmp = partial_path(dst)
+        self.remove(tmp)  # stale, from a copy that was killed
         try:
             if os.path.isdir(src):
                 self._copy_tree(src, tmp)

@@ -15,6 +15,7 @@ from cax.transfer.ssh import (
     TransferFailed,
     check_path,
 )
+from cax.transfer.base import partial_path
 
 READ_CHUNK = 1 << 20  # local read size per write call
 REQUEST = 255 * 1024  # bytes per SFTP read/write request (OpenSSH's limit is 256 KiB - 1 KiB)
@@ -77,6 +78,8 @@ class SftpMethod(SshMethod):
                 d = posixpath.dirname(d)
             for d in reversed(missing):
                 sftp.mkdir(d)
+            if not missing and self._lexists(sftp, partial_path(remote)):
+                self.remove(partial_path(remote))  # stale, from a copy that died with its link
         except Exception as e:  # noqa: BLE001
             raise self._translate(e, f"prepare {remote}") from e
 

@@ -121,7 +121,8 @@ def local_tree_size(path: str) -> int:
 _EXISTS = '[ -e "$1" ] || [ -L "$1" ]'
 SH_OPS = {
     "exists": f'{_EXISTS} || exit 3',
-    "prepare": f'if {_EXISTS}; then echo "$1 already exists" >&2; exit 4; fi; mkdir -p -- "$2"',
+    "prepare": f'if {_EXISTS}; then echo "$1 already exists" >&2; exit 4; fi; mkdir -p -- "$2"'
+               ' && rm -rf -- "$3"',
     "rename": (f'{_EXISTS} || {{ echo "$1: No such file or directory" >&2; exit 3; }}; '
                f'if [ -e "$2" ] || [ -L "$2" ]; then echo "$2 already exists" >&2; exit 4; fi; '
                f'mv -- "$1" "$2"'),
@@ -491,6 +492,7 @@ class SshMethod(TransferMethod):
         except OSError as e:
             raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
         partial = partial_path(local)
+        remove_local(partial)  # stale, from a copy that died with its connection
         try:
             self._get(remote, partial)
             self.check_cancel()
@@ -500,9 +502,10 @@ class SshMethod(TransferMethod):
             raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
 
     def _prepare(self, remote: str) -> None:
-        """Refuse an existing ``remote``; create its parent directory."""
+        """Refuse an existing ``remote``; create its parent; clear a stale partial copy."""
         try:
-            self._shell_op("prepare", remote, posixpath.dirname(remote.rstrip("/")) or "/")
+            self._shell_op("prepare", remote, posixpath.dirname(remote.rstrip("/")) or "/",
+                           partial_path(remote))
         except DestinationNotAccessible as e:
             raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
 

@@ -1,0 +1,171 @@
+"""Copies between sites over a real OpenSSH sshd, through the daemon's tasks, for each method."""
+import json
+import os
+from datetime import timedelta
+
+import pytest
+from checksumdir import dirhash
+
+from cax.daemon import run_pass
+from cax.runsdb import now
+from tests.helpers import context, mongomock_db, run_doc, statuses
+
+pytest_plugins = ["tests.sshd"]
+
+METHODS = ["scp", "sftp", "rsync"]
+NAME = "160315_1432"
+
+
+def config(tmp_path, sshd, method, known_hosts=None, **buffer_extra):
+    """daq (local) pushes to buffer (over SSH); archive (local) pulls from buffer (over SSH)."""
+    ssh = {"hostname": sshd.host, "port": sshd.port, "username": sshd.user,
+           "key_file": sshd.key_file, "known_hosts": known_hosts or sshd.known_hosts,
+           "method": method}
+    doc = {"runs_db": str(tmp_path / "x.runsdb"), "sites": [
+        {"name": "daq", "directory": str(tmp_path / "daq"), "upload_options": ["buffer"],
+         "data_type": ["raw"], "max_retries": 2, "retry_delay": 0},
+        {"name": "buffer", "directory": str(tmp_path / "buffer"), "data_type": ["raw"], **ssh,
+         **buffer_extra},
+        {"name": "archive", "directory": str(tmp_path / "archive"),
+         "download_options": ["buffer"], "data_type": ["raw"], "max_retries": 2,
+         "retry_delay": 0}]}
+    for s in doc["sites"]:
+        os.makedirs(s["directory"], exist_ok=True)
+    (tmp_path / "cax.json").write_text(json.dumps(doc))
+    return str(tmp_path / "cax.json")
+
+
+def raw_tree(root):
+    d = os.path.join(root, NAME)
+    os.makedirs(os.path.join(d, "a", "b"))
+    files = {"a/b/deep.bin": os.urandom(300_000), ".hidden": b"h", "empty.bin": b"",
+             "données_µ.bin": os.urandom(1000), "a/x.zip": os.urandom(70_000)}
+    for rel, data in files.items():
+        with open(os.path.join(d, rel), "wb") as f:
+            f.write(data)
+    return d
+
+
+def passes(cfg, db, hosts=("daq", "archive"), n=2):
+    for _ in range(n):
+        for host in hosts:
+            run_pass(context(cfg, host, db))
+
+
+def buffer_datum(db, host="buffer"):
+    return next(d for d in db.collection.find_one({"number": 1})["data"] if d["host"] == host)
+
+
+@pytest.fixture
+def setup(tmp_path, live_sshd):
+    db = mongomock_db()
+    src = raw_tree(str(tmp_path / "daq"))
+    db.insert_run(run_doc(1, NAME, src))
+    return db, src
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_push_and_pull_over_ssh_end_transferred_with_equal_checksums(tmp_path, live_sshd, setup,
+                                                                     method):
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, method)
+    passes(cfg, db)
+    assert statuses(db, 1) == {("daq", "raw"): "transferred", ("buffer", "raw"): "transferred",
+                               ("archive", "raw"): "transferred"}
+    want = dirhash(src, "sha512")
+    assert {d["checksum"] for d in db.collection.find_one({"number": 1})["data"]} == {want}
+    for site in ("buffer", "archive"):
+        assert dirhash(str(tmp_path / site / NAME), "sha512") == want
+        assert os.path.getsize(tmp_path / site / NAME / "empty.bin") == 0
+        assert os.path.exists(tmp_path / site / NAME / "données_µ.bin")
+    # the push was verified where the data are (remote checksum), not by the buffer's own daemon
+    assert buffer_datum(db)["creation_place"] == "daq"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog):
+    db, _ = setup
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = config(tmp_path, live_sshd, method, known_hosts=str(empty))
+    passes(cfg, db, hosts=("daq",))
+    assert statuses(db, 1) == {("daq", "raw"): "transferred"}  # nothing claimed
+    assert os.listdir(tmp_path / "buffer") == []
+    assert any("host key" in r.getMessage().lower() for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sshd_killed_mid_copy_leaves_error_then_heals(tmp_path, live_sshd, setup, method,
+                                                      monkeypatch):
+    db, src = setup
+    with open(os.path.join(src, "big.bin"), "wb") as f:
+        f.write(os.urandom(64 << 20))
+    cfg = config(tmp_path, live_sshd, method)
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
+    from cax.tasks import copy as copymod
+    original = copymod._Copy._progress
+
+    def killing_progress(self, run, key, moved, bar):
+        inner = original(self, run, key, moved, bar)
+
+        def progress(n):
+            inner(n)
+            if moved[0] > (4 << 20) and live_sshd.running:
+                live_sshd.kill()
+        return progress
+
+    monkeypatch.setattr(copymod._Copy, "_progress", killing_progress)
+    run_pass(context(cfg, "daq", db))
+    d = buffer_datum(db)
+    # error, or already retrying (waiting for the site) with the reason kept
+    assert d["status"] in ("error", "retrying") and "buffer (127.0.0.1" in d["error"], d
+    assert not os.path.exists(tmp_path / "buffer" / NAME)  # nothing under the final name
+    monkeypatch.setattr(copymod._Copy, "_progress", original)
+    live_sshd.start()
+    passes(cfg, db, hosts=("daq",), n=2)
+    d = buffer_datum(db)
+    assert d["status"] == "transferred"
+    assert dirhash(str(tmp_path / "buffer" / NAME), "sha512") == dirhash(src, "sha512")
+    assert not [n for n in os.listdir(tmp_path / "buffer") if n != NAME]  # no partial left
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stalled_push_is_retried_up_to_max_retries(tmp_path, live_sshd, setup, method):
+    db, _ = setup
+    cfg = config(tmp_path, live_sshd, method)
+    passes(cfg, db, hosts=("daq",))
+    for attempt in (1, 2, 3):
+        db.collection.update_one({"number": 1, "data.host": "buffer"}, {"$set": {
+            "data.$.status": "transferring", "data.$.heartbeat": now() - timedelta(hours=2)}})
+        passes(cfg, db, hosts=("daq",))
+        run = db.collection.find_one({"number": 1})
+        assert run["retries"] == min(attempt, 2)
+    d = buffer_datum(db)
+    assert d["status"] == "error" and d["error_kind"] == "stalled"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_corrupt_pulled_copy_refetched_only_when_good_copy_exists(tmp_path, live_sshd, setup,
+                                                                  method):
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, method)
+    passes(cfg, db)
+    target = tmp_path / "archive" / NAME / "a" / "x.zip"
+    target.write_bytes(b"corrupt" + target.read_bytes()[7:])
+    db.collection.update_one({"number": 1, "data.host": "archive"},
+                             {"$set": {"data.$.checksum": dirhash(str(tmp_path / "archive" / NAME),
+                                                                  "sha512")}})
+    passes(cfg, db, hosts=("archive",))
+    assert buffer_datum(db, "archive")["status"] == "transferred"
+    assert dirhash(str(tmp_path / "archive" / NAME), "sha512") == dirhash(src, "sha512")
+    # now make the archive's the only copy, corrupt it again: flagged, left in place
+    run = db.collection.find_one({"number": 1})
+    db.collection.update_one({"_id": run["_id"]}, {"$pull": {"data": {"host": {"$ne": "archive"}}}})
+    target.write_bytes(b"corrupt" + target.read_bytes()[7:])
+    bad = dirhash(str(tmp_path / "archive" / NAME), "sha512")
+    db.collection.update_one({"number": 1, "data.host": "archive"},
+                             {"$set": {"data.$.checksum": bad}})
+    passes(cfg, db, hosts=("archive",))
+    d = buffer_datum(db, "archive")
+    assert d["status"] == "error" and d["error_kind"] == "checksum"
+    assert dirhash(str(tmp_path / "archive" / NAME), "sha512") == bad  # not deleted
