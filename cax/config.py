@@ -133,6 +133,7 @@ TOP_SCHEMA = {
         "task_list": {"type": "array", "items": {"type": "string"}},
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
         "interval": {"type": "number", "minimum": 0},
+        "wake_on_change": {"type": "boolean"},
         "lock_dir": _path,
     },
 }
@@ -189,6 +190,7 @@ class Config:
     task_list: Optional[list] = None
     dataset_list: Optional[list] = None
     interval: float = 60.0
+    wake_on_change: bool = False  # MongoDB change streams start a pass early
     lock_dir: Optional[str] = None
 
     def site(self, name: str) -> Site:
@@ -422,6 +424,7 @@ def parse(text: str, path: str) -> Config:
         task_list=doc.get("task_list"),
         dataset_list=doc.get("dataset_list"),
         interval=float(doc.get("interval", 60)),
+        wake_on_change=bool(doc.get("wake_on_change", False)),
         lock_dir=doc.get("lock_dir"),
     )
 

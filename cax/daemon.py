@@ -17,6 +17,7 @@ import time
 
 from cax.tasks import task_class
 from cax.tasks.base import Context
+from cax.wakeup import Waker
 
 log = logging.getLogger("cax.daemon")
 
@@ -98,6 +99,7 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 def run_loop(ctx: Context, *, once: bool, interval: float) -> None:
     install_signal_handlers(ctx.stop)
+    waker = None
     n = 0
     while not ctx.stop.is_set():
         n += 1
@@ -107,6 +109,10 @@ def run_loop(ctx: Context, *, once: bool, interval: float) -> None:
                  ctx.db.queries, ", ".join(f"{k}={v}" for k, v in stats.items()) or "none")
         if once:
             break
-        ctx.stop.wait(interval)
+        if waker is None:
+            waker = Waker(ctx.db.collection, getattr(ctx.config, "wake_on_change", False))
+        waker.wait(ctx.stop, interval)
+    if waker is not None:
+        waker.close()
     if ctx.stop.is_set():
         log.info("site=%s stopped cleanly", ctx.host)
