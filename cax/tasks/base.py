@@ -56,6 +56,8 @@ class Task:
 
     #: fields the task reads; None means the whole document
     projection: Optional[dict] = None
+    #: order in which candidate runs are visited
+    sort: tuple = (("number", 1),)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -76,7 +78,7 @@ class Task:
             return []
         if self.ctx.run_filter:
             q = {"$and": [q, self.ctx.run_filter]}
-        return self.db.find_runs(q, self.projection)
+        return self.db.find_runs(q, self.projection, sort=self.sort)
 
     # -- the pass ---------------------------------------------------------------------------
     def go(self) -> int:

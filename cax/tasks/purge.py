@@ -17,6 +17,7 @@ from cax.tasks.base import Task
 
 class _Purge(Task):
     projection = dict(deletion.PROJECTION, start=1)
+    sort = (("start", 1), ("number", 1))  # oldest first: a space-driven purge frees old data
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -46,14 +47,6 @@ class _Purge(Task):
             clauses.append(new)
         return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
-    def candidates(self):
-        """Oldest runs first, so a space-driven purge frees the oldest data."""
-        q = self.query()
-        if q is None:
-            return []
-        if self.ctx.run_filter:
-            q = {"$and": [q, self.ctx.run_filter]}
-        return self.db.find_runs(q, self.projection, sort=(("start", 1), ("number", 1)))
 
     def wants(self, datum) -> bool:
         raise NotImplementedError
