@@ -423,6 +423,8 @@ def main(argv=None):
     budget = args.naive_budget if args.naive_budget is not None else (5.0 if args.quick else 60.0)
     if args.prototype_compare_fix:
         prototype_compare_fix()
+    # SIGTERM unwinds like Ctrl-C, so the wire server and temporary directories are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import logging
 
     logging.basicConfig(level=logging.WARNING)

@@ -120,6 +120,9 @@ def main(argv=None):
     if args.child:
         child(args.child, args.prototype_compare_fix)
         return
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the server on SIGTERM
     sizes = [int(s) for s in (args.sizes or ("1000,10000" if args.quick
                                              else "1000,10000,100000")).split(",")]
     rows = []
