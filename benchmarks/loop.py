@@ -403,7 +403,7 @@ def runs_looked_at(rows: list) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 1000,10000; naive budget 5 s")
+    ap.add_argument("--quick", action="store_true", help="sizes 1000,5000; naive budget 3 s")
     ap.add_argument("--sizes", help="comma-separated run counts (default 1000,10000,100000)")
     ap.add_argument("--backend", default=None,
                     help="comma-separated: embedded,wire[,mongodb] (mongodb when "
@@ -416,11 +416,11 @@ def main(argv=None):
                          "previous pass (a monkeypatched prototype, see docs/performance.rst)")
     ap.add_argument("-v", "--verbose", action="store_true", help="raw results as JSON on stderr")
     args = ap.parse_args(argv)
-    sizes = [int(s) for s in (args.sizes or ("1000,10000" if args.quick
+    sizes = [int(s) for s in (args.sizes or ("1000,5000" if args.quick
                                              else "1000,10000,100000")).split(",")]
     backends = (args.backend or "embedded,wire" + (",mongodb" if os.environ.get(
         "CAX_TEST_MONGO_URI") else "")).split(",")
-    budget = args.naive_budget if args.naive_budget is not None else (5.0 if args.quick else 60.0)
+    budget = args.naive_budget if args.naive_budget is not None else (3.0 if args.quick else 60.0)
     if args.prototype_compare_fix:
         prototype_compare_fix()
     # SIGTERM unwinds like Ctrl-C, so the wire server and temporary directories are cleaned up

@@ -110,7 +110,7 @@ def table(rows: list) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 1000,10000")
+    ap.add_argument("--quick", action="store_true", help="sizes 1000,5000")
     ap.add_argument("--sizes", help="comma-separated run counts (default 1000,10000,100000)")
     ap.add_argument("--backend", default="wire,embedded", help="comma-separated: wire,embedded")
     ap.add_argument("--prototype-compare-fix", action="store_true",
@@ -123,7 +123,7 @@ def main(argv=None):
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the server on SIGTERM
-    sizes = [int(s) for s in (args.sizes or ("1000,10000" if args.quick
+    sizes = [int(s) for s in (args.sizes or ("1000,5000" if args.quick
                                              else "1000,10000,100000")).split(",")]
     rows = []
     for backend in args.backend.split(","):
