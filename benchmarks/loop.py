@@ -54,7 +54,8 @@ def make_docs(n: int, root: str) -> list:
         data = [{"host": h, "type": "raw", "status": "transferred", "checksum": ck,
                  "checksum_type": "sha512", "location": os.path.join(root, h, "raw", name),
                  "size": 10_000_000_000 + i, "creation_time": start + timedelta(hours=1),
-                 "creation_place": h, "source": None if h == "daq" else "daq"}
+                 "creation_place": h, "source": None if h == "daq" else "daq",
+                 "reference_checked": True}
                 for h in HOSTS]
         docs.append({"_id": i + 1, "number": i, "name": name, "detector": "tpc", "start": start,
                      "end": start + timedelta(minutes=30), "tags": [],
@@ -346,26 +347,6 @@ def one(backend: str, n: int, budget: float, uri: str | None, verbose: bool) -> 
         shutil.rmtree(root, ignore_errors=True)
 
 
-def prototype_compare_fix():
-    """What an idle pass costs once CompareChecksums stops returning every run.
-
-    Prototype only (cax itself is not changed): the task looks only at datums whose checksum was
-    written after its previous pass (``checksum_time``), not at every ``transferred`` datum.
-    """
-    from cax.runsdb import now
-    from cax.tasks.checksum import CompareChecksums
-
-    since = {}
-
-    def query(self):
-        t = since.get(self.host, now())
-        since[self.host] = now()
-        return {"data": {"$elemMatch": {"host": self.host, "status": "transferred",
-                                        "checksum_time": {"$gte": t}}}}
-
-    CompareChecksums.query = query
-
-
 # -- output -----------------------------------------------------------------------------------------
 
 def fmt_table(rows: list) -> str:
@@ -411,9 +392,6 @@ def main(argv=None):
     ap.add_argument("--naive-budget", type=float, default=None,
                     help="seconds of real naive queries per backend and size before "
                          "extrapolating (default 60, quick 5)")
-    ap.add_argument("--prototype-compare-fix", action="store_true",
-                    help="measure with CompareChecksums narrowed to datums checksummed after the "
-                         "previous pass (a monkeypatched prototype, see docs/performance.rst)")
     ap.add_argument("-v", "--verbose", action="store_true", help="raw results as JSON on stderr")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("1000,5000" if args.quick
@@ -421,8 +399,6 @@ def main(argv=None):
     backends = (args.backend or "embedded,wire" + (",mongodb" if os.environ.get(
         "CAX_TEST_MONGO_URI") else "")).split(",")
     budget = args.naive_budget if args.naive_budget is not None else (3.0 if args.quick else 60.0)
-    if args.prototype_compare_fix:
-        prototype_compare_fix()
     # SIGTERM unwinds like Ctrl-C, so the wire server and temporary directories are cleaned up
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import logging

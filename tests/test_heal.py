@@ -97,7 +97,8 @@ def test_corrupt_copy_refetched_when_good_copy_exists(tmp_path):
     corrupt(tmp_path, "archive")
     # the archive re-verifies (as after a bit flip found by a scrub): checksum now differs
     db.collection.update_one({"number": 1, "data.host": "archive"},
-                             {"$set": {"data.$.checksum": "f" * 128}})
+                             {"$set": {"data.$.checksum": "f" * 128},
+                              "$unset": {"data.$.reference_checked": ""}})
     run_pass(context(cfg, "archive", db))  # Compare flags, RetryBad removes, CopyPull re-fetches
     settle(cfg, db, "archive", 1)
     d, run = datum(db, "archive")

@@ -154,7 +154,8 @@ def test_corrupt_pulled_copy_refetched_only_when_good_copy_exists(tmp_path, live
     target.write_bytes(b"corrupt" + target.read_bytes()[7:])
     db.collection.update_one({"number": 1, "data.host": "archive"},
                              {"$set": {"data.$.checksum": dirhash(str(tmp_path / "archive" / NAME),
-                                                                  "sha512")}})
+                                                                  "sha512")},
+                              "$unset": {"data.$.reference_checked": ""}})
     passes(cfg, db, hosts=("archive",))
     assert buffer_datum(db, "archive")["status"] == "transferred"
     assert dirhash(str(tmp_path / "archive" / NAME), "sha512") == dirhash(src, "sha512")
@@ -164,7 +165,8 @@ def test_corrupt_pulled_copy_refetched_only_when_good_copy_exists(tmp_path, live
     target.write_bytes(b"corrupt" + target.read_bytes()[7:])
     bad = dirhash(str(tmp_path / "archive" / NAME), "sha512")
     db.collection.update_one({"number": 1, "data.host": "archive"},
-                             {"$set": {"data.$.checksum": bad}})
+                             {"$set": {"data.$.checksum": bad},
+                              "$unset": {"data.$.reference_checked": ""}})
     passes(cfg, db, hosts=("archive",))
     d = buffer_datum(db, "archive")
     assert d["status"] == "error" and d["error_kind"] == "checksum"

@@ -55,6 +55,7 @@ def verify(task, run_id, key, compute) -> None:
                           f"{algorithm} checksum {digest[:16]}... differs from reference "
                           f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
         return
+    fields["reference_checked"] = True
     if db.set_status(run_id, key, "verifying", "transferred", **fields):
         task.log(logging.INFO, run, f"verified, {algorithm} {digest[:16]}...", datum=key)
 
@@ -86,28 +87,39 @@ class AddChecksum(Task):
 
 
 class CompareChecksums(Task):
-    """Flag a copy here whose recorded checksum differs from the reference."""
+    """Flag a copy here whose recorded checksum differs from the reference.
+
+    Copies verified by this cax were compared when they became ``transferred`` and carry
+    ``reference_checked``; only datums without it (written by older tools, or whose checksum a
+    scrub rewrote and unflagged) are read, and each is flagged once it matches. So an idle pass
+    reads no runs, instead of every run with data here.
+    """
 
     projection = {"name": 1, "number": 1, "data": 1, "references": 1}
 
     def query(self):
-        return {"data": {"$elemMatch": {"host": self.host, "status": "transferred"}}}
+        return {"data": {"$elemMatch": {"host": self.host, "status": "transferred",
+                                        "reference_checked": {"$ne": True}}}}
 
     def each_location(self, run, datum):
-        if datum["host"] != self.host or datum.get("status") != "transferred":
+        if datum["host"] != self.host or datum.get("status") != "transferred" \
+                or datum.get("reference_checked"):
             return
         ref = reference(run, datum["type"], datum.get("pax_version"))
         if ref is None or not datum.get("checksum"):
             return
         if datum.get("checksum_type", "sha512") != ref.get("checksum_type", "sha512"):
             return  # compare like with like only
-        if datum["checksum"] != ref["checksum"]:
-            key = {"host": self.host, "type": datum["type"]}
-            if datum.get("pax_version") is not None:
-                key["pax_version"] = datum["pax_version"]
-            if self.dry_run:
-                self.log(logging.WARNING, run, "dry-run: would flag checksum mismatch", datum=key)
-                return
-            self.record_error(run, key, "transferred",
-                              f"checksum {datum['checksum'][:16]}... differs from reference "
-                              f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
+        key = {"host": self.host, "type": datum["type"]}
+        if datum.get("pax_version") is not None:
+            key["pax_version"] = datum["pax_version"]
+        if datum["checksum"] == ref["checksum"]:
+            self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",
+                                 {"reference_checked": True})
+            return
+        if self.dry_run:
+            self.log(logging.WARNING, run, "dry-run: would flag checksum mismatch", datum=key)
+            return
+        self.record_error(run, key, "transferred",
+                          f"checksum {datum['checksum'][:16]}... differs from reference "
+                          f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
