@@ -41,7 +41,7 @@ def _status() -> dict:
     return out
 
 
-def child(config_path: str, compare_fix: bool) -> None:
+def child(config_path: str) -> None:
     """The measured process: connect, one pass at each site, report memory as JSON."""
     import logging
 
@@ -51,8 +51,6 @@ def child(config_path: str, compare_fix: bool) -> None:
     from cax.runsdb import connect
     from cax.tasks.base import Context
 
-    if compare_fix:
-        loop.prototype_compare_fix()
     imported = _status()["VmRSS"]
     config = cfgmod.load(config_path)
     t = time.perf_counter()
@@ -74,15 +72,13 @@ def child(config_path: str, compare_fix: bool) -> None:
                       "connect_s": connect_s, "pass_s": pass_s, "runs_looked_at": looked}))
 
 
-def measure(backend: str, n: int, uri: str | None, compare_fix: bool) -> dict:
+def measure(backend: str, n: int, uri: str | None) -> dict:
     root = tempfile.mkdtemp(prefix=f"cax-mem-{backend}-{n}-")
     try:
         config, db, _ = loop.build(backend, n, root, uri)
         cfg_path = os.path.join(root, "cax.json")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, os.path.abspath(__file__), "--child", cfg_path]
-        if compare_fix:
-            cmd.append("--prototype-compare-fix")
         if backend == "embedded":
             db.collection._client.close()  # the child opens the file itself
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -113,12 +109,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="sizes 1000,5000")
     ap.add_argument("--sizes", help="comma-separated run counts (default 1000,10000,100000)")
     ap.add_argument("--backend", default="wire,embedded", help="comma-separated: wire,embedded")
-    ap.add_argument("--prototype-compare-fix", action="store_true",
-                    help="CompareChecksums narrowed as in benchmarks/loop.py (prototype)")
     ap.add_argument("--child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.prototype_compare_fix)
+        child(args.child)
         return
     import signal
 
@@ -135,7 +129,7 @@ def main(argv=None):
                 uri = server.uri
             for n in sizes:
                 t = time.perf_counter()
-                rows.append(measure(backend, n, uri, args.prototype_compare_fix))
+                rows.append(measure(backend, n, uri))
                 print(f"{backend} N={n:,}: {time.perf_counter() - t:.1f} s", file=sys.stderr,
                       flush=True)
         finally:

@@ -464,6 +464,9 @@ _ops = st.one_of(
     st.tuples(st.just("inc"), st.integers(0, 5)),
     st.tuples(st.just("delete"), st.integers(0, 5)),
     st.tuples(st.just("rename"), st.integers(0, 5), st.integers(0, 5)),
+    # task-shaped queries: the embedded store answers repeated filters from incremental views
+    st.tuples(st.just("find"), st.integers(0, 5), _hosts, _types, _status),
+    st.tuples(st.just("find_missing"), st.integers(0, 5), _hosts, _types),
 )
 
 
@@ -489,12 +492,20 @@ def _apply(coll, op):
             return coll.delete_one({"number": n}).deleted_count
         if kind == "rename":  # may violate the unique index on number
             return coll.update_one({"_id": f"r{n}"}, {"$set": {"number": op[2]}}).modified_count
+        if kind == "find":
+            return sorted(d["_id"] for d in coll.find(
+                {"number": {"$gte": n}, "data": {"$elemMatch": {
+                    "host": op[2], "type": op[3], "status": op[4]}}}, {"_id": 1}))
+        if kind == "find_missing":
+            return sorted(d["_id"] for d in coll.find(
+                {"number": {"$lte": n}, "data": {"$not": {"$elemMatch": {
+                    "host": op[2], "type": op[3]}}}}, {"number": 1}))
     except DuplicateKeyError:
         return "dup"
     raise AssertionError(op)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.booleans(), _ops), max_size=25))
 def test_embedded_matches_mongomock_through_two_handles(tmp_path_factory, ops):
     import mongomock
@@ -514,6 +525,44 @@ def test_embedded_matches_mongomock_through_two_handles(tmp_path_factory, ops):
     finally:
         for h in handles:
             h.database.client.close()
+
+
+def test_embedded_repeated_queries_see_every_change(tmp_path):
+    """The embedded store answers a repeated filter from a view kept up to date incrementally:
+    after each kind of change (own write, another handle's write, insert, delete, pull), the same
+    filter must give what a fresh handle scanning the file gives, in the same order."""
+    path = tmp_path / "x.sqlite"
+    me, other = open_collection(path), open_collection(path)
+    me.insert_many([_run(i, RAW_A) for i in range(6)])
+    flt = {"data": {"$elemMatch": {"host": "b", "status": "transferring"}}}
+    missing = {"data": {"$not": {"$elemMatch": {"host": "b"}}}}
+
+    def check():
+        fresh = open_collection(path)
+        try:
+            for f in (flt, missing):
+                assert [d["number"] for d in me.find(f)] == [d["number"] for d in fresh.find(f)]
+                assert me.count_documents(f) == fresh.count_documents(f)
+        finally:
+            fresh.database.client.close()
+
+    check()
+    _claim(me, me.find_one({"number": 1})["_id"], {"host": "b"}, RAW_B)  # own write
+    check()
+    _claim(other, other.find_one({"number": 4})["_id"], {"host": "b"}, RAW_B)  # another's
+    check()
+    me.update_one({"number": 1, "data.host": "b"}, {"$set": {"data.$.status": "verifying"}})
+    check()
+    other.insert_one(_run(9, RAW_B))
+    check()
+    me.delete_one({"number": 4})
+    check()
+    other.update_one({"number": 9}, {"$pull": {"data": {"host": "b"}}})
+    check()
+    assert [d["number"] for d in me.find(flt)] == []
+    assert [d["number"] for d in me.find(missing)] == [0, 2, 3, 5, 9]
+    for h in (me, other):
+        h.database.client.close()
 
 
 def _die_holding_write_lock(path, ready):

@@ -85,6 +85,8 @@ def _index_keys(key_or_list, direction=None) -> list:
 
 
 _NO_ID = object()
+_MAX_VIEWS = 64          # distinct filters remembered (a pass uses about a dozen)
+_MAX_CHANGES = 10_000    # changed documents remembered before the views are rebuilt from scratch
 
 
 def _cache_key(_id):
@@ -183,6 +185,17 @@ class EmbeddedCollection:
     def _reset_cache(self):
         self._mm = mongomock.MongoClient(tz_aware=True)["db"]["c"]
         self._seen = 0
+        # Query views (see _view): filter -> [matching cache keys, position in _changes].
+        self._views: dict[bytes, list] = {}
+        self._changes: list = []  # cache keys of documents changed since the views were built
+
+    def _changed(self, keys: Iterable) -> None:
+        """Note documents whose content changed, so the views re-check just these."""
+        if self._views:
+            self._changes.extend(keys)
+            if len(self._changes) > max(_MAX_CHANGES, len(self._store())):
+                self._views.clear()  # cheaper to rebuild than to replay
+                self._changes.clear()
 
     def _sync(self):
         """Bring the mongomock cache up to the last committed state in the file.
@@ -203,10 +216,11 @@ class EmbeddedCollection:
         # mongomock's own insert/delete would rescan the whole collection per document.
         store = self._store()
         if self._seen:
-            for r in rows:
-                key = _cache_key(bson.decode(r[0])["_id"])
+            keys = [_cache_key(bson.decode(r[0])["_id"]) for r in rows]
+            for key in keys:
                 if key in store:
                     del store[key]
+            self._changed(keys)
         for r in rows:
             if r[2] is not None:
                 doc = bson.decode(r[2], _DECODE)
@@ -228,18 +242,61 @@ class EmbeddedCollection:
     def _engine(self, filter) -> Any:
         """The mongomock collection to run ``filter`` on.
 
-        mongomock scans every document for every query. A filter that pins ``_id`` to one value (how
-        tasks read a run fresh and how they claim and update datums) can only match that document,
-        so it runs on a scratch collection holding just it: O(1) instead of O(collection).
+        mongomock scans every document for every query, in Python (tens of microseconds each). A
+        filter that pins ``_id`` to one value (how tasks read a run fresh and how they claim and
+        update datums) can only match that document, so it runs on a scratch collection holding
+        just it: O(1) instead of O(collection). Any other filter runs on a scratch collection of
+        the documents its view says match (see ``_view``), in the cache's own order.
         """
         _id = filter.get("_id", _NO_ID) if isinstance(filter, Mapping) else _NO_ID
+        store = self._store()
         if _id is _NO_ID or (isinstance(_id, Mapping) and any(str(k).startswith("$") for k in _id)):
-            return self._mm
+            matching = self._view(filter)
+            if matching is None:
+                return self._mm
+            keys = matching if len(matching) < 2 else [k for k in store._documents if k in matching]
+        else:
+            keys = [_cache_key(_id)]
         scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-        key, store = _cache_key(_id), self._store()
-        if key in store:
-            scratch._store[key] = store[key]  # not copied: mongomock copies what find returns
+        for key in keys:
+            if key in store:
+                scratch._store[key] = store[key]  # not copied: mongomock copies what find returns
         return scratch
+
+    def _view(self, filter) -> set | None:
+        """The cache keys of the documents matching ``filter``, kept up to date incrementally.
+
+        Why: a daemon asks the same dozen task queries every pass, and between two passes only a
+        few runs change. The first time a filter is seen, mongomock scans the whole cache once;
+        afterwards only the documents changed since (``_changed``, fed by every sync and every
+        write of this process) are matched again. So a repeated query costs O(changed documents)
+        of matching, plus one dict walk to keep the cache's order, not O(N) of mongomock
+        filtering. A filter is matched per document, so matching a document alone (in a scratch
+        collection) gives the same answer as matching it among all. ``None``: not cacheable
+        (a filter BSON cannot encode); the caller scans.
+        """
+        try:
+            fkey = bson.encode(filter)
+        except Exception:
+            return None
+        view = self._views.pop(fkey, None)
+        if view is None:
+            view = [{_cache_key(d["_id"]) for d in self._mm.find(filter, {"_id": 1})},
+                    len(self._changes)]
+            if len(self._views) >= _MAX_VIEWS:
+                del self._views[next(iter(self._views))]  # least recently used
+        elif view[1] < len(self._changes):
+            pending = set(self._changes[view[1]:])
+            view[0] -= pending
+            store = self._store()
+            scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
+            for key in pending:
+                if key in store:
+                    scratch._store[key] = store[key]
+            view[0] |= {_cache_key(d["_id"]) for d in scratch.find(filter, {"_id": 1})}
+            view[1] = len(self._changes)
+        self._views[fkey] = view
+        return view[0]
 
     def _next_seq(self) -> int:
         seq = self._conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0] + 1
@@ -249,6 +306,8 @@ class EmbeddedCollection:
     def _persist(self, ids: Iterable, deleted: Iterable = ()):
         """Write the cache's current version of ``ids`` (and tombstones for ``deleted``)."""
         store = self._store()
+        ids, deleted = list(ids), list(deleted)
+        self._changed(_cache_key(_id) for _id in ids + deleted)
         rows = [(_id_key(_id), bson.encode(store[_cache_key(_id)])) for _id in ids]
         rows += [(_id_key(_id), None) for _id in deleted]
         for key, doc in rows:
