@@ -291,6 +291,8 @@ def config_check(ctx, config_path, host):
     host = host or cfgmod.default_host()
     if host in config.sites:
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
+        from cax.tasks.process import describe
+        click.echo(describe(config.site(host)))
     else:
         click.echo(f"this host: {host} is not a site in the config (use --host); "
                    f"known: {', '.join(config.sites)}")

@@ -331,6 +331,12 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
                 check_template(processing["command"])
             except ValueError as e:
                 raise ConfigError(f"{_where(path, name, 'processing.command')}: {e}")
+        # the same checks a Job makes: found at submit time they would fail every run
+        from cax.batch.base import RESOURCE_KEYS, resource_problem
+        for key in RESOURCE_KEYS:
+            problem = resource_problem(key, processing.get(key))
+            if problem:
+                raise ConfigError(f"{_where(path, name, 'processing.' + key)}: {problem}")
 
     mode = raw.get("mode")
     return Site(

@@ -397,6 +397,47 @@ def test_processing_config_normalised_and_checked(tmp_path):
         load({"versions": ["v1"], "command": ["p"], "backend": "condor"})
 
 
+@pytest.mark.parametrize("key, value", [
+    ("walltime", "forever"), ("walltime", 0), ("walltime", "1:xx"),
+    ("partition", "gpu queue"), ("partition", "-p"), ("account", "a;b"), ("qos", ""),
+    ("mem_per_cpu", "lots"), ("mem_per_cpu", 0), ("mem_per_cpu", "2 G"),
+])
+def test_bad_job_resources_refused_at_load(tmp_path, key, value):
+    """Found only at submit time, a bad resource turned every run into an error datum."""
+    from cax.cli import cli
+
+    doc = {"sites": [{"name": "s", "directory": str(tmp_path),
+                      "processing": {"versions": ["v1"], "command": ["p"], key: value}}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(cfgmod.ConfigError) as err:
+        cfgmod.load(str(path))
+    assert str(err.value).startswith(f"{path}: site 's': key 'processing.{key}': invalid {key}")
+    assert "\n" not in str(err.value)
+    res = CliRunner().invoke(cli, ["config", "check", "--config", str(path), "--host", "s"])
+    assert res.exit_code == 2 and f"key 'processing.{key}'" in res.output
+
+
+def test_config_check_shows_the_processing_section(tmp_path):
+    from cax.cli import cli
+
+    doc = {"sites": [{"name": "s", "directory": str(tmp_path),
+                      "processing": {"backend": "slurm", "versions": ["v1", "v2"], "command": ["p"],
+                                     "walltime": "2-00:00:00", "mem_per_cpu": "2G",
+                                     "partition": "xenon1t", "max_queued": 5}},
+                     {"name": "t", "directory": str(tmp_path / "t")}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["config", "check", "--config", str(path), "--host", "s"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("processing at s:"))
+    for part in ("backend=slurm", "versions=v1,v2", "walltime=2-00:00:00", "mem_per_cpu=2G",
+                 "partition=xenon1t", "max_queued=5", "max_retries=3", "command=p"):
+        assert part in line.split(), line
+    res = CliRunner().invoke(cli, ["config", "check", "--config", str(path), "--host", "t"])
+    assert "processing at t: none (no processing section)" in res.output
+
+
 # -- massive-cax -----------------------------------------------------------------------------------
 def test_massive_dry_run_and_throttle(local_site):
     from cax.processing import massive

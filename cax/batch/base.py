@@ -72,6 +72,39 @@ def safe_job_name(*parts: str) -> str:
     return name
 
 
+RESOURCE_KEYS = ("mem_per_cpu", "walltime", "partition", "account", "qos")
+_SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,+][A-Za-z0-9_.,+-]*$")
+_MEM = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+
+
+def resource_problem(key: str, value) -> Optional[str]:
+    """Why ``value`` is not a usable job resource ``key``, or None when it is (or is unset).
+
+    Shared by :class:`Job` and the config loader: a bad walltime or partition found only at submit
+    time turns every run into an ``error`` datum, so the config refuses it when it is loaded.
+    """
+    if value is None:
+        return None
+    if key == "walltime":
+        try:
+            seconds = walltime_seconds(value)
+        except (ValueError, TypeError):
+            seconds = None
+        if seconds is None or seconds <= 0:
+            return (f"invalid walltime {value!r} (minutes, or MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                    f"D-HH:MM:SS)")
+        return None
+    if key == "mem_per_cpu":
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not _MEM.match(str(value)):
+            return f"invalid mem_per_cpu {value!r} (megabytes, or a size such as \"2000M\", \"2G\")"
+        return None
+    if key in ("partition", "account", "qos"):
+        if not isinstance(value, str) or not _SLURM_WORD.match(value):
+            return f"invalid {key} {value!r} (letters, digits and _.,+-; no spaces)"
+        return None
+    raise KeyError(key)
+
+
 @dataclass
 class Job:
     """One batch job.
@@ -110,11 +143,10 @@ class Job:
         self.env_setup = [str(line) for line in self.env_setup]
         if not isinstance(self.ncpus, int) or self.ncpus < 1:
             raise ValueError(f"Job.ncpus must be a positive int, not {self.ncpus!r}")
-        for attr in ("partition", "account", "qos"):
-            value = getattr(self, attr)
-            if value is not None and (not isinstance(value, str) or not re.match(r"^[A-Za-z0-9_.,+-]+$", value)
-                                      or value.startswith("-")):
-                raise ValueError(f"invalid Job.{attr} {value!r}")
+        for attr in RESOURCE_KEYS:
+            problem = resource_problem(attr, getattr(self, attr))
+            if problem:
+                raise ValueError(f"Job.{attr}: {problem}")
 
     def walltime_seconds(self) -> Optional[int]:
         """The walltime in seconds, or None when unset."""

@@ -80,6 +80,21 @@ def settings(site) -> dict:
     return p
 
 
+def describe(site) -> str:
+    """One line for ``cax config check``: the resolved processing settings, so an admin sees the
+    defaults a job will really get (backend, resources, limits) before any job is submitted."""
+    if not site.processing:
+        return f"processing at {site.name}: none (no processing section)"
+    p = settings(site)
+    shown = ["backend", "versions", "ncpus", "mem_per_cpu", "walltime", "partition", "account",
+             "qos", "max_queued", "max_retries", "submit_grace", "output_dir", "log_dir"]
+    parts = [f"{k}={','.join(p[k]) if isinstance(p[k], list) else p[k]}" for k in shown
+             if p.get(k) is not None]
+    if p.get("command"):
+        parts.append("command=" + " ".join(p["command"]))
+    return f"processing at {site.name}: " + " ".join(parts)
+
+
 def open_backend(p: dict):
     """The site's batch backend with only the options that backend understands."""
     if p["backend"] == "slurm":
