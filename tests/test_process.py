@@ -81,7 +81,7 @@ class Site:
         self.cfg = None
         self.db = None
 
-    def configure(self, command, **processing):
+    def configure(self, command, site_fields=None, **processing):
         proc = {"backend": self.backend_name, "versions": [VERSION], "command": command,
                 "log_dir": str(self.tmp / "logs"), "max_retries": 0, **processing}
         if self.backend_name == "local":
@@ -91,7 +91,8 @@ class Site:
             proc.setdefault("script_dir", str(self.tmp / "scripts"))
         doc = {"runs_db": self.uri, "collection": self.collection,
                "sites": [{"name": self.host, "directory": str(self.data),
-                          "data_type": ["raw", "processed"], "processing": proc}]}
+                          "data_type": ["raw", "processed"], "processing": proc,
+                          **(site_fields or {})}]}
         path = self.tmp / "cax.json"
         path.write_text(json.dumps(doc))
         self.cfg = str(path)
@@ -234,7 +235,7 @@ def test_failing_command_ends_error_with_exit_code_and_tail(site):
 
 
 def test_cancelled_job_found_dead_retried_within_max_retries(site):
-    site.configure(SLEEP, max_retries=1)
+    site.configure(SLEEP, site_fields={"retry_delay": 0}, max_retries=1)
     site.add_run(3)
     backend = site.backend()
     site.run_pass()
@@ -262,6 +263,67 @@ def test_cancelled_job_found_dead_retried_within_max_retries(site):
     assert f"batch job {second} ended CANCELLED" in d["error"]
     assert len(site.run(3)["processing_retries"]) == 1
     assert len(site.jobs()) == 2
+
+
+def backdate_error(site, number, seconds):
+    site.db.collection.update_one(
+        {"number": number, "data": {"$elemMatch": {"type": "processed", "status": "error"}}},
+        {"$set": {"data.$.error_time": datetime.now(timezone.utc) - timedelta(seconds=seconds)}})
+
+
+def test_failed_attempt_retried_only_after_retry_delay(local_site):
+    s = local_site.configure(FAIL, site_fields={"retry_delay": 1000}, max_retries=2)
+    s.add_run(71)
+    s.run_pass()
+    wait_until(lambda: s.status(71) == "error", 60, "the job to record its failure", site=s)
+    wait_until(lambda: not s.backend().queued("cax-proc-"), 30, "the job to end")
+    s.run_pass()  # failed a moment ago: no retry yet
+    assert s.status(71) == "error" and not s.run(71).get("processing_retries")
+    assert len(s.jobs()) == 1
+    backdate_error(s, 71, 1001)
+    s.run_pass()
+    assert len(s.run(71)["processing_retries"]) == 1 and len(s.jobs()) == 2
+    wait_until(lambda: s.status(71) == "error", 60, "the second job to record its failure", site=s)
+    wait_until(lambda: not s.backend().queued("cax-proc-"), 30, "the second job to end")
+    backdate_error(s, 71, 1001)  # the second retry waits twice as long
+    s.run_pass()
+    assert len(s.run(71)["processing_retries"]) == 1 and len(s.jobs()) == 2
+    backdate_error(s, 71, 2001)
+    s.run_pass()
+    assert len(s.run(71)["processing_retries"]) == 2 and len(s.jobs()) == 3
+
+
+@pytest.mark.slurm
+def test_refused_submission_uses_no_retry_and_waits(tmp_path, wire_uri, slurm):
+    """sbatch refuses a partition the cluster does not have: the processor never ran, so the
+    attempt must not use up max_retries, and the next submission waits retry_delay."""
+    s = Site(tmp_path, wire_uri, "slurm", slurm)
+    try:
+        s.configure(COPY, site_fields={"retry_delay": 600}, partition="nosuchpartition",
+                    max_retries=0)
+        s.add_run(72)
+        s.run_pass()
+        d = s.datum(72)
+        assert d["status"] == "error" and d["error_kind"] == "submit", d
+        assert "submit failed" in d["error"] and "partition" in d["error"].lower()
+        assert s.jobs() == []
+        s.run_pass()  # within retry_delay: nothing happens
+        assert s.datum(72)["error_time"] == d["error_time"]
+        backdate_error(s, 72, 601)
+        s.run_pass()  # resubmitted although max_retries is 0, refused again, still not counted
+        d2 = s.datum(72)
+        assert d2["status"] == "error" and d2["error_kind"] == "submit"
+        assert d2["error_time"] > d["error_time"]
+        assert not s.run(72).get("processing_retries")
+
+        # the partition fixed: the next submission after the delay runs and succeeds
+        s.configure(COPY, site_fields={"retry_delay": 600}, max_retries=0)
+        backdate_error(s, 72, 601)
+        s.run_pass()
+        wait_until(lambda: s.status(72) in ("transferred", "error"), 60, "the job", site=s)
+        assert s.status(72) == "transferred", s.datum(72).get("error")
+    finally:
+        s.cleanup()
 
 
 def test_max_queued_and_donotprocess(site):

@@ -19,6 +19,7 @@ import logging
 import os
 import string
 import sys
+from datetime import timezone
 from typing import Optional
 
 from cax import paths
@@ -257,21 +258,45 @@ class ProcessBatchQueue(Task):
 
     # -- retries ----------------------------------------------------------------------------
     def retry(self, run, key, datum, version) -> bool:
-        """Pull a failed datum so it is submitted again, at most ``max_retries`` times.
+        """Pull a failed datum so it is submitted again, at most ``max_retries`` times, each after
+        the site's ``retry_delay`` (doubled per counted retry), as copies wait.
 
         Only datums processed here are retried; a failed *copy* of processed data (it has a
-        ``source``) belongs to the copy tasks."""
+        ``source``) belongs to the copy tasks. A submission the batch system refused or could not
+        take (``error_kind`` ``submit``) never ran the processor: it is retried after the delay
+        without using up a retry, so a mistyped partition or an sbatch outage fixed in the morning
+        does not leave every run of the night ``error`` for good."""
         if datum.get("source"):
             return False
+        submit_failed = datum.get("error_kind") == "submit"
         done = retries_of(run, version)
-        if done >= self.p["max_retries"]:
+        if not submit_failed and done >= self.p["max_retries"]:
             self.log(logging.DEBUG, run, f"failed {done + 1} times, no retries left "
                      f"(max_retries {self.p['max_retries']}); stays error", datum=key)
             return False
+        wait = self.site.retry_delay * 2 ** done
+        failed_at = datum.get("error_time")
+        if failed_at is not None:
+            if failed_at.tzinfo is None:
+                failed_at = failed_at.replace(tzinfo=timezone.utc)
+            if (now() - failed_at).total_seconds() < wait:
+                self.log(logging.DEBUG, run, f"retry waits {wait:.0f} s after the failure at "
+                         f"{failed_at.isoformat(timespec='seconds')}", datum=key)
+                return False
         if self.dry_run:
-            self.log(logging.INFO, run, f"dry-run: would retry (attempt {done + 2})", datum=key)
+            self.log(logging.INFO, run, "dry-run: would submit again" if submit_failed
+                     else f"dry-run: would retry (attempt {done + 2})", datum=key)
             return False
         match = dict(key, status="error")
+        if submit_failed:
+            match["error_kind"] = "submit"
+            if not self.db._write(f"resubmit {version}",
+                                  {"_id": run["_id"], "data": {"$elemMatch": match}},
+                                  {"$pull": {"data": match}}):
+                return False
+            self.log(logging.INFO, run, f"submitting again (not counted as a retry) after: "
+                     f"{datum.get('error')}", datum=key)
+            return True
         attempt = {"pax_version": version, "time": now(), "host": self.host,
                    "error": datum.get("error"), "job_id": datum.get("job_id")}
         # one update: the pull and its record happen together or not at all
@@ -314,10 +339,11 @@ class ProcessBatchQueue(Task):
                       workdir=self.p["log_dir"])
             job_id = self.backend().submit(job)
         except BackendUnavailable as e:
-            self.record_error(run, key, "processing", f"batch system unavailable: {e}")
+            self.record_error(run, key, "processing", f"batch system unavailable: {e}",
+                              kind="submit")
             raise
         except (BatchError, OSError, ValueError, TypeError) as e:
-            self.record_error(run, key, "processing", f"submit failed: {e}")
+            self.record_error(run, key, "processing", f"submit failed: {e}", kind="submit")
             return
         self._submitted += 1
         # any status: a fast job may already have moved its datum on
