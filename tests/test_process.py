@@ -23,6 +23,7 @@ from cax.batch import ACTIVE_STATES, FINAL_STATES, RUNNING, get_backend
 from cax.checksum import checksum
 from cax.runsdb import connect
 from cax.tasks.base import Context
+from cax.processing import ProcessRun
 from cax.tasks.process import ProcessBatchQueue, fill_command
 from tests.conftest import missing_component
 
@@ -416,6 +417,74 @@ def test_cax_process_by_hand_failure(local_site):
                          timeout=60)
     assert res.returncode == 3
     assert s.status(9) == "error" and "exited with code 3" in s.datum(9)["error"]
+
+
+RANDOM_OUTPUT = [PY, "-c", "import os, sys; os.makedirs(sys.argv[1]); "
+                 "open(os.path.join(sys.argv[1], 'out.bin'), 'wb').write(os.urandom(64))", "{output}"]
+
+
+def two_processing_sites(tmp_path, uri, command):
+    """Sites a and b in one Runs DB collection, each with its own raw copy and processing."""
+    names = ["a" + uuid.uuid4().hex[:6], "b" + uuid.uuid4().hex[:6]]
+    sites = [{"name": n, "directory": str(tmp_path / n), "data_type": ["raw", "processed"],
+              "processing": {"versions": [VERSION], "command": command,
+                             "log_dir": str(tmp_path / n / "logs")}} for n in names]
+    path = tmp_path / "cax.json"
+    path.write_text(json.dumps({"runs_db": uri, "collection": "runs_" + uuid.uuid4().hex[:8],
+                                "sites": sites}))
+    config = cfgmod.load(str(path))
+    return config, connect(config), names
+
+
+def test_second_site_output_of_the_same_version_is_its_own_origin(tmp_path, wire_uri):
+    """Processors are not bit-reproducible: a second site's output of a version differs from the
+    first site's, and must not be flagged against it; a copy still must equal the reference."""
+    from cax.processing import process
+    from cax.tasks.checksum import CompareChecksums, verify
+
+    config, db, (a, b) = two_processing_sites(tmp_path, wire_uri, RANDOM_OUTPUT)
+    data = []
+    for host in (a, b):
+        raw = tmp_path / host / "160315_0081"
+        raw.mkdir(parents=True)
+        (raw / "f.bin").write_bytes(b"raw")
+        data.append({"host": host, "type": "raw", "status": "transferred", "location": str(raw),
+                     "checksum": checksum(str(raw)), "checksum_type": "sha512"})
+    db.insert_run({"number": 81, "name": "160315_0081", "detector": "tpc", "data": data})
+
+    def datum(host):
+        run = db.collection.find_one({"number": 81})
+        return next(d for d in run["data"] if d["host"] == host and d["type"] == "processed")
+
+    assert process(config, a, 81, VERSION, db=db) == 0
+    assert process(config, b, 81, VERSION, db=db) == 0
+    da, dbb = datum(a), datum(b)
+    assert da["status"] == dbb["status"] == "transferred", (da.get("error"), dbb.get("error"))
+    assert da["checksum"] != dbb["checksum"]  # really different outputs
+    assert dbb["checksum"] == checksum(dbb["location"]) and dbb["reference_checked"] is True
+    refs = db.collection.find_one({"number": 81})["references"]
+    assert [(r["host"], r["checksum"]) for r in refs] == [(a, da["checksum"])]
+
+    # CompareChecksums leaves b's own output alone, also when an older tool wrote it unflagged
+    key_b = {"host": b, "type": "processed", "pax_version": VERSION}
+    db.collection.update_one({"number": 81, "data": {"$elemMatch": key_b}},
+                             {"$unset": {"data.$.reference_checked": ""}})
+    CompareChecksums(Context(config=config, host=b, db=db)).go()
+    assert datum(b)["status"] == "transferred" and datum(b)["reference_checked"] is True
+
+    # a copy (it has a source) of this version that differs from the reference is still an error
+    copy_dir = tmp_path / b / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "out.bin").write_bytes(b"not what a wrote")
+    key_copy = {"host": b, "type": "processed", "pax_version": "v-copy"}
+    db.collection.update_one({"number": 81}, {"$push": {
+        "references": {"type": "processed", "pax_version": "v-copy", "checksum": da["checksum"],
+                       "checksum_type": "sha512", "host": a},
+        "data": dict(key_copy, status="verifying", location=str(copy_dir), source=a)}})
+    verify(ProcessRun(Context(config=config, host=b, db=db)), db.collection.find_one({"number": 81})["_id"],
+           key_copy, lambda algo: checksum(str(copy_dir), algo))
+    d = next(x for x in db.collection.find_one({"number": 81})["data"] if x.get("pax_version") == "v-copy")
+    assert d["status"] == "error" and d["error_kind"] == "checksum" and "differs from reference" in d["error"]
 
 
 def test_fill_command_keeps_arguments_whole():
