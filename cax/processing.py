@@ -278,9 +278,19 @@ def massive_job(config, host, p, run) -> Job:
 
 def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interval=60.0,
                    timeout=None, dry_run=False, echo=click.echo, backend=None) -> int:
-    """Submit the runs' jobs, waiting for room in the queue; returns how many are left unsubmitted."""
-    p = settings(config.site(host))
+    """Submit the runs' jobs, waiting for room in the queue; returns how many are left unsubmitted.
+
+    Raises ValueError before submitting anything when the site cannot take massive jobs: without
+    a processing section the jobs would silently run on this host (the local backend is only the
+    default of a section that exists), and a limit of 0 would wait forever."""
+    site = config.site(host)
+    if not site.processing:
+        raise ValueError(f"site {host} has no processing section (set processing.backend)")
+    p = settings(site)
     limit = p.get("max_queued") if max_queued is None else max_queued
+    if limit is not None and limit < 1:
+        raise ValueError(f"site {host}: processing.max_queued is {limit}, so no job could ever be "
+                         f"submitted; pass --max-queued N (at least 1)")
     jobs = [massive_job(config, host, p, r) for r in runs]
     if dry_run:
         for job in jobs:
@@ -318,6 +328,10 @@ def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interv
         if left is not None and left <= 0:
             echo(f"timed out waiting for room in the queue; {len(pending)} run(s) not submitted")
             break
+        # a silent wait of hours looks like a hang: say what is waited for, once per look
+        echo(f"queue full ({len(queued)} cax job(s) queued, limit {limit}); {len(pending)} run(s) "
+             f"waiting; looking again in {interval:g} s"
+             + ("" if left is None else f" (giving up in {left:.0f} s)"))
         time.sleep(interval if left is None else min(interval, left))  # then look at the queue again
     return len(pending) + failed
 
@@ -353,16 +367,25 @@ def massive(ctx, config_path, host, start, stop, numbers, tags, max_queued, no_w
         host = host or cfgmod.default_host()
         config.site(host)
     except cfgmod.ConfigError as e:
-        raise click.ClickException(str(e))
+        raise _Refused(str(e))
     try:
         db = connect(config)
     except RunsDBError as e:
         raise click.ClickException(str(e))
     runs = select_runs(db, host, start, stop, numbers, tags)
     click.echo(f"{len(runs)} run(s) selected at site {host}")
-    left = massive_submit(config, host, db, runs, max_queued=max_queued, wait=not no_wait,
-                          interval=interval, timeout=timeout, dry_run=dry_run)
+    try:
+        left = massive_submit(config, host, db, runs, max_queued=max_queued, wait=not no_wait,
+                              interval=interval, timeout=timeout, dry_run=dry_run)
+    except ValueError as e:
+        raise _Refused(str(e))
     sys.exit(1 if left else 0)
+
+
+class _Refused(click.ClickException):
+    """A config the command cannot work with: exit status 2, like every config error of cax."""
+
+    exit_code = 2
 
 
 def massive_main():

@@ -607,6 +607,113 @@ def test_massive_dry_run_and_throttle(local_site):
         assert backend.exit_code(job_id) == 0
 
 
+def gated_copy(gate):
+    return [PY, "-c", "import os, shutil, sys, time\n"
+            "while not os.path.exists(sys.argv[1]): time.sleep(0.1)\n"
+            "shutil.copytree(sys.argv[2], sys.argv[3])", str(gate), "{input}", "{output}"]
+
+
+class QueueWatcher(threading.Thread):
+    """Snapshots of this site's queued cax jobs, so a bound is checked all along, not only at
+    the moments a test happens to look."""
+
+    def __init__(self, cluster, host):
+        super().__init__(daemon=True)
+        self.cluster, self.host = cluster, host
+        self.stop = threading.Event()
+        self.snapshots = []  # [[job name, ...], ...]
+
+    def run(self):
+        from cax.batch.slurm import QUEUED_STATES
+        while not self.stop.is_set():
+            res = self.cluster.run("squeue", "-h", "-t", QUEUED_STATES, "-o", "%j", check=False)
+            if res.returncode == 0:
+                self.snapshots.append([n for n in res.stdout.split()
+                                       if n.startswith("cax-") and self.host in n])
+            self.stop.wait(0.05)
+
+    def runs(self, names):
+        import re
+        return {re.search(re.escape(self.host) + r"_(\d+)", n).group(1) for n in names}
+
+
+@pytest.mark.slurm
+def test_massive_on_slurm_keeps_the_documented_bound(tmp_path, wire_uri, slurm):
+    """docs/processing.rst: with --max-queued L, at most L massive jobs and at most L runs have
+    cax jobs queued; the cax- job count may reach L x (1 + versions) for a moment."""
+    gate = tmp_path / "gate"
+    s = Site(tmp_path, wire_uri, "slurm", slurm)
+    watcher = QueueWatcher(slurm, s.host)
+    out = tmp_path / "massive.out"
+    proc = None
+    try:
+        s.configure(gated_copy(gate))
+        for n in (91, 92, 93):
+            s.add_run(n)
+        watcher.start()
+        with open(out, "w") as f:
+            proc = subprocess.Popen([PY, "-m", "cax", "massive", "--config", s.cfg, "--host", s.host,
+                                     "--start", "91", "--stop", "93", "--max-queued", "1",
+                                     "--interval", "0.3", "--timeout", "240"],
+                                    stdout=f, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        # run 91's massive job submits its (gated) processing job and ends; the queue stays full
+        wait_until(lambda: s.status(91) == "processing", 120, "run 91's processing job", site=s)
+        wait_until(lambda: watcher.snapshots and watcher.snapshots[-1]
+                   and all(n.startswith("cax-proc-") for n in watcher.snapshots[-1]), 120,
+                   "run 91's massive job to end, leaving its processing job queued", site=s)
+        looks = out.read_text().count("queue full")
+        wait_until(lambda: out.read_text().count("queue full") >= looks + 2, 60,
+                   "massive-cax to look at the full queue twice more", site=s)
+        assert s.status(92) is None and s.status(93) is None
+        gate.write_text("go")
+        assert proc.wait(timeout=240) == 0, out.read_text()
+        for n in (92, 93):
+            wait_until(lambda: s.status(n) in ("transferred", "error"), 120, f"run {n}", site=s)
+        wait_until(lambda: s.status(91) in ("transferred", "error"), 60, "run 91", site=s)
+        assert [s.status(n) for n in (91, 92, 93)] == ["transferred"] * 3, s.diagnostics()
+    finally:
+        watcher.stop.set()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        s.cleanup()
+    watcher.join(10)
+    text = out.read_text()
+    assert text.count("submitted cax-massive-") == 3, text
+    assert "queue full (1 cax job(s) queued, limit 1); 2 run(s) waiting" in text
+    snaps = watcher.snapshots
+    assert len(snaps) > 20
+    seen_massive = [sum(n.startswith("cax-massive-") for n in snap) for snap in snaps]
+    assert max(seen_massive) == 1  # the throttle bit: never two massive jobs
+    assert max(len(watcher.runs(snap)) for snap in snaps) == 1  # never two runs in flight
+    assert max(len(snap) for snap in snaps) <= 2  # L x (1 + one version)
+    assert any(any(n.startswith("cax-proc-") for n in snap) for snap in snaps)
+
+
+def test_massive_refuses_a_site_without_processing_and_a_zero_limit(tmp_path, wire_uri):
+    from cax.processing import massive
+
+    s = Site(tmp_path, wire_uri, "local").configure(COPY, max_queued=0)
+    s.add_run(95)
+    res = CliRunner().invoke(massive, ["--config", s.cfg, "--host", s.host, "--run", "95"])
+    assert res.exit_code == 2 and "processing.max_queued is 0" in res.output, res.output
+    assert "--max-queued N" in res.output
+    res = CliRunner().invoke(massive, ["--config", s.cfg, "--host", s.host, "--run", "95",
+                                       "--max-queued", "1", "--dry-run"])
+    assert res.exit_code == 0 and "would submit" in res.output, res.output
+
+    doc = json.loads((tmp_path / "cax.json").read_text())
+    del doc["sites"][0]["processing"]
+    (tmp_path / "cax.json").write_text(json.dumps(doc))
+    for extra in ([], ["--dry-run"]):
+        res = CliRunner().invoke(massive, ["--config", s.cfg, "--host", s.host, "--run", "95",
+                                           "--max-queued", "1", *extra])
+        assert res.exit_code == 2, res.output
+        assert f"site {s.host} has no processing section (set processing.backend)" in res.output
+        assert "would submit" not in res.output
+    assert not (tmp_path / "state").exists()  # no local job was started
+
+
 def test_stale_processing_datums_without_a_live_job_end_error(local_site):
     """A daemon that died between claim and submit, or a by-hand run that died, leaves a datum
     ``processing`` that no batch system will ever report on: the age of the claim / heartbeat
