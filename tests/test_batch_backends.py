@@ -123,6 +123,18 @@ def test_env_setup_failure_fails_the_job(backend, tmp_path):
     assert not out.exists()
 
 
+def test_env_setup_may_read_unset_variables(backend, tmp_path):
+    """Setup lines like `export PATH=/x:$UNSET` are everyday site config; only the command runs
+    under `set -u`."""
+    out = tmp_path / "out.txt"
+    job = make_job(tmp_path, prefix() + "unset",
+                   ["/bin/sh", "-c", 'echo "$CAX_P" > "$1"', "sh", str(out)],
+                   env_setup=["export CAX_P=/opt/x/lib:${CAX_SURELY_UNSET_VARIABLE}"])
+    job_id = backend.submit(job)
+    assert wait_state(backend, job_id, FINAL) == COMPLETED, (tmp_path / f"{job.name}.log").read_text()
+    assert out.read_text() == "/opt/x/lib:\n"
+
+
 def test_cancel_gives_cancelled(backend, tmp_path):
     job_id = backend.submit(make_job(tmp_path, prefix() + "sleep", ["sleep", "300"]))
     wait_state(backend, job_id, RUNNING)
@@ -191,7 +203,7 @@ def test_render_script_quotes_every_argument(tmp_path):
     job = Job(name="t", argv=["printf", "%s\\0"] + args, env_setup=["export A=1"])
     text = render_script(job)
     lines = text.splitlines()
-    assert lines[:3] == ["#!/bin/bash", "set -euo pipefail", "export A=1"]
+    assert lines[:5] == ["#!/bin/bash", "set -euo pipefail", "set +u", "export A=1", "set -u"]
     script = tmp_path / "s.sh"
     script.write_text(text)
     out = subprocess.run(["/bin/bash", str(script)], capture_output=True, check=True).stdout

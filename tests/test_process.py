@@ -327,6 +327,24 @@ def test_refused_submission_uses_no_retry_and_waits(tmp_path, wire_uri, slurm):
         s.cleanup()
 
 
+def test_job_dying_in_env_setup_leaves_its_log_tail_in_the_datum(site):
+    setup = str(site.tmp / "no-such-dir" / "setup.sh")
+    site.configure(COPY, env_setup=["export X=/opt/x:$SURELY_UNSET_CAX_VARIABLE",
+                                    "echo preparing the environment", f"source {setup}"])
+    site.add_run(74)
+    backend = site.backend()
+    site.run_pass()
+    job_id = site.datum(74)["job_id"]
+    wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the job to end", site=site)
+    assert site.status(74) == "processing"  # cax-process never ran
+    site.run_pass()
+    d = site.datum(74)
+    assert d["status"] == "error" and f"batch job {job_id} ended FAILED" in d["error"], d
+    assert "log tail: preparing the environment |" in d["error"]
+    assert f"{setup}: No such file or directory" in d["error"]
+    assert "unbound variable" not in d["error"]
+
+
 def test_max_queued_and_donotprocess(site):
     gate = site.tmp / "gate"
     site.configure([PY, "-c", "import os, shutil, sys, time\n"

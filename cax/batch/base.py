@@ -2,7 +2,7 @@
 
 A task describes a job with :class:`Job` and hands it to a backend from :func:`cax.batch.get_backend`.
 The backend writes the job script itself (:func:`render_script`): ``#!/bin/bash``,
-``set -euo pipefail``, the site's ``env_setup`` lines, then the command with every argument quoted
+``set -euo pipefail``, the site's ``env_setup`` lines (under ``set +u``), then the command with every argument quoted
 by :func:`shlex.quote`. Arguments come from run documents in a shared database and are treated as
 hostile: a run name such as ``x; rm -rf ~`` or ``$(touch /tmp/pwned)`` reaches the command as one
 literal argument. No backend ever uses ``shell=True``; every subprocess call takes an argument list.
@@ -203,7 +203,13 @@ def slurm_time(walltime) -> Optional[str]:
 def render_script(job: Job) -> str:
     """The job script text: shebang, strict mode, env_setup lines, the quoted command."""
     lines = ["#!/bin/bash", "set -euo pipefail"]
-    lines += job.env_setup
+    if job.env_setup:
+        # site setup scripts (modules, conda, CVMFS) routinely read unset variables, e.g.
+        # `export LD_LIBRARY_PATH=/x:$LD_LIBRARY_PATH`; under -u that kills the job before cax-process
+        # could say anything. Failing commands still stop the job (-e).
+        lines.append("set +u")
+        lines += job.env_setup
+        lines.append("set -u")
     lines.append("exec " + " ".join(shlex.quote(a) for a in job.argv))
     return "\n".join(lines) + "\n"
 

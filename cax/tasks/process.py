@@ -114,6 +114,24 @@ def output_path(site, p: dict, run_name: str, version: str) -> str:
 
 
 
+def log_path(p: dict, run_name: str, version: str) -> str:
+    return os.path.join(p["log_dir"], f"{run_name}_{version}.log")
+
+
+def log_tail(path: str, lines: int = 5, limit: int = 4096) -> str:
+    """The last lines of a job log on one line, or "" when there is none: a job that died before
+    cax-process could record anything (env_setup failed, OOM, walltime) said why only there."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)
+
+
 def job_name(host: str, number, version: str) -> str:
     return JOB_PREFIX + safe_job_name(host, number, version)
 
@@ -250,6 +268,9 @@ class ProcessBatchQueue(Task):
             code = self.backend().exit_code(job_id)
             reason = (f"batch job {job_id} ended {state} (exit code "
                       f"{'unknown' if code is None else code}) without cax-process recording a result")
+            tail = log_tail(log_path(self.p, run["name"], key["pax_version"]))
+            if tail:  # the Runs DB keeps 500 characters of a reason: the end matters most
+                reason += f"; log tail: {tail if len(tail) <= 300 else '...' + tail[-297:]}"
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would mark error: {reason}", datum=key)
             return False
@@ -335,7 +356,7 @@ class ProcessBatchQueue(Task):
                       ncpus=self.p["ncpus"], mem_per_cpu=self.p.get("mem_per_cpu"),
                       walltime=self.p.get("walltime"), partition=self.p.get("partition"),
                       account=self.p.get("account"), qos=self.p.get("qos"),
-                      log_path=os.path.join(self.p["log_dir"], f"{run['name']}_{version}.log"),
+                      log_path=log_path(self.p, run["name"], version),
                       workdir=self.p["log_dir"])
             job_id = self.backend().submit(job)
         except BackendUnavailable as e:
