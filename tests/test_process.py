@@ -410,7 +410,9 @@ def test_hostile_run_fields_cannot_change_the_command_line(site, tmp_path):
 
 # -- cax-process by hand, template rules, config -------------------------------------------------
 def test_cax_process_by_hand(local_site):
-    s = local_site.configure(COPY)
+    gate = local_site.tmp / "gate"
+    gate.write_text("open")
+    s = local_site.configure(gated_copy(gate))
     raw = s.add_run(7)
     s.add_run(8)
     cmd = [PY, "-m", "cax.processing", "--config", s.cfg, "--host", s.host, "--version", VERSION]
@@ -419,12 +421,19 @@ def test_cax_process_by_hand(local_site):
     d = s.datum(7)
     assert d["status"] == "transferred" and d["job_backend"] == "manual"
     assert d["checksum"] == checksum(raw)
+    gate.unlink()  # run 8's job waits at the gate: its datum stays processing under its job id
     s.run_pass()  # run 7 is done; run 8 is submitted
     assert [name.endswith("_8_" + VERSION) for _i, name, _a in s.jobs()] == [True]
+    job_id = s.datum(8)["job_id"]
+    wait_until(lambda: "started" in s.datum(8), 60, "run 8's job to start its command", site=s)
     # a second run by hand on a datum another job owns does nothing
     res = subprocess.run(cmd + ["--run", "8"], capture_output=True, text=True, timeout=60)
-    if s.status(8) == "processing":
-        assert res.returncode == 1 and "being processed by job" in res.stderr
+    assert res.returncode == 1 and f"being processed by job {job_id}" in res.stderr, res.stderr
+    d = s.datum(8)
+    assert d["status"] == "processing" and d["job_id"] == job_id and d["job_backend"] == "local"
+    gate.write_text("open")
+    wait_until(lambda: s.status(8) in ("transferred", "error"), 60, "run 8's job", site=s)
+    assert s.status(8) == "transferred", s.datum(8).get("error")
 
 
 def test_cax_process_by_hand_failure(local_site):
