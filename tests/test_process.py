@@ -767,6 +767,28 @@ def test_stale_processing_datums_without_a_live_job_end_error(local_site):
     assert s.db.queries - queries < 10
 
 
+def test_queued_job_of_a_datum_without_job_id_is_adopted(local_site):
+    """The submitting daemon died between sbatch and recording the job id: the job is alive,
+    so the datum is not dead; asking the queue by job name finds it."""
+    gate = local_site.tmp / "gate"
+    s = local_site.configure(gated_copy(gate), submit_grace=60)
+    s.add_run(45)
+    s.run_pass()
+    job_id = s.datum(45)["job_id"]
+    s.db.collection.update_one(
+        {"number": 45, "data": {"$elemMatch": {"type": "processed"}}},
+        {"$unset": {"data.$.job_id": ""},
+         "$set": {"data.$.creation_time": datetime.now(timezone.utc) - timedelta(hours=1)}})
+    assert "job_id" not in s.datum(45)
+    s.run_pass()
+    d = s.datum(45)
+    assert d["status"] == "processing" and d["job_id"] == job_id, d
+    assert len(s.jobs()) == 1
+    gate.write_text("open")
+    wait_until(lambda: s.status(45) in ("transferred", "error"), 60, "the adopted job", site=s)
+    assert s.status(45) == "transferred", s.datum(45).get("error")
+
+
 def test_idle_pass_costs_one_query_and_no_batch_call(local_site, monkeypatch):
     s = local_site.configure(COPY)
     s.add_run(51, tags=[{"name": "donotprocess"}])

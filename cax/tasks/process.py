@@ -247,6 +247,16 @@ class ProcessBatchQueue(Task):
             started = datum.get("creation_time")
             if started is None or (now() - started).total_seconds() < self.p["submit_grace"]:
                 return False  # the submitting daemon may still be recording the job id
+            # it may have died after submitting: a job of this datum's name is its job
+            name = job_name(self.host, run["number"], key["pax_version"])
+            if datum.get("job_backend") in (None, self.p["backend"]) and name in self.queued():
+                adopted = self.queued()[name]
+                if not self.dry_run:
+                    self.db.update_datum(run["_id"], dict(key, job_id=None), "processing",
+                                         {"job_id": adopted, "job_backend": self.p["backend"]})
+                self.log(logging.INFO, run, f"adopted queued job {adopted} ({name}): its "
+                         "submitter never recorded the job id", datum=key)
+                return False
             reason = "no batch job was recorded for this datum (submitting daemon died?)"
         elif job_backend == "manual":
             beat = datum.get("heartbeat") or datum.get("creation_time")
