@@ -514,6 +514,54 @@ def test_second_site_output_of_the_same_version_is_its_own_origin(tmp_path, wire
     assert d["status"] == "error" and d["error_kind"] == "checksum" and "differs from reference" in d["error"]
 
 
+def test_processed_at_one_site_pulled_by_another_with_equal_checksum(tmp_path, wire_uri):
+    """The whole path of processed data: a batch job's cax-process at site a, then site b's
+    daemon pulls that version and verifies it against a's reference checksum."""
+    from cax.daemon import run_pass
+
+    a, b = "a" + uuid.uuid4().hex[:6], "b" + uuid.uuid4().hex[:6]
+    doc = {"runs_db": wire_uri, "collection": "runs_" + uuid.uuid4().hex[:8], "sites": [
+        {"name": a, "directory": str(tmp_path / a), "data_type": ["raw", "processed"],
+         "processing": {"backend": "local", "versions": [VERSION], "command": RANDOM_OUTPUT,
+                        "log_dir": str(tmp_path / "logs"), "state_dir": str(tmp_path / "state")}},
+        {"name": b, "directory": str(tmp_path / b), "data_type": ["processed"],
+         "pax_versions": [VERSION], "download_options": [a]}]}
+    (tmp_path / "cax.json").write_text(json.dumps(doc))
+    config = cfgmod.load(str(tmp_path / "cax.json"))
+    db = connect(config)
+    raw = tmp_path / a / "160315_0085"
+    raw.mkdir(parents=True)
+    (raw / "f.bin").write_bytes(os.urandom(300))
+    (tmp_path / b).mkdir()
+    db.insert_run({"number": 85, "name": "160315_0085", "detector": "tpc",
+                   "data": [{"host": a, "type": "raw", "status": "transferred", "location": str(raw),
+                             "checksum": checksum(str(raw)), "checksum_type": "sha512"}]})
+
+    def processed(host):
+        run = db.collection.find_one({"number": 85})
+        return next((d for d in run["data"] if d["host"] == host and d["type"] == "processed"), None)
+
+    run_pass(Context(config=config, host=a, db=db))  # submits the processing job
+    wait_until(lambda: (processed(a) or {}).get("status") in ("transferred", "error"), 60,
+               "a's processing job")
+    assert processed(a)["status"] == "transferred", processed(a).get("error")
+
+    def b_has_it():
+        run_pass(Context(config=config, host=b, db=db))
+        return (processed(b) or {}).get("status") in ("transferred", "error")
+
+    wait_until(b_has_it, 60, "b to pull the processed data", interval=0.2)
+    da, dbb = processed(a), processed(b)
+    assert dbb["status"] == "transferred", dbb.get("error")
+    assert dbb["source"] == a and dbb["pax_version"] == VERSION
+    assert dbb["location"] == str(tmp_path / b / VERSION / "160315_0085")
+    assert dbb["checksum"] == da["checksum"] == checksum(dbb["location"]) == checksum(da["location"])
+    refs = db.collection.find_one({"number": 85})["references"]
+    assert [(r["host"], r["pax_version"], r["checksum"]) for r in refs] == \
+        [(a, VERSION, da["checksum"])]
+    assert processed(b).get("reference_checked") is True
+
+
 def test_fill_command_keeps_arguments_whole():
     values = {"name": "a b; rm -rf ~", "number": 5, "input": "/d/$(x)", "output": "/o/{name}",
               "version": "v1", "ncpus": 2}
