@@ -624,6 +624,18 @@ def test_bad_job_resources_refused_at_load(tmp_path, key, value):
     assert res.exit_code == 2 and f"key 'processing.{key}'" in res.output
 
 
+@pytest.mark.parametrize("key, value", [
+    ("walltime", 30), ("walltime", "90"), ("walltime", "1:00:00"), ("walltime", "2-00"),
+    ("walltime", "2-00:00:00"), ("mem_per_cpu", 2000), ("mem_per_cpu", "2G"),
+    ("mem_per_cpu", "512m"), ("partition", "xenon1t,broadwl"), ("account", "pi-lgrandi"),
+])
+def test_good_job_resources_accepted(tmp_path, key, value):
+    doc = {"sites": [{"name": "s", "directory": str(tmp_path),
+                      "processing": {"versions": ["v1"], "command": ["p"], key: value}}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    assert cfgmod.load(str(tmp_path / "c.json")).site("s").processing[key] == value
+
+
 def test_config_check_shows_the_processing_section(tmp_path):
     from cax.cli import cli
 

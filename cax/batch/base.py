@@ -74,7 +74,7 @@ def safe_job_name(*parts: str) -> str:
 
 RESOURCE_KEYS = ("mem_per_cpu", "walltime", "partition", "account", "qos")
 _SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,+][A-Za-z0-9_.,+-]*$")
-_MEM = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+_MEM = re.compile(r"^[1-9][0-9]*[KMGTkmgt]?$")
 
 
 def resource_problem(key: str, value) -> Optional[str]:

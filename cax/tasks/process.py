@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import string
 import sys
 from datetime import timezone
@@ -92,7 +93,7 @@ def describe(site) -> str:
     parts = [f"{k}={','.join(p[k]) if isinstance(p[k], list) else p[k]}" for k in shown
              if p.get(k) is not None]
     if p.get("command"):
-        parts.append("command=" + " ".join(p["command"]))
+        parts.append("command=" + shlex.join(p["command"]).replace("\n", "\\n"))
     return f"processing at {site.name}: " + " ".join(parts)
 
 
