@@ -681,7 +681,8 @@ def test_massive_dry_run_and_throttle(local_site):
     names = [name for _i, name, _a in s.jobs()]
     assert len(names) == 1 and names[0].startswith("cax-massive-")
 
-    # waiting mode: every run gets its job, never more than one queued at a time
+    # waiting mode: every run gets its job (the bound is asserted by a queue watcher in
+    # test_massive_on_slurm_keeps_the_documented_bound)
     res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--start", "32", "--stop", "33",
                                   "--max-queued", "1", "--interval", "0.2", "--timeout", "60"])
     assert res.exit_code == 0, res.output
