@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from cax.checksum import checksum
 from cax.config import load
 from cax.runsdb import connect
 from tests.helpers import make_raw, run_doc, three_sites
@@ -93,6 +94,45 @@ def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
     assert not os.path.exists(tmp_path / "buffer" / name)
     assert os.listdir(tmp_path / "buffer") == []  # no partial copy left behind either
     assert "stopped cleanly" in err
+
+
+def test_sigterm_mid_checksum_leaves_origin_verifying_and_next_pass_verifies(tmp_path):
+    """An origin copy cannot be re-copied: a checksum cut short must not leave it in error."""
+    cfg = three_sites(tmp_path)
+    db = connect(load(cfg))
+    name = "160101_0000"
+    src = tmp_path / "daq" / name
+    src.mkdir()
+    fifo = src / "stream.bin"
+    os.mkfifo(fifo)  # the checksum blocks reading it until the test feeds it: no timing guesses
+    db.insert_run(run_doc(1, name, str(src), status="verifying"))
+    daemon = cax("--config", cfg, "--host", "daq", "--interval", "3600")
+    # opens when AddChecksum (the only task reading a verifying origin) opens the file
+    writer = open(fifo, "wb", buffering=0)
+    try:
+        writer.write(b"x" * 1000)
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "received SIGTERM" in _drain(daemon), what="signal handled")
+        writer.write(b"y" * 1000)  # the checksum reads on, sees the stop flag, and stops
+    except BrokenPipeError:
+        pass  # it already stopped
+    finally:
+        try:
+            writer.close()
+        except BrokenPipeError:
+            pass
+    out, err = daemon.communicate(timeout=60)
+    err = _stderr_seen[daemon.pid] + err
+    assert daemon.returncode == 0, err
+    daq = db.run_by(number=1)["data"][0]
+    assert daq["status"] == "verifying" and "error" not in daq, daq
+    assert "checksum interrupted" in err
+    fifo.unlink()
+    (src / "stream.bin").write_bytes(b"x" * 1000 + b"y" * 1000)  # the data as they really are
+    assert cax("--config", cfg, "--once", "--host", "daq").wait(60) == 0
+    run = db.run_by(number=1)
+    assert run["data"][0]["status"] == "transferred"
+    assert run["references"][0]["checksum"] == run["data"][0]["checksum"] == checksum(str(src))
 
 
 _stderr_seen: dict = {}

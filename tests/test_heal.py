@@ -147,3 +147,52 @@ def test_failed_copy_is_retried_after_backoff(tmp_path):
     settle(cfg, db, "daq")
     d, run = datum(db, "buffer")
     assert d["status"] == "transferred" and run["retries"] == 1
+
+
+def test_copy_landed_but_not_verified_is_removed_and_copied_again(tmp_path, monkeypatch):
+    """The files under the final name were written by this datum's claim: the retry may remove them."""
+    from cax.tasks import copy as copy_task
+    cfg = sites(tmp_path, retry_delay=3600)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))  # daq copy verified, not pushed
+    real = copy_task.checksum
+    calls = []
+
+    def flaky(path, algorithm="sha512", **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError("I/O error while reading")
+        return real(path, algorithm, **kw)
+
+    monkeypatch.setattr(copy_task, "checksum", flaky)
+    run_pass(context(cfg, "daq", db))
+    d, _run = datum(db, "buffer")
+    assert d["status"] == "error" and d["error_kind"] == "unverified", d
+    assert os.path.isdir(tmp_path / "buffer" / "160101_0000")  # it did land
+    cfg = sites(tmp_path, retry_delay=0)
+    settle(cfg, db, "daq")
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred", d
+    assert run["retries"] == 1
+
+
+def test_push_verification_cut_short_by_stop_stays_verifying(tmp_path, monkeypatch):
+    from cax.tasks import copy as copy_task
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
+    ctx = context(cfg, "daq", db)
+
+    def stopped(path, algorithm="sha512", **kw):
+        ctx.stop.set()  # SIGTERM arrives while the copy is being checksummed
+        raise InterruptedError("checksum cancelled")
+
+    monkeypatch.setattr(copy_task, "checksum", stopped)
+    run_pass(ctx)
+    d, _run = datum(db, "buffer")
+    assert d["status"] == "verifying" and "error" not in d, d
+    monkeypatch.undo()
+    run_pass(context(cfg, "buffer", db))  # the destination's AddChecksum finishes the job
+    assert datum(db, "buffer")[0]["status"] == "transferred"

@@ -13,12 +13,21 @@ from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
+from cax.transfer import Interrupted
+
+#: ``error_kind`` of a copy that landed under its final name but could not be verified there. The
+#: files under that name were written by this datum's own claim, so a retry removes them too
+#: (unlike ``failed``, where whatever sits under the final name is not ours).
+UNVERIFIED = "unverified"
 
 
 def verify(task, run_id, key, compute) -> None:
     """Move the datum ``key`` from ``verifying`` to ``transferred`` or ``error``.
 
-    ``compute(algorithm)`` returns the digest of the data where they are now.
+    ``compute(algorithm)`` returns the digest of the data where they are now. A checksum cut short
+    by SIGTERM/SIGINT says nothing about the data: the datum stays ``verifying`` and the next pass's
+    AddChecksum starts again, instead of an ``error`` nobody heals (an origin copy has nowhere to be
+    re-copied from).
     """
     db = task.db
     run = db.run(run_id, {"name": 1, "number": 1, "data": 1, "references": 1})
@@ -31,16 +40,26 @@ def verify(task, run_id, key, compute) -> None:
     ref = reference(run, key["type"], key.get("pax_version"))
     if ref is None and datum.get("source"):
         task.record_error(run, key, "verifying",
-                          "no reference checksum to verify this copy against")
+                          "no reference checksum to verify this copy against", kind=UNVERIFIED)
         return
     algorithm = ref["checksum_type"] if ref else task.site.checksum_type
     try:
         digest = compute(algorithm)
+    except (InterruptedError, Interrupted):
+        task.log(logging.INFO, run, "checksum interrupted; left verifying for the next pass",
+                 datum=key)
+        return
     except FileNotFoundError:
-        task.record_error(run, key, "verifying", f"data missing at {datum.get('location')}")
+        task.record_error(run, key, "verifying", f"data missing at {datum.get('location')}",
+                          kind=UNVERIFIED)
         return
     except Exception as e:
-        task.record_error(run, key, "verifying", f"checksum failed: {type(e).__name__}: {e}")
+        if task.ctx.stop.is_set():  # e.g. a connection closed under us while stopping
+            task.log(logging.INFO, run, f"checksum ended by the stop ({type(e).__name__}: {e}); "
+                     f"left verifying for the next pass", datum=key)
+            return
+        task.record_error(run, key, "verifying", f"checksum failed: {type(e).__name__}: {e}",
+                          kind=UNVERIFIED)
         return
     if digest is None:
         return  # cannot compute here; the destination's AddChecksum will
@@ -82,6 +101,7 @@ class AddChecksum(Task):
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would checksum {location}", datum=key)
             return
+        self.log(logging.INFO, run, f"checksum start {location}", datum=key)
         verify(self, run["_id"], key,
                lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set))
 

@@ -15,7 +15,7 @@ from cax.runsdb import now, reference
 from cax.tasks.base import Task
 from cax.transfer import ServiceUnavailable, TransferError, open_method, partial_path
 
-HEALABLE = ("stalled", "interrupted", "failed")
+HEALABLE = ("stalled", "interrupted", "failed", "unverified")
 
 
 def _key(datum):
