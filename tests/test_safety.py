@@ -81,8 +81,10 @@ def test_dry_run_changes_nothing(tmp_path):
 def test_dry_run_logs_what_it_would_do(tmp_path, caplog):
     cfg = three_sites(tmp_path)
     db = mongomock_db()
-    db.insert_run(run_doc(1, "160101_0000", make_raw(str(tmp_path / "daq"), "160101_0000"),
-                          status="transferred"))
+    doc = run_doc(1, "160101_0000", make_raw(str(tmp_path / "daq"), "160101_0000"),
+                  status="transferred")
+    doc["data"][0]["checksum"] = "ab" * 64  # verified: only data with a checksum are copied
+    db.insert_run(doc)
     db.dry_run = True
     with caplog.at_level(logging.INFO):
         run_pass(context(cfg, "daq", db, dry_run=True))

@@ -56,7 +56,9 @@ class _Copy(Task):
         clauses = []
         for src, dst, _remote in self.pairs():
             for dtype, version in self._wanted(src, dst):
-                have = {"host": src.name, "type": dtype, "status": "transferred"}
+                # a copy is verified against the reference: without one, it could only fail
+                have = {"host": src.name, "type": dtype, "status": "transferred",
+                        "checksum": {"$ne": None}}
                 missing = {"host": dst.name, "type": dtype}
                 if version is not None:
                     have["pax_version"] = missing["pax_version"] = version
@@ -83,8 +85,10 @@ class _Copy(Task):
                     if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
                         continue
                     ref = reference(run, dtype, datum.get("pax_version"))
-                    if ref and datum.get("checksum") != ref["checksum"]:
-                        continue  # never spread a copy that disagrees with the reference
+                    if ref is None or datum.get("checksum") != ref["checksum"]:
+                        # no reference yet (AddChecksum makes one first), or a copy that
+                        # disagrees with it: never spread it
+                        continue
                     self.copy(run, datum, src, dst, remote)
 
     @staticmethod
