@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime, timezone
@@ -196,21 +197,51 @@ def _utc(value, what):
     raise ValueError(f"{what} must be an ISO-8601 string, not {type(value).__name__}")
 
 
-def validate_run(doc) -> dict:
-    """Check a run document from a user; returns it with dates as UTC datetimes."""
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_keys(value, where: str) -> None:
+    """MongoDB refuses these field names; say which one instead of a bson traceback later."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            at = f"{where}.{k}" if where else str(k)
+            if not isinstance(k, str) or k.startswith("$") or "\0" in k or k == "":
+                raise ValueError(f"key {at!r}: field names must not be empty, start with '$' "
+                                 f"or contain NUL")
+            _check_keys(v, at)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_keys(v, f"{where}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) \
+            and not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"key {where!r}: {value} does not fit a 64-bit integer")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"key {where!r}: {value} is not a finite number")
+
+
+def validate_run(doc, config=None) -> dict:
+    """Check a run document from a user; returns it with dates as UTC datetimes.
+
+    Everything the tasks later rely on is checked here, so a bad document is one line at
+    ``runs add`` time instead of a run the daemons trip over (or act on wrongly) for ever.
+    ``config`` (when given) is what the datums' ``host`` must name.
+    """
+    from cax.config import DATA_TYPES
     from cax.paths import UnsafePath, check_name
+    from cax.runsdb import STATUSES
     if not isinstance(doc, dict):
         raise ValueError("a run document must be a JSON object")
+    _check_keys(doc, "")
     if not isinstance(doc.get("number"), int) or isinstance(doc.get("number"), bool):
         raise ValueError(f"'number' must be an integer, not {doc.get('number')!r}")
     try:
         check_name(doc.get("name"))
     except UnsafePath as e:
-        raise ValueError(str(e))
+        raise ValueError(f"'name': {e}")
     if not isinstance(doc.get("detector", ""), str) or not doc.get("detector"):
         raise ValueError("'detector' must be a non-empty string (e.g. 'tpc')")
-    if "start" not in doc:
-        raise ValueError("'start' is required")
+    if doc.get("start") is None:
+        raise ValueError("'start' is required (an ISO-8601 date-time)")
     doc = dict(doc)
     for k in ("start", "end"):
         if k in doc and doc[k] is not None:
@@ -219,9 +250,22 @@ def validate_run(doc) -> dict:
     if not isinstance(data, list):
         raise ValueError("'data' must be a list")
     seen = set()
+    data = doc["data"] = [dict(d) if isinstance(d, dict) else d for d in data]
     for i, d in enumerate(data):
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("host", "type", "status")):
             raise ValueError(f"data[{i}] needs string 'host', 'type' and 'status'")
+        if config is not None and d["host"] not in config.sites:
+            raise ValueError(f"data[{i}].host {d['host']!r} is not a site of the config "
+                             f"(known: {', '.join(config.sites)})")
+        if d["type"] not in DATA_TYPES:
+            raise ValueError(f"data[{i}].type must be one of {', '.join(DATA_TYPES)}, "
+                             f"not {d['type']!r}")
+        if d["status"] not in STATUSES:
+            raise ValueError(f"data[{i}].status must be one of {', '.join(STATUSES)}, "
+                             f"not {d['status']!r}")
+        loc = d.get("location")
+        if not isinstance(loc, str) or not os.path.isabs(loc) or "\0" in loc:
+            raise ValueError(f"data[{i}].location must be an absolute path, not {loc!r}")
         key = (d["host"], d["type"], d.get("pax_version"))
         if key in seen:
             raise ValueError(f"data[{i}] repeats the datum {d['type']}@{d['host']}")
@@ -245,14 +289,19 @@ def runs_add(ctx, config_path, host, source):
     except json.JSONDecodeError as e:
         raise Fatal(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", 2)
     docs = docs if isinstance(docs, list) else [docs]
-    db = open_db(config, ctx.find_root().obj.get("dry_run"))
+    dry_run = ctx.find_root().obj.get("dry_run")
+    db = open_db(config, dry_run)
     added = failed = 0
     for i, doc in enumerate(docs):
         label = f"run #{i + 1}"
         if isinstance(doc, dict):
-            label = f"run {doc.get('number')!r} ({doc.get('name')!r})"
+            label = f"run #{i + 1} {doc.get('number')!r} ({doc.get('name')!r})"
         try:
-            db.insert_run(validate_run(doc))
+            doc = validate_run(doc, config)
+            if dry_run:  # nothing is inserted, so ask what the insert would have refused
+                if db.run_by(number=doc["number"]) or db.run_by(name=doc["name"]):
+                    raise DuplicateKeyError("exists")
+            db.insert_run(doc)
             added += 1
         except ValueError as e:
             failed += 1
@@ -261,7 +310,12 @@ def runs_add(ctx, config_path, host, source):
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
                        f"already exists", err=True)
-    click.echo(f"added {added} run(s), rejected {failed}")
+        except Exception as e:  # anything else the Runs DB refuses: still one line, go on
+            failed += 1
+            msg = " ".join(str(e).split())[:300]
+            click.echo(f"cax: error: {source.name}: {label}: Runs DB refused it: "
+                       f"{type(e).__name__}: {msg}", err=True)
+    click.echo(f"{'would add' if dry_run else 'added'} {added} run(s), rejected {failed}")
     if failed:
         sys.exit(1)
 

@@ -248,3 +248,56 @@ def test_log_file_has_one_line_per_event_with_run_task_site(tmp_path):
     assert len(copy) == 1
     assert "run=160101_0000" in copy[0] and "task=CopyPush" in copy[0] and "site=daq" in copy[0]
     assert "datum=raw@buffer" in copy[0]
+
+
+def test_runs_add_rejects_each_bad_document_in_one_line_and_adds_the_rest(tmp_path):
+    cfg = three_sites(tmp_path)
+    ok = {"number": 10, "name": "160101_0010", "detector": "tpc", "start": "2016-01-01T00:00:00Z",
+          "data": [{"host": "daq", "type": "raw", "status": "transferred",
+                    "location": "/data/160101_0010"}]}
+
+    def bad(**change):
+        doc = json.loads(json.dumps(ok))
+        doc["number"] = 11 + len(cases)
+        doc["name"] = f"160101_00{11 + len(cases)}"
+        for k, v in change.items():
+            if k.startswith("data0_"):
+                doc["data"][0][k[6:]] = v
+            else:
+                doc[k] = v
+        return doc
+
+    cases = []
+    for change, needle in [
+        ({"number": 2 ** 64}, "64-bit"),
+        ({"$where": "1"}, "'$where'"),
+        ({"data0_status": "happy"}, "data[0].status"),
+        ({"data0_host": "mars"}, "data[0].host 'mars'"),
+        ({"data0_type": "minitrees"}, "data[0].type"),
+        ({"data0_location": "relative/dir"}, "data[0].location"),
+        ({"data0_location": None}, "data[0].location"),
+        ({"start": None}, "'start'"),
+        ({"extra": {"$set": 1}}, "'extra.$set'"),
+    ]:
+        cases.append((bad(**change), needle))
+    p = tmp_path / "runs.json"
+    p.write_text(json.dumps([c[0] for c in cases] + [ok]))
+    dry = cax("--config", cfg, "--dry-run", "runs", "add", str(p))
+    out, err = dry.communicate(timeout=60)
+    assert dry.returncode == 1, err
+    assert "would add 1 run(s), rejected 9" in out and "added" not in out
+    assert connect(load(cfg)).run_by(number=10) is None
+    proc = cax("--config", cfg, "runs", "add", str(p))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert "added 1 run(s), rejected 9" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == len(cases), lines
+    for i, (line, (_doc, needle)) in enumerate(zip(lines, cases)):
+        assert line.startswith(f"cax: error: {p}: run #{i + 1} "), line
+        assert needle in line, (needle, line)
+    assert connect(load(cfg)).run_by(number=10)["data"][0]["location"] == "/data/160101_0010"
+    again = cax("--config", cfg, "--dry-run", "runs", "add", str(p))
+    out, err = again.communicate(timeout=60)
+    assert "would add 0 run(s), rejected 10" in out and "already exists" in err

@@ -23,6 +23,11 @@ class RunsDBError(Exception):
     """The Runs DB cannot be reached or used; ``str()`` is a one-line reason without secrets."""
 
 
+#: every datum status of the state machine (DESIGN.md), including processing at a batch site
+STATUSES = ("transferring", "verifying", "transferred", "error", "retrying", "deleting",
+            "processing")
+
+
 def now() -> datetime:
     """Mongo keeps milliseconds; truncating here makes reads compare equal to what was written."""
     t = datetime.now(timezone.utc)
