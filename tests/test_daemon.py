@@ -1,6 +1,7 @@
 """The daemon as users run it: real processes on the embedded Runs DB."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,26 +42,87 @@ def transferred_at(db, host, location_root, name, number):
     return loc
 
 
+def _open_fifo_writer(fifo, what):
+    """Open ``fifo`` for writing once a reader has it open (ENXIO until then); blocking after."""
+    import errno
+    import fcntl
+
+    def attempt():
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return None
+
+    fd = wait_for(attempt, timeout=60, what=what)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
 def test_two_daemons_racing_make_one_datum_and_one_copy(tmp_path):
+    """Both daemons hold the same candidate runs and claim concurrently.
+
+    Daemon A reads its candidates and then blocks copying run 0 (its source is a FIFO); daemon B
+    starts only then, so it reads run 1 unclaimed and blocks copying it. When both are released,
+    A still holds run 1 as it read it (unclaimed) and must lose that claim, and both go on racing
+    for the remaining runs.
+    """
+    from cax.checksum import checksum as digest
     cfg = three_sites(tmp_path)
+    doc = json.loads(open(cfg).read())
+    doc["sites"][2]["max_transfers"] = 1  # copies run in the claiming thread, one at a time
+    open(cfg, "w").write(json.dumps(doc))
     cfg2 = str(tmp_path / "second.json")
     shutil.copy(cfg, cfg2)  # a second daemon for the same site (its own lock)
-    config = load(cfg)
-    db = connect(config)
-    for i in range(8):
-        transferred_at(db, "buffer", str(tmp_path / "buffer"), f"16010{i}_0000", i)
-    # the buffer verifies its copies (origin here), so both archive daemons can pull
-    assert cax("--config", cfg, "--once", "--host", "buffer").wait(60) == 0
-    procs = [cax("--config", c, "--once", "--host", "archive") for c in (cfg, cfg2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    db = connect(load(cfg))
+    payload = b"fed through a fifo\n" * 50
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "stream.bin").write_bytes(payload)
+    fifo_sum = digest(str(scratch))
+    names = [f"16010{i}_0000" for i in range(8)]
+    fifos = []
+    for i, name in enumerate(names):
+        if i < 2:
+            loc = tmp_path / "buffer" / name
+            loc.mkdir()
+            os.mkfifo(loc / "stream.bin")
+            fifos.append(loc / "stream.bin")
+            loc, sum_ = str(loc), fifo_sum
+        else:
+            loc = make_raw(str(tmp_path / "buffer"), name, nfiles=3, size=50_000)
+            sum_ = digest(loc)
+        run = run_doc(i, name, loc, host="buffer", status="transferred")
+        run["data"][0]["checksum"] = sum_
+        db.insert_run(run)
+    a = cax("--config", cfg, "--once", "--host", "archive", "--log", "DEBUG")
+    b = None
+    fds = []
+    try:
+        fds.append(_open_fifo_writer(fifos[0], "daemon A copying run 0"))
+        b = cax("--config", cfg2, "--once", "--host", "archive", "--log", "DEBUG")
+        fds.append(_open_fifo_writer(fifos[1], "daemon B copying run 1"))
+        for fd in fds:
+            os.write(fd, payload)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    outs = [p.communicate(timeout=120) for p in (a, b)]
+    assert [p.returncode for p in (a, b)] == [0, 0], outs
     for run in db.collection.find({}):
         archive = [d for d in run["data"] if d["host"] == "archive"]
         assert len(archive) == 1, run["data"]
-        assert archive[0]["status"] == "transferred"
-    assert sorted(os.listdir(tmp_path / "archive")) == [f"16010{i}_0000" for i in range(8)]
+        assert archive[0]["status"] == "transferred", archive
+    assert sorted(os.listdir(tmp_path / "archive")) == names  # and no partial copy left
+    looked = [int(re.search(r"runs looked at: .*CopyPull=(\d+)", err).group(1))
+              for _out, err in outs]
+    assert looked[0] == 8 and looked[1] > 0, looked
+    assert "already claimed" in outs[0][1]  # A lost run 1 to B
     both = outs[0][1] + outs[1][1]
     assert both.count("copy start") == 8  # each run copied by exactly one of them
+    assert re.search(r"run=160100_0000 task=CopyPull .* copy start", outs[0][1])
+    assert re.search(r"run=160101_0000 task=CopyPull .* copy start", outs[1][1])
 
 
 def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
