@@ -111,6 +111,7 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         lock.acquire()
     except AlreadyRunning as e:
         raise Fatal(str(e), 1)
+    db = None
     try:
         db = open_db(config, dry_run)
         rf = run_filter(run_number, run_name, config.datasets_for(host))
@@ -120,6 +121,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
                  " (dry run: nothing will change)" if dry_run else "")
         run_loop(context, once=once, interval=config.interval if interval is None else interval)
     finally:
+        if db is not None:
+            db.close()
         lock.release()
 
 

@@ -82,6 +82,13 @@ class RunsDB:
         self.description = description or getattr(collection, "full_name", "runs")
         self.queries = 0
 
+    def close(self) -> None:
+        """Close the connection now rather than at interpreter exit, so the embedded store's
+        last connection reliably folds and removes its ``-wal``/``-shm`` files."""
+        client = getattr(getattr(self.collection, "database", None), "client", None)
+        if client is not None and hasattr(client, "close"):
+            client.close()
+
     # ---- reads -------------------------------------------------------------------------------
     def ensure_indexes(self) -> None:
         for keys, opts in INDEXES:
@@ -251,7 +258,11 @@ def _uri_with_password(uri: str, password_env: str) -> str:
 
 
 def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB:
-    """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on."""
+    """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
+
+    A dry run promises to change nothing, so it creates no index and opens the embedded store
+    read-only; a missing store is taken as empty (in memory) rather than created.
+    """
     target = config.runs_db
     if target.startswith(("mongodb://", "mongodb+srv://")):
         uri = _uri_with_password(target, config.password_env)
@@ -259,7 +270,10 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB
             client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms)
             coll = client[config.database][config.collection]
             db = RunsDB(coll, dry_run=dry_run, description=redact_uri(target))
-            db.ensure_indexes()
+            if dry_run:
+                client.admin.command("ping")  # still fail early when the server is unusable
+            else:
+                db.ensure_indexes()
         except PyMongoError as e:
             msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), str(e))
             raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {msg.splitlines()[0][:300]}")
@@ -269,10 +283,16 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB
     parent = os.path.dirname(target)
     if parent and not os.path.isdir(parent):
         raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist")
+    where = target
+    if dry_run and not os.path.exists(target):
+        log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created", target)
+        where = ":memory:"
     try:
-        coll = open_collection(target, database=config.database, collection=config.collection)
+        coll = open_collection(where, database=config.database, collection=config.collection,
+                               readonly=dry_run and where != ":memory:")
         db = RunsDB(coll, dry_run=dry_run, description=target)
-        db.ensure_indexes()
+        if not dry_run:
+            db.ensure_indexes()
     except (OSError, PyMongoError) as e:
         raise RunsDBError(f"cannot use Runs DB {target}: {e}")
     except Exception as e:  # sqlite3 errors and the like: still one clear line
