@@ -192,6 +192,8 @@ class Config:
     interval: float = 60.0
     wake_on_change: bool = False  # MongoDB change streams start a pass early
     lock_dir: Optional[str] = None
+    #: the embedded store lives in the user state directory, created on first use
+    runs_db_in_state_dir: bool = False
 
     def site(self, name: str) -> Site:
         try:
@@ -214,11 +216,25 @@ class Config:
         return self.runs_db.startswith(("mongodb://", "mongodb+srv://"))
 
 
+def packaged_config_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cax.json")
+
+
+def state_dir() -> str:
+    """Where the packaged config keeps its embedded Runs DB: ``$XDG_STATE_HOME/cax``, else
+    ``~/.local/state/cax``. Beside the packaged file would mean inside site-packages, which a
+    read-only command must not write to (and an upgrade would wipe)."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "cax")
+
+
 def default_config_path() -> str:
     """``./cax.json`` when present, else the copy packaged with cax."""
     if os.path.exists("cax.json"):
         return os.path.abspath("cax.json")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cax.json")
+    return packaged_config_path()
 
 
 def default_host() -> str:
@@ -412,8 +428,10 @@ def parse(text: str, path: str) -> Config:
         check_tasks(site.task_list, site.name)
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
+    packaged = os.path.abspath(path) == packaged_config_path()
     if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
-        runs_db = os.path.normpath(os.path.join(base_dir, os.path.expanduser(runs_db)))
+        runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
+                                                os.path.expanduser(runs_db)))
     return Config(
         path=path,
         sites=sites,
@@ -426,6 +444,7 @@ def parse(text: str, path: str) -> Config:
         interval=float(doc.get("interval", 60)),
         wake_on_change=bool(doc.get("wake_on_change", False)),
         lock_dir=doc.get("lock_dir"),
+        runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
     )
 
 

@@ -131,3 +131,31 @@ def test_packaged_default_config_is_valid():
     import cax
     cfg = cfgmod.load(os.path.join(os.path.dirname(cax.__file__), "cax.json"))
     assert set(cfg.sites) == {"daq", "buffer", "archive"}
+
+
+def test_packaged_config_keeps_its_store_in_the_user_state_dir(tmp_path, monkeypatch):
+    """Not beside the packaged file: that is site-packages, and `cax status` must not write there."""
+    import cax
+    package_dir = os.path.dirname(cax.__file__)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    cfg = cfgmod.load(os.path.join(package_dir, "cax.json"))
+    assert cfg.runs_db == str(tmp_path / "state" / "cax" / "cax.runsdb")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = cfgmod.load(os.path.join(package_dir, "cax.json"))
+    assert cfg.runs_db == str(tmp_path / "home" / ".local" / "state" / "cax" / "cax.runsdb")
+
+
+def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeypatch):
+    import cax
+    package_dir = os.path.dirname(cax.__file__)
+    before = sorted(os.listdir(package_dir))
+    monkeypatch.chdir(tmp_path)  # no ./cax.json here
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "(no runs)" in result.output
+    assert (tmp_path / "state" / "cax" / "cax.runsdb").is_file()
+    assert sorted(os.listdir(package_dir)) == before
+    help_text = CliRunner().invoke(cli, ["--help"]).output
+    assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text

@@ -281,6 +281,11 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB
     from cax.runsdb.embedded import open_collection
 
     parent = os.path.dirname(target)
+    if getattr(config, "runs_db_in_state_dir", False) and not dry_run:
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise RunsDBError(f"cannot use Runs DB {target}: cannot create {parent}: {e.strerror}")
     if parent and not os.path.isdir(parent):
         raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist")
     where = target
