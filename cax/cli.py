@@ -97,7 +97,10 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     long-running daemon (SIGTERM/SIGINT stop it cleanly), `cax --config test.json --dry-run --once`
     to see what a new config would do.
     """
-    logs.setup(log_level, log_file)
+    try:
+        logs.setup(log_level, log_file)
+    except OSError as e:
+        raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
     ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
     if ctx.invoked_subcommand is not None:
         return

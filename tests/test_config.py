@@ -159,3 +159,14 @@ def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeyp
     assert sorted(os.listdir(package_dir)) == before
     help_text = CliRunner().invoke(cli, ["--help"]).output
     assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text
+
+
+def test_unwritable_log_file_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path, GOOD)
+    log_file = str(tmp_path / "nonexistent" / "dir" / "x.log")
+    result = CliRunner().invoke(cli, ["--config", path, "--host", "daq", "--once",
+                                      "--log-file", log_file])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [f"cax: error: cannot open log file {log_file}: No such file or directory"]
+    assert not (tmp_path / "cax.runsdb").exists()
