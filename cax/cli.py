@@ -35,6 +35,16 @@ class Fatal(click.ClickException):
         click.echo(f"cax: error: {self.message}", err=True)
 
 
+class Seconds(click.FloatRange):
+    """FloatRange lets NaN through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail("nan is not a number of seconds", param, ctx)
+        return value
+
+
 def _common(f):
     """--config and --host are accepted before or after the subcommand name."""
     f = click.option("--host", "host", default=None,
@@ -80,7 +90,7 @@ def open_db(config, dry_run=False):
 @click.option("--once", is_flag=True, help="Run one pass of every task, then exit (for cron).")
 @click.option("--run", "run_number", type=int, default=None, help="Only act on the run with this number.")
 @click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
-@click.option("--interval", type=float, default=None,
+@click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
 @click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,

@@ -7,7 +7,10 @@ Keys cax does not know are warned about once (classic configs carry many), never
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.scanner
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -34,6 +37,9 @@ DEFAULT_TASKS = (
     "PurgeProcessed",
     "BufferPurger",
 )
+
+#: longest pause between passes (a week); longer waits overflow the timers, and mean no daemon
+MAX_INTERVAL = 7 * 24 * 3600
 
 _str_list_or_null = {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]}
 _pos_int = {"type": "integer", "minimum": 0}
@@ -132,7 +138,7 @@ TOP_SCHEMA = {
         "sites": {"type": "array", "items": {"type": "object"}},
         "task_list": {"type": "array", "items": {"type": "string"}},
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
-        "interval": {"type": "number", "minimum": 0},
+        "interval": {"type": "number", "minimum": 0, "maximum": MAX_INTERVAL},
         "wake_on_change": {"type": "boolean"},
         "lock_dir": _path,
     },
@@ -379,12 +385,76 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     )
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses duplicate keys, naming the key, its site and the line.
+
+    Python's json keeps the last of duplicate keys silently: a config where ``purge`` or a
+    directory is given twice would run on whichever came last, not on what the admin read. The
+    pure-Python scanner is used because it lets us see where each object starts.
+    """
+    decoder = json.JSONDecoder()
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+        s, start = s_and_end
+
+        def pairs_hook(pairs):
+            seen = set()
+            for k, _v in pairs:
+                if k in seen:
+                    name = next((v for kk, v in pairs if kk == "name" and isinstance(v, str)),
+                                None)
+                    raise _DuplicateKey(k, name, s.count("\n", 0, start) + 1)
+                seen.add(k)
+            return dict(pairs)
+
+        return json.decoder.JSONObject(s_and_end, strict, scan_once, None, pairs_hook, memo)
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    return decoder.decode(text)
+
+
+def _non_finite(doc, path: str, text: str) -> None:
+    """NaN and Infinity are not JSON, but Python accepts them (and 1e999 becomes Infinity):
+    an ``interval`` of Infinity crashes the daemon after its first pass."""
+    def walk(value, site, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            import re
+            m = re.search(r"(?<![\w\"])-?(Infinity|NaN)(?![\w\"])|\d[\d.]*[eE]\+?\d{3,}", text)
+            line = f"line {text.count(chr(10), 0, m.start()) + 1}: " if m else ""
+            raise ConfigError(f"{_where(path, site, key)}: {line}{value} is not allowed "
+                              f"(numbers must be finite)")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, site, k if key is None else f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, site, f"{key}[{i}]")
+
+    sites = doc.get("sites") if isinstance(doc, dict) else doc
+    if isinstance(doc, dict):
+        walk({k: v for k, v in doc.items() if k != "sites"}, None, None)
+    for i, raw in enumerate(sites if isinstance(sites, list) else []):
+        label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) \
+            else f"#{i + 1}"
+        walk(raw, label, None)
+
+
 def parse(text: str, path: str) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message."""
     try:
-        doc = json.loads(text)
+        doc = _strict_json(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+    except _DuplicateKey as e:
+        key, site, line = e.args
+        raise ConfigError(f"{_where(path, site, key)}: appears twice in the object starting at "
+                          f"line {line}")
+    _non_finite(doc, path, text)
     if isinstance(doc, list):  # the classic form: a bare list of sites
         doc = {"sites": doc}
     if not isinstance(doc, dict):

@@ -170,3 +170,31 @@ def test_unwritable_log_file_is_one_line_exit_2(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert lines == [f"cax: error: cannot open log file {log_file}: No such file or directory"]
     assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_non_finite_numbers_rejected(tmp_path):
+    text = json.dumps({"sites": GOOD, "interval": 60}).replace("60", "Infinity")
+    check_error(tmp_path, text, "key 'interval'", "line 1", "finite")
+    doc = json.dumps([dict(GOOD[0], stalled_after=1), GOOD[1]], indent=1)
+    check_error(tmp_path, doc.replace('"stalled_after": 1', '"stalled_after": NaN'),
+                "site 'daq'", "key 'stalled_after'", "finite")
+    check_error(tmp_path, doc.replace('"stalled_after": 1', '"stalled_after": 1e999'),
+                "site 'daq'", "key 'stalled_after'", "finite")
+
+
+def test_duplicate_keys_rejected_with_site_key_and_line(tmp_path):
+    text = ('[\n {"name": "daq", "directory": "/tmp/daq",\n  "upload_options": ["buffer"]},\n'
+            ' {"name": "buffer", "directory": "/tmp/a",\n  "directory": "/tmp/b"}\n]')
+    check_error(tmp_path, text, "site 'buffer'", "key 'directory'", "twice", "line 4")
+    top = '{"sites": [], "interval": 5,\n "interval": 7}'
+    check_error(tmp_path, top, "key 'interval'", "twice", "line 1")
+
+
+def test_interval_option_range(tmp_path):
+    path = write(tmp_path, GOOD)
+    for bad in ("-5", "inf", "nan", "1e12"):
+        result = CliRunner().invoke(cli, ["--config", path, "--host", "daq", "--once",
+                                          "--interval", bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--interval" in result.stderr
+    assert not (tmp_path / "cax.runsdb").exists()
