@@ -45,6 +45,7 @@ _str_list_or_null = {"anyOf": [{"type": "null"}, {"type": "array", "items": {"ty
 _pos_int = {"type": "integer", "minimum": 0}
 _pos_num = {"type": "number", "minimum": 0}
 _path = {"type": "string", "minLength": 1}
+_path_or_null = {"anyOf": [{"type": "null"}, _path]}
 
 PURGE_SCHEMA = {
     "type": "object",
@@ -98,10 +99,11 @@ SITE_SCHEMA = {
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "method": {"enum": list(METHODS)},
         "receive": {"enum": list(METHODS)},
-        "directory": _path,
-        "dir_raw": _path,
-        "dir_processed": _path,
-        "dir_untriggered": _path,
+        # null: no directory (classic configs write "dir_processed": null at raw-only sites)
+        "directory": _path_or_null,
+        "dir_raw": _path_or_null,
+        "dir_processed": _path_or_null,
+        "dir_untriggered": _path_or_null,
         "upload_options": _str_list_or_null,
         "download_options": _str_list_or_null,
         "data_type": {"type": "array", "items": {"enum": list(DATA_TYPES)}},
@@ -295,7 +297,8 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
 
     dirs = {}
     for dtype in DATA_TYPES:
-        d = raw.get(f"dir_{dtype}") or raw.get("directory")
+        # an explicit "dir_<type>": null says the site has none, even when "directory" is set
+        d = raw[f"dir_{dtype}"] if f"dir_{dtype}" in raw else raw.get("directory")
         if d:
             dirs[dtype] = absolute(d)
     data_type = raw.get("data_type") or [t for t in ("raw", "processed") if t in dirs] or ["raw"]

@@ -198,3 +198,13 @@ def test_interval_option_range(tmp_path):
         assert result.exit_code == 2, (bad, result.output)
         assert "--interval" in result.stderr
     assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_classic_null_directories_mean_none(tmp_path):
+    doc = [dict(GOOD[0], dir_processed=None, dir_untriggered=None, data_type=["raw"]),
+           dict(GOOD[1], directory=None, dir_raw="/tmp/braw")]
+    cfg = cfgmod.parse(json.dumps(doc), str(tmp_path / "c.json"))
+    assert cfg.sites["daq"].dirs == {"raw": "/tmp/daq"}
+    assert cfg.sites["buffer"].dirs == {"raw": "/tmp/braw"}
+    check_error(tmp_path, [dict(GOOD[0], dir_processed=None, data_type=["raw", "processed"]),
+                           GOOD[1]], "site 'daq'", "key 'dir_processed'", "no directory")
