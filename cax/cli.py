@@ -58,7 +58,8 @@ def _common(f):
 
 def _settings(ctx, config_path=None, host=None):
     obj = ctx.find_root().obj or {}
-    return config_path or obj.get("config_path"), host or obj.get("host")
+    # `--host ""` is a mistake to report, not a request for the default
+    return config_path or obj.get("config_path"), host if host is not None else obj.get("host")
 
 
 def load_config(config_path):
@@ -69,7 +70,7 @@ def load_config(config_path):
 
 
 def resolve_host(config, host):
-    host = host or cfgmod.default_host()
+    host = host if host is not None else cfgmod.default_host()
     try:
         config.site(host)
     except cfgmod.ConfigError as e:
@@ -351,6 +352,9 @@ def config_check(ctx, config_path, host):
     """Validate the config, then print the resolved sites and this host's tasks."""
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
+    # a host asked for by name must be a site; only the hostname fallback may be a mere remark
+    asked = host is not None or bool(os.environ.get("CAX_HOST"))
+    host = resolve_host(config, host) if asked else cfgmod.default_host()
     click.echo(f"config {config.path}: OK")
     from cax.runsdb import redact_uri
     click.echo(f"Runs DB: {redact_uri(config.runs_db)} (database {config.database!r}, "
@@ -360,7 +364,6 @@ def config_check(ctx, config_path, host):
         click.echo(f"site {s.name}: method={s.method} host={s.hostname}:{s.port} {dirs}; "
                    f"pushes to {s.upload_options or '-'}; pulls from {s.download_options or '-'}; "
                    f"purge={s.purge or 'off'}")
-    host = host or cfgmod.default_host()
     if host in config.sites:
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
     else:

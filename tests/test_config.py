@@ -208,3 +208,20 @@ def test_classic_null_directories_mean_none(tmp_path):
     assert cfg.sites["buffer"].dirs == {"raw": "/tmp/braw"}
     check_error(tmp_path, [dict(GOOD[0], dir_processed=None, data_type=["raw", "processed"]),
                            GOOD[1]], "site 'daq'", "key 'dir_processed'", "no directory")
+
+
+def test_config_check_with_unknown_or_empty_host_exits_2(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAX_HOST", raising=False)
+    path = write(tmp_path, GOOD)
+    for args in (["--host", "mars"], ["--host", ""]):
+        for where in (["config", "check"] + args, args + ["config", "check"], args + ["--once"]):
+            result = CliRunner().invoke(cli, ["--config", path] + where)
+            assert result.exit_code == 2, (where, result.output)
+            lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and "known sites: daq, buffer" in lines[0], (where, lines)
+            assert repr(args[1]) in lines[0]
+    monkeypatch.setenv("CAX_HOST", "mars")
+    assert CliRunner().invoke(cli, ["--config", path, "config", "check"]).exit_code == 2
+    monkeypatch.setenv("CAX_HOST", "daq")
+    result = CliRunner().invoke(cli, ["--config", path, "config", "check"])
+    assert result.exit_code == 0 and "this host: daq; tasks:" in result.output
