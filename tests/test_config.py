@@ -225,3 +225,13 @@ def test_config_check_with_unknown_or_empty_host_exits_2(tmp_path, monkeypatch):
     monkeypatch.setenv("CAX_HOST", "daq")
     result = CliRunner().invoke(cli, ["--config", path, "config", "check"])
     assert result.exit_code == 0 and "this host: daq; tasks:" in result.output
+
+
+def test_readme_pass_order_matches_default_tasks():
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.rst"), encoding="utf-8").read()
+    paragraph = text[text.index("What each pass does, in order:"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    named = [n for n in re.findall(r"``(\w+)``", paragraph) if n in cfgmod.DEFAULT_TASKS]
+    assert named == list(cfgmod.DEFAULT_TASKS)
