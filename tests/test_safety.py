@@ -212,3 +212,18 @@ def test_readonly_embedded_store_refuses_writes(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_collection(tmp_path / "missing.runsdb", readonly=True)
     assert not (tmp_path / "missing.runsdb").exists()
+
+
+def test_logged_run_names_and_reasons_stay_on_one_line(tmp_path, caplog):
+    """A run name from the Runs DB with a newline must not forge a second log line."""
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    forged = "x\n2016-01-01T00:00:00 ERROR   cax.task: run=160101_0000 forged"
+    doc = run_doc(1, forged, str(tmp_path / "daq" / "nowhere"), status="verifying")
+    db.collection.insert_one(doc)
+    with caplog.at_level(logging.INFO):
+        run_pass(context(cfg, "daq", db))
+    mine = [r.getMessage() for r in caplog.records if r.name == "cax.task"]
+    assert mine, "the run was not logged at all"
+    assert all("\n" not in m for m in mine), mine
+    assert any(m.startswith("run=x\\n2016-01-01T00:00:00 ERROR") for m in mine), mine
