@@ -196,3 +196,20 @@ def test_push_verification_cut_short_by_stop_stays_verifying(tmp_path, monkeypat
     monkeypatch.undo()
     run_pass(context(cfg, "buffer", db))  # the destination's AddChecksum finishes the job
     assert datum(db, "buffer")[0]["status"] == "transferred"
+
+
+def test_legacy_failed_verification_record_is_healed_not_stuck(tmp_path):
+    """Older cax recorded a cancelled checksum of a landed copy as 'failed': the retry must
+    remove the landed copy, or every new claim meets 'already exists and is not ours'."""
+    cfg = sites(tmp_path, retry_delay=0)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    assert statuses(db, 1)[("buffer", "raw")] == "transferred"
+    db.collection.update_one({"number": 1, "data.host": "buffer"}, {"$set": {
+        "data.$.status": "error", "data.$.error_kind": "failed", "data.$.error_time": now(),
+        "data.$.error": "checksum failed: InterruptedError: checksum cancelled"}})
+    settle(cfg, db, "daq")
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred", d
+    assert run["retries"] == 1
