@@ -213,3 +213,31 @@ def test_legacy_failed_verification_record_is_healed_not_stuck(tmp_path):
     d, run = datum(db, "buffer")
     assert d["status"] == "transferred", d
     assert run["retries"] == 1
+
+
+def test_long_verification_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
+    """A checksum taking longer than stalled_after must not look like a dead copy."""
+    from cax.checksum import BUFSIZE
+    from cax.tasks import checksum as checksum_task
+    monkeypatch.setattr(checksum_task, "HEARTBEAT_SECONDS", 0.0)
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    loc = make_raw(str(tmp_path / "daq"), "160101_0000", nfiles=2, size=3 * BUFSIZE)
+    doc = run_doc(1, "160101_0000", loc)
+    old = now() - timedelta(hours=2)
+    doc["data"][0]["heartbeat"] = old
+    db.insert_run(doc)
+    beats = []
+    real = db.update_datum
+
+    def spy(run_id, key, expected, fields, *a, **kw):
+        if "heartbeat" in fields:
+            beats.append((expected, db.collection.find_one({"number": 1})["data"][0]["status"]))
+        return real(run_id, key, expected, fields, *a, **kw)
+
+    monkeypatch.setattr(db, "update_datum", spy)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
+    d, _run = datum(db, "daq")
+    assert d["status"] == "transferred"
+    assert beats and all(b == ("verifying", "verifying") for b in beats), beats
+    assert d["heartbeat"] > old

@@ -8,6 +8,7 @@ its checksum, computed with the reference's algorithm, equals the reference; oth
 from __future__ import annotations
 
 import logging
+import time
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
@@ -15,10 +16,25 @@ from cax.runsdb import now, reference
 from cax.tasks.base import Task
 from cax.transfer import Interrupted
 
+#: how often a long checksum refreshes its datum's heartbeat (as copies do), so the stalled-copy
+#: check never takes a live verification of a big run for a dead one and removes its files
+HEARTBEAT_SECONDS = 30.0
+
 #: ``error_kind`` of a copy that landed under its final name but could not be verified there. The
 #: files under that name were written by this datum's own claim, so a retry removes them too
 #: (unlike ``failed``, where whatever sits under the final name is not ours).
 UNVERIFIED = "unverified"
+
+
+def heartbeat(task, run_id, key, status: str = "verifying"):
+    """A ``progress`` callback for :func:`cax.checksum.checksum` that keeps the datum alive."""
+    last = [time.monotonic()]
+
+    def progress(_nbytes):
+        if time.monotonic() - last[0] >= HEARTBEAT_SECONDS and not task.dry_run:
+            last[0] = time.monotonic()
+            task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+    return progress
 
 
 def verify(task, run_id, key, compute, status: str = "verifying") -> None:
@@ -117,8 +133,10 @@ class AddChecksum(Task):
             self.log(logging.INFO, run, f"dry-run: would checksum {location}", datum=key)
             return
         self.log(logging.INFO, run, f"checksum start {location}", datum=key)
+        beat = heartbeat(self, run["_id"], key) if status == "verifying" else None
         verify(self, run["_id"], key,
-               lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set), status)
+               lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set,
+                                             progress=beat), status)
 
 
 class CompareChecksums(Task):
