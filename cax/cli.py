@@ -304,9 +304,13 @@ def runs_add(ctx, config_path, host, source):
     config_path, _ = _settings(ctx, config_path, host)
     config = load_config(config_path)
     try:
-        docs = json.load(source)
+        docs = cfgmod.strict_json(source.read())
     except json.JSONDecodeError as e:
         raise Fatal(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", 2)
+    except cfgmod.DuplicateKey as e:
+        key, _name, line = e.args
+        raise Fatal(f"{source.name}: key {key!r} appears twice in the object starting at "
+                    f"line {line}", 2)
     docs = docs if isinstance(docs, list) else [docs]
     dry_run = ctx.find_root().obj.get("dry_run")
     db = open_db(config, dry_run)

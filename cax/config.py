@@ -388,11 +388,11 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     )
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKey(Exception):
+    """args: (key, the object's 'name' or None, line where the object starts)"""
 
 
-def _strict_json(text: str):
+def strict_json(text: str):
     """``json.loads`` that refuses duplicate keys, naming the key, its site and the line.
 
     Python's json keeps the last of duplicate keys silently: a config where ``purge`` or a
@@ -410,7 +410,7 @@ def _strict_json(text: str):
                 if k in seen:
                     name = next((v for kk, v in pairs if kk == "name" and isinstance(v, str)),
                                 None)
-                    raise _DuplicateKey(k, name, s.count("\n", 0, start) + 1)
+                    raise DuplicateKey(k, name, s.count("\n", 0, start) + 1)
                 seen.add(k)
             return dict(pairs)
 
@@ -450,10 +450,10 @@ def _non_finite(doc, path: str, text: str) -> None:
 def parse(text: str, path: str) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message."""
     try:
-        doc = _strict_json(text)
+        doc = strict_json(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         key, site, line = e.args
         raise ConfigError(f"{_where(path, site, key)}: appears twice in the object starting at "
                           f"line {line}")

@@ -363,3 +363,16 @@ def test_runs_add_rejects_each_bad_document_in_one_line_and_adds_the_rest(tmp_pa
     again = cax("--config", cfg, "--dry-run", "runs", "add", str(p))
     out, err = again.communicate(timeout=60)
     assert "would add 0 run(s), rejected 10" in out and "already exists" in err
+
+
+def test_runs_add_refuses_duplicate_keys(tmp_path):
+    cfg = three_sites(tmp_path)
+    p = tmp_path / "runs.json"
+    p.write_text('[{"number": 1, "name": "160101_0000", "detector": "tpc",\n'
+                 ' "start": "2016-01-01T00:00:00", "number": 2}]')
+    proc = cax("--config", cfg, "runs", "add", str(p))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip() == f"cax: error: {p}: key 'number' appears twice in the object starting " \
+                          f"at line 1"
+    assert connect(load(cfg)).count({}) == 0
