@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime, timezone
@@ -34,18 +35,31 @@ class Fatal(click.ClickException):
         click.echo(f"cax: error: {self.message}", err=True)
 
 
+class Seconds(click.FloatRange):
+    """FloatRange lets NaN through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail("nan is not a number of seconds", param, ctx)
+        return value
+
+
 def _common(f):
     """--config and --host are accepted before or after the subcommand name."""
     f = click.option("--host", "host", default=None,
                      help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
     f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+                     help="Config file (default: ./cax.json, else the copy packaged with cax, "
+                          "whose embedded Runs DB is $XDG_STATE_HOME/cax/cax.runsdb, by default "
+                          "~/.local/state/cax/cax.runsdb).")(f)
     return f
 
 
 def _settings(ctx, config_path=None, host=None):
     obj = ctx.find_root().obj or {}
-    return config_path or obj.get("config_path"), host or obj.get("host")
+    # `--host ""` is a mistake to report, not a request for the default
+    return config_path or obj.get("config_path"), host if host is not None else obj.get("host")
 
 
 def load_config(config_path):
@@ -56,7 +70,7 @@ def load_config(config_path):
 
 
 def resolve_host(config, host):
-    host = host or cfgmod.default_host()
+    host = host if host is not None else cfgmod.default_host()
     try:
         config.site(host)
     except cfgmod.ConfigError as e:
@@ -77,7 +91,7 @@ def open_db(config, dry_run=False):
 @click.option("--once", is_flag=True, help="Run one pass of every task, then exit (for cron).")
 @click.option("--run", "run_number", type=int, default=None, help="Only act on the run with this number.")
 @click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
-@click.option("--interval", type=float, default=None,
+@click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
 @click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
@@ -94,7 +108,10 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     long-running daemon (SIGTERM/SIGINT stop it cleanly), `cax --config test.json --dry-run --once`
     to see what a new config would do.
     """
-    logs.setup(log_level, log_file)
+    try:
+        logs.setup(log_level, log_file)
+    except OSError as e:
+        raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
     ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
     if ctx.invoked_subcommand is not None:
         return
@@ -110,6 +127,7 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         lock.acquire()
     except AlreadyRunning as e:
         raise Fatal(str(e), 1)
+    db = None
     try:
         db = open_db(config, dry_run)
         rf = run_filter(run_number, run_name, config.datasets_for(host))
@@ -119,6 +137,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
                  " (dry run: nothing will change)" if dry_run else "")
         run_loop(context, once=once, interval=config.interval if interval is None else interval)
     finally:
+        if db is not None:
+            db.close()
         lock.release()
 
 
@@ -196,21 +216,51 @@ def _utc(value, what):
     raise ValueError(f"{what} must be an ISO-8601 string, not {type(value).__name__}")
 
 
-def validate_run(doc) -> dict:
-    """Check a run document from a user; returns it with dates as UTC datetimes."""
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_keys(value, where: str) -> None:
+    """MongoDB refuses these field names; say which one instead of a bson traceback later."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            at = f"{where}.{k}" if where else str(k)
+            if not isinstance(k, str) or k.startswith("$") or "\0" in k or k == "":
+                raise ValueError(f"key {at!r}: field names must not be empty, start with '$' "
+                                 f"or contain NUL")
+            _check_keys(v, at)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_keys(v, f"{where}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) \
+            and not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"key {where!r}: {value} does not fit a 64-bit integer")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"key {where!r}: {value} is not a finite number")
+
+
+def validate_run(doc, config=None) -> dict:
+    """Check a run document from a user; returns it with dates as UTC datetimes.
+
+    Everything the tasks later rely on is checked here, so a bad document is one line at
+    ``runs add`` time instead of a run the daemons trip over (or act on wrongly) for ever.
+    ``config`` (when given) is what the datums' ``host`` must name.
+    """
+    from cax.config import DATA_TYPES
     from cax.paths import UnsafePath, check_name
+    from cax.runsdb import STATUSES
     if not isinstance(doc, dict):
         raise ValueError("a run document must be a JSON object")
+    _check_keys(doc, "")
     if not isinstance(doc.get("number"), int) or isinstance(doc.get("number"), bool):
         raise ValueError(f"'number' must be an integer, not {doc.get('number')!r}")
     try:
         check_name(doc.get("name"))
     except UnsafePath as e:
-        raise ValueError(str(e))
+        raise ValueError(f"'name': {e}")
     if not isinstance(doc.get("detector", ""), str) or not doc.get("detector"):
         raise ValueError("'detector' must be a non-empty string (e.g. 'tpc')")
-    if "start" not in doc:
-        raise ValueError("'start' is required")
+    if doc.get("start") is None:
+        raise ValueError("'start' is required (an ISO-8601 date-time)")
     doc = dict(doc)
     for k in ("start", "end"):
         if k in doc and doc[k] is not None:
@@ -219,9 +269,22 @@ def validate_run(doc) -> dict:
     if not isinstance(data, list):
         raise ValueError("'data' must be a list")
     seen = set()
+    data = doc["data"] = [dict(d) if isinstance(d, dict) else d for d in data]
     for i, d in enumerate(data):
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("host", "type", "status")):
             raise ValueError(f"data[{i}] needs string 'host', 'type' and 'status'")
+        if config is not None and d["host"] not in config.sites:
+            raise ValueError(f"data[{i}].host {d['host']!r} is not a site of the config "
+                             f"(known: {', '.join(config.sites)})")
+        if d["type"] not in DATA_TYPES:
+            raise ValueError(f"data[{i}].type must be one of {', '.join(DATA_TYPES)}, "
+                             f"not {d['type']!r}")
+        if d["status"] not in STATUSES:
+            raise ValueError(f"data[{i}].status must be one of {', '.join(STATUSES)}, "
+                             f"not {d['status']!r}")
+        loc = d.get("location")
+        if not isinstance(loc, str) or not os.path.isabs(loc) or "\0" in loc:
+            raise ValueError(f"data[{i}].location must be an absolute path, not {loc!r}")
         key = (d["host"], d["type"], d.get("pax_version"))
         if key in seen:
             raise ValueError(f"data[{i}] repeats the datum {d['type']}@{d['host']}")
@@ -241,18 +304,27 @@ def runs_add(ctx, config_path, host, source):
     config_path, _ = _settings(ctx, config_path, host)
     config = load_config(config_path)
     try:
-        docs = json.load(source)
+        docs = cfgmod.strict_json(source.read())
     except json.JSONDecodeError as e:
         raise Fatal(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", 2)
+    except cfgmod.DuplicateKey as e:
+        key, _name, line = e.args
+        raise Fatal(f"{source.name}: key {key!r} appears twice in the object starting at "
+                    f"line {line}", 2)
     docs = docs if isinstance(docs, list) else [docs]
-    db = open_db(config, ctx.find_root().obj.get("dry_run"))
+    dry_run = ctx.find_root().obj.get("dry_run")
+    db = open_db(config, dry_run)
     added = failed = 0
     for i, doc in enumerate(docs):
         label = f"run #{i + 1}"
         if isinstance(doc, dict):
-            label = f"run {doc.get('number')!r} ({doc.get('name')!r})"
+            label = f"run #{i + 1} {doc.get('number')!r} ({doc.get('name')!r})"
         try:
-            db.insert_run(validate_run(doc))
+            doc = validate_run(doc, config)
+            if dry_run:  # nothing is inserted, so ask what the insert would have refused
+                if db.run_by(number=doc["number"]) or db.run_by(name=doc["name"]):
+                    raise DuplicateKeyError("exists")
+            db.insert_run(doc)
             added += 1
         except ValueError as e:
             failed += 1
@@ -261,7 +333,12 @@ def runs_add(ctx, config_path, host, source):
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
                        f"already exists", err=True)
-    click.echo(f"added {added} run(s), rejected {failed}")
+        except Exception as e:  # anything else the Runs DB refuses: still one line, go on
+            failed += 1
+            msg = " ".join(str(e).split())[:300]
+            click.echo(f"cax: error: {source.name}: {label}: Runs DB refused it: "
+                       f"{type(e).__name__}: {msg}", err=True)
+    click.echo(f"{'would add' if dry_run else 'added'} {added} run(s), rejected {failed}")
     if failed:
         sys.exit(1)
 
@@ -279,6 +356,9 @@ def config_check(ctx, config_path, host):
     """Validate the config, then print the resolved sites and this host's tasks."""
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
+    # a host asked for by name must be a site; only the hostname fallback may be a mere remark
+    asked = host is not None or bool(os.environ.get("CAX_HOST"))
+    host = resolve_host(config, host) if asked else cfgmod.default_host()
     click.echo(f"config {config.path}: OK")
     from cax.runsdb import redact_uri
     click.echo(f"Runs DB: {redact_uri(config.runs_db)} (database {config.database!r}, "
@@ -288,7 +368,6 @@ def config_check(ctx, config_path, host):
         click.echo(f"site {s.name}: method={s.method} host={s.hostname}:{s.port} {dirs}; "
                    f"pushes to {s.upload_options or '-'}; pulls from {s.download_options or '-'}; "
                    f"purge={s.purge or 'off'}")
-    host = host or cfgmod.default_host()
     if host in config.sites:
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
         from cax.tasks.process import describe

@@ -7,7 +7,10 @@ Keys cax does not know are warned about once (classic configs carry many), never
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.scanner
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -35,10 +38,14 @@ DEFAULT_TASKS = (
     "BufferPurger",
 )
 
+#: longest pause between passes (a week); longer waits overflow the timers, and mean no daemon
+MAX_INTERVAL = 7 * 24 * 3600
+
 _str_list_or_null = {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]}
 _pos_int = {"type": "integer", "minimum": 0}
 _pos_num = {"type": "number", "minimum": 0}
 _path = {"type": "string", "minLength": 1}
+_path_or_null = {"anyOf": [{"type": "null"}, _path]}
 
 PURGE_SCHEMA = {
     "type": "object",
@@ -92,10 +99,11 @@ SITE_SCHEMA = {
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "method": {"enum": list(METHODS)},
         "receive": {"enum": list(METHODS)},
-        "directory": _path,
-        "dir_raw": _path,
-        "dir_processed": _path,
-        "dir_untriggered": _path,
+        # null: no directory (classic configs write "dir_processed": null at raw-only sites)
+        "directory": _path_or_null,
+        "dir_raw": _path_or_null,
+        "dir_processed": _path_or_null,
+        "dir_untriggered": _path_or_null,
         "upload_options": _str_list_or_null,
         "download_options": _str_list_or_null,
         "data_type": {"type": "array", "items": {"enum": list(DATA_TYPES)}},
@@ -132,7 +140,7 @@ TOP_SCHEMA = {
         "sites": {"type": "array", "items": {"type": "object"}},
         "task_list": {"type": "array", "items": {"type": "string"}},
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
-        "interval": {"type": "number", "minimum": 0},
+        "interval": {"type": "number", "minimum": 0, "maximum": MAX_INTERVAL},
         "wake_on_change": {"type": "boolean"},
         "lock_dir": _path,
     },
@@ -192,6 +200,8 @@ class Config:
     interval: float = 60.0
     wake_on_change: bool = False  # MongoDB change streams start a pass early
     lock_dir: Optional[str] = None
+    #: the embedded store lives in the user state directory, created on first use
+    runs_db_in_state_dir: bool = False
 
     def site(self, name: str) -> Site:
         try:
@@ -214,11 +224,25 @@ class Config:
         return self.runs_db.startswith(("mongodb://", "mongodb+srv://"))
 
 
+def packaged_config_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cax.json")
+
+
+def state_dir() -> str:
+    """Where the packaged config keeps its embedded Runs DB: ``$XDG_STATE_HOME/cax``, else
+    ``~/.local/state/cax``. Beside the packaged file would mean inside site-packages, which a
+    read-only command must not write to (and an upgrade would wipe)."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "cax")
+
+
 def default_config_path() -> str:
     """``./cax.json`` when present, else the copy packaged with cax."""
     if os.path.exists("cax.json"):
         return os.path.abspath("cax.json")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "cax.json")
+    return packaged_config_path()
 
 
 def default_host() -> str:
@@ -273,7 +297,8 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
 
     dirs = {}
     for dtype in DATA_TYPES:
-        d = raw.get(f"dir_{dtype}") or raw.get("directory")
+        # an explicit "dir_<type>": null says the site has none, even when "directory" is set
+        d = raw[f"dir_{dtype}"] if f"dir_{dtype}" in raw else raw.get("directory")
         if d:
             dirs[dtype] = absolute(d)
     data_type = raw.get("data_type") or [t for t in ("raw", "processed") if t in dirs] or ["raw"]
@@ -369,12 +394,76 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     )
 
 
+class DuplicateKey(Exception):
+    """args: (key, the object's 'name' or None, line where the object starts)"""
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses duplicate keys, naming the key, its site and the line.
+
+    Python's json keeps the last of duplicate keys silently: a config where ``purge`` or a
+    directory is given twice would run on whichever came last, not on what the admin read. The
+    pure-Python scanner is used because it lets us see where each object starts.
+    """
+    decoder = json.JSONDecoder()
+
+    def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+        s, start = s_and_end
+
+        def pairs_hook(pairs):
+            seen = set()
+            for k, _v in pairs:
+                if k in seen:
+                    name = next((v for kk, v in pairs if kk == "name" and isinstance(v, str)),
+                                None)
+                    raise DuplicateKey(k, name, s.count("\n", 0, start) + 1)
+                seen.add(k)
+            return dict(pairs)
+
+        return json.decoder.JSONObject(s_and_end, strict, scan_once, None, pairs_hook, memo)
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    return decoder.decode(text)
+
+
+def _non_finite(doc, path: str, text: str) -> None:
+    """NaN and Infinity are not JSON, but Python accepts them (and 1e999 becomes Infinity):
+    an ``interval`` of Infinity crashes the daemon after its first pass."""
+    def walk(value, site, key):
+        if isinstance(value, float) and not math.isfinite(value):
+            import re
+            m = re.search(r"(?<![\w\"])-?(Infinity|NaN)(?![\w\"])|\d[\d.]*[eE]\+?\d{3,}", text)
+            line = f"line {text.count(chr(10), 0, m.start()) + 1}: " if m else ""
+            raise ConfigError(f"{_where(path, site, key)}: {line}{value} is not allowed "
+                              f"(numbers must be finite)")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, site, k if key is None else f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, site, f"{key}[{i}]")
+
+    sites = doc.get("sites") if isinstance(doc, dict) else doc
+    if isinstance(doc, dict):
+        walk({k: v for k, v in doc.items() if k != "sites"}, None, None)
+    for i, raw in enumerate(sites if isinstance(sites, list) else []):
+        label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) \
+            else f"#{i + 1}"
+        walk(raw, label, None)
+
+
 def parse(text: str, path: str) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message."""
     try:
-        doc = json.loads(text)
+        doc = strict_json(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+    except DuplicateKey as e:
+        key, site, line = e.args
+        raise ConfigError(f"{_where(path, site, key)}: appears twice in the object starting at "
+                          f"line {line}")
+    _non_finite(doc, path, text)
     if isinstance(doc, list):  # the classic form: a bare list of sites
         doc = {"sites": doc}
     if not isinstance(doc, dict):
@@ -418,8 +507,10 @@ def parse(text: str, path: str) -> Config:
         check_tasks(site.task_list, site.name)
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
+    packaged = os.path.abspath(path) == packaged_config_path()
     if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
-        runs_db = os.path.normpath(os.path.join(base_dir, os.path.expanduser(runs_db)))
+        runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
+                                                os.path.expanduser(runs_db)))
     return Config(
         path=path,
         sites=sites,
@@ -432,6 +523,7 @@ def parse(text: str, path: str) -> Config:
         interval=float(doc.get("interval", 60)),
         wake_on_change=bool(doc.get("wake_on_change", False)),
         lock_dir=doc.get("lock_dir"),
+        runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
     )
 
 

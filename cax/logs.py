@@ -4,6 +4,18 @@ from __future__ import annotations
 import logging
 import sys
 
+
+def printable(value) -> str:
+    """``value`` as text with control and other non-printable characters escaped (and ``\\``,
+    so the escaping is unambiguous): names and reasons come from the Runs DB, and a run named
+    with a newline must not split one event into two log lines or forge a second one."""
+    s = str(value)
+    if s.isprintable() and "\\" not in s:
+        return s
+    return "".join(c if c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") for c in s)
+
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 

@@ -14,8 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cax import checksum as cx
+from tests.conftest import missing_component
 
-checksumdir = pytest.importorskip("checksumdir")
+try:
+    import checksumdir
+except ImportError:  # the compatibility reference: CI must fail, not skip, without it
+    checksumdir = None
+
+
+def dirhash(path):
+    """checksumdir's sha512 dirhash: what existing Runs DBs hold and cax must reproduce."""
+    if checksumdir is None:
+        missing_component("the PyPI package checksumdir (the sha512 reference) is not installed")
+    return checksumdir.dirhash(path, "sha512")
 
 OPTIONAL_PACKAGE = {"xxh3": "xxhash", "blake3": "blake3"}
 
@@ -49,7 +60,7 @@ def tree(tmp_path):
 
 @pytest.mark.parametrize("workers", [None, 1, 2, 7])
 def test_dir_equals_checksumdir(tree, workers):
-    assert cx.checksum(tree, workers=workers) == checksumdir.dirhash(tree, "sha512")
+    assert cx.checksum(tree, workers=workers) == dirhash(tree)
 
 
 def test_default_algorithm_is_sha512(tree):
@@ -71,7 +82,7 @@ def test_single_file_equals_hashlib(tree, name):
 
 
 def test_empty_dir(tmp_path):
-    assert cx.checksum(str(tmp_path)) == checksumdir.dirhash(str(tmp_path), "sha512") == hashlib.sha512().hexdigest()
+    assert cx.checksum(str(tmp_path)) == dirhash(str(tmp_path)) == hashlib.sha512().hexdigest()
 
 
 def test_names_do_not_count_but_contents_do(tmp_path):
@@ -89,7 +100,7 @@ def test_hidden_files_count(tree):
     before = cx.checksum(tree)
     write(os.path.join(tree, ".hiddendir", "inner", "x.bin"), b"changed")
     assert cx.checksum(tree) != before
-    assert cx.checksum(tree) == checksumdir.dirhash(tree, "sha512")
+    assert cx.checksum(tree) == dirhash(tree)
 
 
 def test_symlinks_like_checksumdir(tree, tmp_path):
@@ -98,7 +109,7 @@ def test_symlinks_like_checksumdir(tree, tmp_path):
     os.symlink(str(outside), os.path.join(tree, "linked_dir"))  # not followed
     os.symlink(os.path.join(tree, "a.txt"), os.path.join(tree, "linked_file"))  # hashed as its target
     os.symlink(os.path.join(tree, "nowhere"), os.path.join(tree, "dangling"))  # hashed as empty
-    assert cx.checksum(tree) == checksumdir.dirhash(tree, "sha512")
+    assert cx.checksum(tree) == dirhash(tree)
     files = cx.list_files(tree)
     assert os.path.join(tree, "linked_file") in files
     assert not any(p.startswith(os.path.join(tree, "linked_dir")) for p in files)
@@ -142,7 +153,7 @@ def test_random_trees_equal_checksumdir(tmp_path_factory, spec, workers):
         _materialize(root, spec)
     except OSError:  # e.g. a name the file system rejects (case folding, length): not our concern
         return
-    assert cx.checksum(root, workers=workers) == checksumdir.dirhash(root, "sha512")
+    assert cx.checksum(root, workers=workers) == dirhash(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +301,7 @@ def test_cancel_midway_raises(tree, workers, what):
 
 def test_cancel_event_never_set_gives_normal_result(tree):
     ev = threading.Event()
-    assert cx.checksum(tree, cancel=ev.is_set) == checksumdir.dirhash(tree, "sha512")
+    assert cx.checksum(tree, cancel=ev.is_set) == dirhash(tree)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
@@ -304,7 +315,7 @@ def test_progress_sums_to_total_bytes(tree, workers):
         calls.append(n)
         active.pop()
 
-    assert cx.checksum(tree, workers=workers, progress=progress) == checksumdir.dirhash(tree, "sha512")
+    assert cx.checksum(tree, workers=workers, progress=progress) == dirhash(tree)
     total = sum(os.path.getsize(p) for p in cx.list_files(tree))
     assert sum(calls) == total
     assert all(n > 0 for n in calls)
@@ -344,3 +355,28 @@ def test_digest_matches():
     assert cx.digest_matches("xxh3", "00", "blake3", "00") is None
     assert cx.digest_matches(None, "00", "sha512", "00") is None
     assert cx.digest_matches("sha512", None, "sha512", "00") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference itself
+
+
+def test_missing_checksumdir_fails_under_ci_and_skips_loudly_otherwise(tmp_path):
+    """A CI run without checksumdir must not go green by skipping the compatibility tests."""
+    import subprocess
+    import sys
+    fake = tmp_path / "fake" / "checksumdir"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), root]))
+    args = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+            os.path.join(root, "tests", "test_checksum.py"), "-k", "test_empty_dir"]
+    ci = subprocess.run(args, cwd=root, env=dict(env, CI="true"), capture_output=True,
+                        text=True, timeout=120)
+    assert ci.returncode == 1, ci.stdout
+    assert "required test component missing under CI=true" in ci.stdout
+    local = subprocess.run(args, cwd=root, env=dict(env, CI="false"), capture_output=True,
+                           text=True, timeout=120)
+    assert local.returncode == 0, local.stdout
+    assert "SKIPPED FOR LACK OF A REAL COMPONENT" in local.stdout

@@ -131,3 +131,107 @@ def test_packaged_default_config_is_valid():
     import cax
     cfg = cfgmod.load(os.path.join(os.path.dirname(cax.__file__), "cax.json"))
     assert set(cfg.sites) == {"daq", "buffer", "archive"}
+
+
+def test_packaged_config_keeps_its_store_in_the_user_state_dir(tmp_path, monkeypatch):
+    """Not beside the packaged file: that is site-packages, and `cax status` must not write there."""
+    import cax
+    package_dir = os.path.dirname(cax.__file__)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    cfg = cfgmod.load(os.path.join(package_dir, "cax.json"))
+    assert cfg.runs_db == str(tmp_path / "state" / "cax" / "cax.runsdb")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = cfgmod.load(os.path.join(package_dir, "cax.json"))
+    assert cfg.runs_db == str(tmp_path / "home" / ".local" / "state" / "cax" / "cax.runsdb")
+
+
+def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeypatch):
+    import cax
+    package_dir = os.path.dirname(cax.__file__)
+    before = sorted(os.listdir(package_dir))
+    monkeypatch.chdir(tmp_path)  # no ./cax.json here
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "(no runs)" in result.output
+    assert (tmp_path / "state" / "cax" / "cax.runsdb").is_file()
+    assert sorted(os.listdir(package_dir)) == before
+    help_text = CliRunner().invoke(cli, ["--help"]).output
+    assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text
+
+
+def test_unwritable_log_file_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path, GOOD)
+    log_file = str(tmp_path / "nonexistent" / "dir" / "x.log")
+    result = CliRunner().invoke(cli, ["--config", path, "--host", "daq", "--once",
+                                      "--log-file", log_file])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines == [f"cax: error: cannot open log file {log_file}: No such file or directory"]
+    assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_non_finite_numbers_rejected(tmp_path):
+    text = json.dumps({"sites": GOOD, "interval": 60}).replace("60", "Infinity")
+    check_error(tmp_path, text, "key 'interval'", "line 1", "finite")
+    doc = json.dumps([dict(GOOD[0], stalled_after=1), GOOD[1]], indent=1)
+    check_error(tmp_path, doc.replace('"stalled_after": 1', '"stalled_after": NaN'),
+                "site 'daq'", "key 'stalled_after'", "finite")
+    check_error(tmp_path, doc.replace('"stalled_after": 1', '"stalled_after": 1e999'),
+                "site 'daq'", "key 'stalled_after'", "finite")
+
+
+def test_duplicate_keys_rejected_with_site_key_and_line(tmp_path):
+    text = ('[\n {"name": "daq", "directory": "/tmp/daq",\n  "upload_options": ["buffer"]},\n'
+            ' {"name": "buffer", "directory": "/tmp/a",\n  "directory": "/tmp/b"}\n]')
+    check_error(tmp_path, text, "site 'buffer'", "key 'directory'", "twice", "line 4")
+    top = '{"sites": [], "interval": 5,\n "interval": 7}'
+    check_error(tmp_path, top, "key 'interval'", "twice", "line 1")
+
+
+def test_interval_option_range(tmp_path):
+    path = write(tmp_path, GOOD)
+    for bad in ("-5", "inf", "nan", "1e12"):
+        result = CliRunner().invoke(cli, ["--config", path, "--host", "daq", "--once",
+                                          "--interval", bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--interval" in result.stderr
+    assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_classic_null_directories_mean_none(tmp_path):
+    doc = [dict(GOOD[0], dir_processed=None, dir_untriggered=None, data_type=["raw"]),
+           dict(GOOD[1], directory=None, dir_raw="/tmp/braw")]
+    cfg = cfgmod.parse(json.dumps(doc), str(tmp_path / "c.json"))
+    assert cfg.sites["daq"].dirs == {"raw": "/tmp/daq"}
+    assert cfg.sites["buffer"].dirs == {"raw": "/tmp/braw"}
+    check_error(tmp_path, [dict(GOOD[0], dir_processed=None, data_type=["raw", "processed"]),
+                           GOOD[1]], "site 'daq'", "key 'dir_processed'", "no directory")
+
+
+def test_config_check_with_unknown_or_empty_host_exits_2(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAX_HOST", raising=False)
+    path = write(tmp_path, GOOD)
+    for args in (["--host", "mars"], ["--host", ""]):
+        for where in (["config", "check"] + args, args + ["config", "check"], args + ["--once"]):
+            result = CliRunner().invoke(cli, ["--config", path] + where)
+            assert result.exit_code == 2, (where, result.output)
+            lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and "known sites: daq, buffer" in lines[0], (where, lines)
+            assert repr(args[1]) in lines[0]
+    monkeypatch.setenv("CAX_HOST", "mars")
+    assert CliRunner().invoke(cli, ["--config", path, "config", "check"]).exit_code == 2
+    monkeypatch.setenv("CAX_HOST", "daq")
+    result = CliRunner().invoke(cli, ["--config", path, "config", "check"])
+    assert result.exit_code == 0 and "this host: daq; tasks:" in result.output
+
+
+def test_readme_pass_order_matches_default_tasks():
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.rst"), encoding="utf-8").read()
+    paragraph = text[text.index("What each pass does, in order:"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    named = [n for n in re.findall(r"``(\w+)``", paragraph) if n in cfgmod.DEFAULT_TASKS]
+    assert named == list(cfgmod.DEFAULT_TASKS)

@@ -1,6 +1,7 @@
 """The daemon as users run it: real processes on the embedded Runs DB."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from cax.checksum import checksum
 from cax.config import load
 from cax.runsdb import connect
 from tests.helpers import make_raw, run_doc, three_sites
@@ -40,26 +42,87 @@ def transferred_at(db, host, location_root, name, number):
     return loc
 
 
+def _open_fifo_writer(fifo, what):
+    """Open ``fifo`` for writing once a reader has it open (ENXIO until then); blocking after."""
+    import errno
+    import fcntl
+
+    def attempt():
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return None
+
+    fd = wait_for(attempt, timeout=60, what=what)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
 def test_two_daemons_racing_make_one_datum_and_one_copy(tmp_path):
+    """Both daemons hold the same candidate runs and claim concurrently.
+
+    Daemon A reads its candidates and then blocks copying run 0 (its source is a FIFO); daemon B
+    starts only then, so it reads run 1 unclaimed and blocks copying it. When both are released,
+    A still holds run 1 as it read it (unclaimed) and must lose that claim, and both go on racing
+    for the remaining runs.
+    """
+    from cax.checksum import checksum as digest
     cfg = three_sites(tmp_path)
+    doc = json.loads(open(cfg).read())
+    doc["sites"][2]["max_transfers"] = 1  # copies run in the claiming thread, one at a time
+    open(cfg, "w").write(json.dumps(doc))
     cfg2 = str(tmp_path / "second.json")
     shutil.copy(cfg, cfg2)  # a second daemon for the same site (its own lock)
-    config = load(cfg)
-    db = connect(config)
-    for i in range(8):
-        transferred_at(db, "buffer", str(tmp_path / "buffer"), f"16010{i}_0000", i)
-    # the buffer verifies its copies (origin here), so both archive daemons can pull
-    assert cax("--config", cfg, "--once", "--host", "buffer").wait(60) == 0
-    procs = [cax("--config", c, "--once", "--host", "archive") for c in (cfg, cfg2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    db = connect(load(cfg))
+    payload = b"fed through a fifo\n" * 50
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "stream.bin").write_bytes(payload)
+    fifo_sum = digest(str(scratch))
+    names = [f"16010{i}_0000" for i in range(8)]
+    fifos = []
+    for i, name in enumerate(names):
+        if i < 2:
+            loc = tmp_path / "buffer" / name
+            loc.mkdir()
+            os.mkfifo(loc / "stream.bin")
+            fifos.append(loc / "stream.bin")
+            loc, sum_ = str(loc), fifo_sum
+        else:
+            loc = make_raw(str(tmp_path / "buffer"), name, nfiles=3, size=50_000)
+            sum_ = digest(loc)
+        run = run_doc(i, name, loc, host="buffer", status="transferred")
+        run["data"][0]["checksum"] = sum_
+        db.insert_run(run)
+    a = cax("--config", cfg, "--once", "--host", "archive", "--log", "DEBUG")
+    b = None
+    fds = []
+    try:
+        fds.append(_open_fifo_writer(fifos[0], "daemon A copying run 0"))
+        b = cax("--config", cfg2, "--once", "--host", "archive", "--log", "DEBUG")
+        fds.append(_open_fifo_writer(fifos[1], "daemon B copying run 1"))
+        for fd in fds:
+            os.write(fd, payload)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    outs = [p.communicate(timeout=120) for p in (a, b)]
+    assert [p.returncode for p in (a, b)] == [0, 0], outs
     for run in db.collection.find({}):
         archive = [d for d in run["data"] if d["host"] == "archive"]
         assert len(archive) == 1, run["data"]
-        assert archive[0]["status"] == "transferred"
-    assert sorted(os.listdir(tmp_path / "archive")) == [f"16010{i}_0000" for i in range(8)]
+        assert archive[0]["status"] == "transferred", archive
+    assert sorted(os.listdir(tmp_path / "archive")) == names  # and no partial copy left
+    looked = [int(re.search(r"runs looked at: .*CopyPull=(\d+)", err).group(1))
+              for _out, err in outs]
+    assert looked[0] == 8 and looked[1] > 0, looked
+    assert "already claimed" in outs[0][1]  # A lost run 1 to B
     both = outs[0][1] + outs[1][1]
     assert both.count("copy start") == 8  # each run copied by exactly one of them
+    assert re.search(r"run=160100_0000 task=CopyPull .* copy start", outs[0][1])
+    assert re.search(r"run=160101_0000 task=CopyPull .* copy start", outs[1][1])
 
 
 def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
@@ -93,6 +156,45 @@ def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
     assert not os.path.exists(tmp_path / "buffer" / name)
     assert os.listdir(tmp_path / "buffer") == []  # no partial copy left behind either
     assert "stopped cleanly" in err
+
+
+def test_sigterm_mid_checksum_leaves_origin_verifying_and_next_pass_verifies(tmp_path):
+    """An origin copy cannot be re-copied: a checksum cut short must not leave it in error."""
+    cfg = three_sites(tmp_path)
+    db = connect(load(cfg))
+    name = "160101_0000"
+    src = tmp_path / "daq" / name
+    src.mkdir()
+    fifo = src / "stream.bin"
+    os.mkfifo(fifo)  # the checksum blocks reading it until the test feeds it: no timing guesses
+    db.insert_run(run_doc(1, name, str(src), status="verifying"))
+    daemon = cax("--config", cfg, "--host", "daq", "--interval", "3600")
+    # opens when AddChecksum (the only task reading a verifying origin) opens the file
+    writer = open(fifo, "wb", buffering=0)
+    try:
+        writer.write(b"x" * 1000)
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "received SIGTERM" in _drain(daemon), what="signal handled")
+        writer.write(b"y" * 1000)  # the checksum reads on, sees the stop flag, and stops
+    except BrokenPipeError:
+        pass  # it already stopped
+    finally:
+        try:
+            writer.close()
+        except BrokenPipeError:
+            pass
+    out, err = daemon.communicate(timeout=60)
+    err = _stderr_seen[daemon.pid] + err
+    assert daemon.returncode == 0, err
+    daq = db.run_by(number=1)["data"][0]
+    assert daq["status"] == "verifying" and "error" not in daq, daq
+    assert "checksum interrupted" in err
+    fifo.unlink()
+    (src / "stream.bin").write_bytes(b"x" * 1000 + b"y" * 1000)  # the data as they really are
+    assert cax("--config", cfg, "--once", "--host", "daq").wait(60) == 0
+    run = db.run_by(number=1)
+    assert run["data"][0]["status"] == "transferred"
+    assert run["references"][0]["checksum"] == run["data"][0]["checksum"] == checksum(str(src))
 
 
 _stderr_seen: dict = {}
@@ -208,3 +310,69 @@ def test_log_file_has_one_line_per_event_with_run_task_site(tmp_path):
     assert len(copy) == 1
     assert "run=160101_0000" in copy[0] and "task=CopyPush" in copy[0] and "site=daq" in copy[0]
     assert "datum=raw@buffer" in copy[0]
+
+
+def test_runs_add_rejects_each_bad_document_in_one_line_and_adds_the_rest(tmp_path):
+    cfg = three_sites(tmp_path)
+    ok = {"number": 10, "name": "160101_0010", "detector": "tpc", "start": "2016-01-01T00:00:00Z",
+          "data": [{"host": "daq", "type": "raw", "status": "transferred",
+                    "location": "/data/160101_0010"}]}
+
+    def bad(**change):
+        doc = json.loads(json.dumps(ok))
+        doc["number"] = 11 + len(cases)
+        doc["name"] = f"160101_00{11 + len(cases)}"
+        for k, v in change.items():
+            if k.startswith("data0_"):
+                doc["data"][0][k[6:]] = v
+            else:
+                doc[k] = v
+        return doc
+
+    cases = []
+    for change, needle in [
+        ({"number": 2 ** 64}, "64-bit"),
+        ({"$where": "1"}, "'$where'"),
+        ({"data0_status": "happy"}, "data[0].status"),
+        ({"data0_host": "mars"}, "data[0].host 'mars'"),
+        ({"data0_type": "minitrees"}, "data[0].type"),
+        ({"data0_location": "relative/dir"}, "data[0].location"),
+        ({"data0_location": None}, "data[0].location"),
+        ({"start": None}, "'start'"),
+        ({"extra": {"$set": 1}}, "'extra.$set'"),
+    ]:
+        cases.append((bad(**change), needle))
+    p = tmp_path / "runs.json"
+    p.write_text(json.dumps([c[0] for c in cases] + [ok]))
+    dry = cax("--config", cfg, "--dry-run", "runs", "add", str(p))
+    out, err = dry.communicate(timeout=60)
+    assert dry.returncode == 1, err
+    assert "would add 1 run(s), rejected 9" in out and "added" not in out
+    assert connect(load(cfg)).run_by(number=10) is None
+    proc = cax("--config", cfg, "runs", "add", str(p))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert "added 1 run(s), rejected 9" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == len(cases), lines
+    for i, (line, (_doc, needle)) in enumerate(zip(lines, cases)):
+        assert line.startswith(f"cax: error: {p}: run #{i + 1} "), line
+        assert needle in line, (needle, line)
+    assert connect(load(cfg)).run_by(number=10)["data"][0]["location"] == "/data/160101_0010"
+    again = cax("--config", cfg, "--dry-run", "runs", "add", str(p))
+    out, err = again.communicate(timeout=60)
+    assert "would add 0 run(s), rejected 10" in out and "already exists" in err
+
+
+def test_runs_add_refuses_duplicate_keys(tmp_path):
+    cfg = three_sites(tmp_path)
+    p = tmp_path / "runs.json"
+    p.write_text('[{"number": 1, "name": "160101_0000", "detector": "tpc",\n'
+                 ' "start": "2016-01-01T00:00:00", "number": 2}]')
+    proc = cax("--config", cfg, "runs", "add", str(p))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip() == f"cax: error: {p}: key 'number' appears twice in the object starting " \
+                          f"at line 1"
+    assert connect(load(cfg)).count({}) == 0

@@ -147,3 +147,97 @@ def test_failed_copy_is_retried_after_backoff(tmp_path):
     settle(cfg, db, "daq")
     d, run = datum(db, "buffer")
     assert d["status"] == "transferred" and run["retries"] == 1
+
+
+def test_copy_landed_but_not_verified_is_removed_and_copied_again(tmp_path, monkeypatch):
+    """The files under the final name were written by this datum's claim: the retry may remove them."""
+    from cax.tasks import copy as copy_task
+    cfg = sites(tmp_path, retry_delay=3600)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))  # daq copy verified, not pushed
+    real = copy_task.checksum
+    calls = []
+
+    def flaky(path, algorithm="sha512", **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError("I/O error while reading")
+        return real(path, algorithm, **kw)
+
+    monkeypatch.setattr(copy_task, "checksum", flaky)
+    run_pass(context(cfg, "daq", db))
+    d, _run = datum(db, "buffer")
+    assert d["status"] == "error" and d["error_kind"] == "unverified", d
+    assert os.path.isdir(tmp_path / "buffer" / "160101_0000")  # it did land
+    cfg = sites(tmp_path, retry_delay=0)
+    settle(cfg, db, "daq")
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred", d
+    assert run["retries"] == 1
+
+
+def test_push_verification_cut_short_by_stop_stays_verifying(tmp_path, monkeypatch):
+    from cax.tasks import copy as copy_task
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
+    ctx = context(cfg, "daq", db)
+
+    def stopped(path, algorithm="sha512", **kw):
+        ctx.stop.set()  # SIGTERM arrives while the copy is being checksummed
+        raise InterruptedError("checksum cancelled")
+
+    monkeypatch.setattr(copy_task, "checksum", stopped)
+    run_pass(ctx)
+    d, _run = datum(db, "buffer")
+    assert d["status"] == "verifying" and "error" not in d, d
+    monkeypatch.undo()
+    run_pass(context(cfg, "buffer", db))  # the destination's AddChecksum finishes the job
+    assert datum(db, "buffer")[0]["status"] == "transferred"
+
+
+def test_legacy_failed_verification_record_is_healed_not_stuck(tmp_path):
+    """Older cax recorded a cancelled checksum of a landed copy as 'failed': the retry must
+    remove the landed copy, or every new claim meets 'already exists and is not ours'."""
+    cfg = sites(tmp_path, retry_delay=0)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    assert statuses(db, 1)[("buffer", "raw")] == "transferred"
+    db.collection.update_one({"number": 1, "data.host": "buffer"}, {"$set": {
+        "data.$.status": "error", "data.$.error_kind": "failed", "data.$.error_time": now(),
+        "data.$.error": "checksum failed: InterruptedError: checksum cancelled"}})
+    settle(cfg, db, "daq")
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred", d
+    assert run["retries"] == 1
+
+
+def test_long_verification_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
+    """A checksum taking longer than stalled_after must not look like a dead copy."""
+    from cax.checksum import BUFSIZE
+    from cax.tasks import checksum as checksum_task
+    monkeypatch.setattr(checksum_task, "HEARTBEAT_SECONDS", 0.0)
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    loc = make_raw(str(tmp_path / "daq"), "160101_0000", nfiles=2, size=3 * BUFSIZE)
+    doc = run_doc(1, "160101_0000", loc)
+    old = now() - timedelta(hours=2)
+    doc["data"][0]["heartbeat"] = old
+    db.insert_run(doc)
+    beats = []
+    real = db.update_datum
+
+    def spy(run_id, key, expected, fields, *a, **kw):
+        if "heartbeat" in fields:
+            beats.append((expected, db.collection.find_one({"number": 1})["data"][0]["status"]))
+        return real(run_id, key, expected, fields, *a, **kw)
+
+    monkeypatch.setattr(db, "update_datum", spy)
+    run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
+    d, _run = datum(db, "daq")
+    assert d["status"] == "transferred"
+    assert beats and all(b == ("verifying", "verifying") for b in beats), beats
+    assert d["heartbeat"] > old

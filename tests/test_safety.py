@@ -1,6 +1,7 @@
 """Bad input never stops the other runs; dry runs change nothing; idle passes cost constant queries."""
 import copy
 import hashlib
+import json
 import logging
 import os
 
@@ -81,8 +82,10 @@ def test_dry_run_changes_nothing(tmp_path):
 def test_dry_run_logs_what_it_would_do(tmp_path, caplog):
     cfg = three_sites(tmp_path)
     db = mongomock_db()
-    db.insert_run(run_doc(1, "160101_0000", make_raw(str(tmp_path / "daq"), "160101_0000"),
-                          status="transferred"))
+    doc = run_doc(1, "160101_0000", make_raw(str(tmp_path / "daq"), "160101_0000"),
+                  status="transferred")
+    doc["data"][0]["checksum"] = "ab" * 64  # verified: only data with a checksum are copied
+    db.insert_run(doc)
     db.dry_run = True
     with caplog.at_level(logging.INFO):
         run_pass(context(cfg, "daq", db, dry_run=True))
@@ -156,3 +159,71 @@ def test_idle_pass_query_count_does_not_grow(tmp_path):
     calls = [idle_pass_calls(tmp_path / str(n), n) for n in (100, 1000, 10000)]
     assert len(set(calls)) == 1, calls  # constant in the number of runs
     assert calls[0] <= 3 * len(DEFAULT_TASKS)  # at most one query per task and site
+
+
+def test_cli_dry_run_leaves_embedded_store_and_disk_byte_identical(tmp_path):
+    import subprocess
+    import sys
+    from cax.config import load
+    from cax.runsdb import connect
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def cax(*args):
+        return subprocess.run([sys.executable, "-m", "cax", *args], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+
+    cfg = three_sites(tmp_path)
+    db = connect(load(cfg))
+    for i in range(3):
+        name = f"16010{i}_0000"
+        db.insert_run(run_doc(i, name, make_raw(str(tmp_path / "daq"), name)))
+    db.collection._client.close()  # the last connection closes: WAL folded into the file
+    assert cax("--config", cfg, "--once", "--host", "daq", "--run", "0").returncode == 0
+    before_disk = tree_state(str(tmp_path))
+    assert "test.runsdb" in before_disk and "test.runsdb-wal" not in before_disk
+    for host in ("daq", "buffer", "archive"):
+        proc = cax("--config", cfg, "--once", "--dry-run", "--host", host)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "dry run: nothing will change" in proc.stderr
+    assert tree_state(str(tmp_path)) == before_disk  # Runs DB file bytes and data alike
+
+    missing = tmp_path / "nowhere.runsdb"
+    doc = json.loads(open(cfg).read())
+    doc["runs_db"] = str(missing)
+    open(cfg, "w").write(json.dumps(doc))
+    proc = cax("--config", cfg, "--once", "--dry-run", "--host", "daq")
+    assert proc.returncode == 0, proc.stderr
+    assert "does not exist; taken as empty, not created" in proc.stderr
+    assert not missing.exists()
+    assert tree_state(str(tmp_path)) == dict(before_disk, **{"cax.json": tree_state(
+        str(tmp_path))["cax.json"]})
+
+
+def test_readonly_embedded_store_refuses_writes(tmp_path):
+    from cax.runsdb.embedded import open_collection
+    path = tmp_path / "x.runsdb"
+    open_collection(path).insert_one({"number": 1})
+    ro = open_collection(path, readonly=True)
+    assert ro.find_one({"number": 1})["number"] == 1
+    with pytest.raises(Exception, match="readonly|read-only|query_only|attempt to write"):
+        ro.insert_one({"number": 2})
+    assert [d["number"] for d in open_collection(path).find({})] == [1]
+    with pytest.raises(FileNotFoundError):
+        open_collection(tmp_path / "missing.runsdb", readonly=True)
+    assert not (tmp_path / "missing.runsdb").exists()
+
+
+def test_logged_run_names_and_reasons_stay_on_one_line(tmp_path, caplog):
+    """A run name from the Runs DB with a newline must not forge a second log line."""
+    cfg = three_sites(tmp_path)
+    db = mongomock_db()
+    forged = "x\n2016-01-01T00:00:00 ERROR   cax.task: run=160101_0000 forged"
+    doc = run_doc(1, forged, str(tmp_path / "daq" / "nowhere"), status="verifying")
+    db.collection.insert_one(doc)
+    with caplog.at_level(logging.INFO):
+        run_pass(context(cfg, "daq", db))
+    mine = [r.getMessage() for r in caplog.records if r.name == "cax.task"]
+    assert mine, "the run was not logged at all"
+    assert all("\n" not in m for m in mine), mine
+    assert any(m.startswith("run=x\\n2016-01-01T00:00:00 ERROR") for m in mine), mine

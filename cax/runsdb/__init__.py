@@ -23,6 +23,11 @@ class RunsDBError(Exception):
     """The Runs DB cannot be reached or used; ``str()`` is a one-line reason without secrets."""
 
 
+#: every datum status of the state machine (DESIGN.md), including processing at a batch site
+STATUSES = ("transferring", "verifying", "transferred", "error", "retrying", "deleting",
+            "processing")
+
+
 def now() -> datetime:
     """Mongo keeps milliseconds; truncating here makes reads compare equal to what was written."""
     t = datetime.now(timezone.utc)
@@ -76,6 +81,13 @@ class RunsDB:
         self.dry_run = dry_run
         self.description = description or getattr(collection, "full_name", "runs")
         self.queries = 0
+
+    def close(self) -> None:
+        """Close the connection now rather than at interpreter exit, so the embedded store's
+        last connection reliably folds and removes its ``-wal``/``-shm`` files."""
+        client = getattr(getattr(self.collection, "database", None), "client", None)
+        if client is not None and hasattr(client, "close"):
+            client.close()
 
     # ---- reads -------------------------------------------------------------------------------
     def ensure_indexes(self) -> None:
@@ -246,7 +258,11 @@ def _uri_with_password(uri: str, password_env: str) -> str:
 
 
 def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB:
-    """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on."""
+    """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
+
+    A dry run promises to change nothing, so it creates no index and opens the embedded store
+    read-only; a missing store is taken as empty (in memory) rather than created.
+    """
     target = config.runs_db
     if target.startswith(("mongodb://", "mongodb+srv://")):
         uri = _uri_with_password(target, config.password_env)
@@ -254,7 +270,10 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB
             client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms)
             coll = client[config.database][config.collection]
             db = RunsDB(coll, dry_run=dry_run, description=redact_uri(target))
-            db.ensure_indexes()
+            if dry_run:
+                client.admin.command("ping")  # still fail early when the server is unusable
+            else:
+                db.ensure_indexes()
         except PyMongoError as e:
             msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), str(e))
             raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {msg.splitlines()[0][:300]}")
@@ -262,12 +281,23 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000) -> RunsDB
     from cax.runsdb.embedded import open_collection
 
     parent = os.path.dirname(target)
+    if getattr(config, "runs_db_in_state_dir", False) and not dry_run:
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise RunsDBError(f"cannot use Runs DB {target}: cannot create {parent}: {e.strerror}")
     if parent and not os.path.isdir(parent):
         raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist")
+    where = target
+    if dry_run and not os.path.exists(target):
+        log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created", target)
+        where = ":memory:"
     try:
-        coll = open_collection(target, database=config.database, collection=config.collection)
+        coll = open_collection(where, database=config.database, collection=config.collection,
+                               readonly=dry_run and where != ":memory:")
         db = RunsDB(coll, dry_run=dry_run, description=target)
-        db.ensure_indexes()
+        if not dry_run:
+            db.ensure_indexes()
     except (OSError, PyMongoError) as e:
         raise RunsDBError(f"cannot use Runs DB {target}: {e}")
     except Exception as e:  # sqlite3 errors and the like: still one clear line

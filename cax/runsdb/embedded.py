@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import urllib.parse
 from typing import Any, Iterable, Mapping
 
 import bson
@@ -97,8 +98,13 @@ def _cache_key(_id):
 class EmbeddedClient:
     """One SQLite connection shared by the collections of one file in this process (thread-safe)."""
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, readonly: bool = False):
         self.path = os.fspath(path)
+        self._lock = threading.RLock()
+        self._collections: dict[str, EmbeddedCollection] = {}
+        if readonly:
+            self._open_readonly(timeout)
+            return
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (BEGIN IMMEDIATE for writes).
         self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
@@ -115,8 +121,27 @@ class EmbeddedClient:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        self._lock = threading.RLock()
-        self._collections: dict[str, EmbeddedCollection] = {}
+
+    def _open_readonly(self, timeout: float) -> None:
+        """For dry runs: never create the file, the schema or anything else; a write would fail.
+
+        ``mode=rw`` (not ``ro``) plus ``query_only``: SQLite refuses every change, yet the last
+        connection to close may still remove the ``-wal``/``-shm`` files it had to create, which a
+        ``mode=ro`` connection leaves behind. Raises FileNotFoundError when the file does not
+        exist, ValueError when it is not a cax store.
+        """
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(2, "No such file", self.path)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+        self._conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.execute("PRAGMA query_only=ON")
+        self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        tables = {r[0] for r in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"docs", "indexes", "counter"} <= tables:
+            self._conn.close()
+            raise ValueError(f"{self.path} is not a cax Runs DB file")
 
     def __getitem__(self, name: str) -> "EmbeddedDatabase":
         return EmbeddedDatabase(self, name)
@@ -163,9 +188,10 @@ class EmbeddedDatabase:
 
 
 def open_collection(path: str | os.PathLike, database: str = "run",
-                    collection: str = "runs_new") -> "EmbeddedCollection":
-    """The collection ``database.collection`` in the SQLite file ``path`` (created if missing)."""
-    return EmbeddedClient(path)[database][collection]
+                    collection: str = "runs_new", readonly: bool = False) -> "EmbeddedCollection":
+    """The collection ``database.collection`` in the SQLite file ``path`` (created if missing,
+    unless ``readonly``: then the file must exist and is never written)."""
+    return EmbeddedClient(path, readonly=readonly)[database][collection]
 
 
 class EmbeddedCollection:

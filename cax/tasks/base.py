@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cax.logs import printable
 from cax.paths import UnsafePath
 from cax.runsdb import RunsDB, key_str
 
@@ -117,7 +118,8 @@ class Task:
             **kw) -> None:
         name = run.get("name", run.get("number", "?")) if run else "-"
         where = f" datum={key_str(datum)}" if datum and "host" in datum and "type" in datum else ""
-        log.log(level, "run=%s task=%s site=%s%s %s", name, self.name, self.host, where, msg, **kw)
+        log.log(level, "run=%s task=%s site=%s%s %s", printable(name), self.name, self.host,
+                printable(where), printable(msg), **kw)
 
     def record_error(self, run: dict, key: dict, expected_status, reason: str,
                      kind: str = "failed") -> None:

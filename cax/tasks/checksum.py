@@ -8,17 +8,45 @@ its checksum, computed with the reference's algorithm, equals the reference; oth
 from __future__ import annotations
 
 import logging
+import time
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
+from cax.transfer import Interrupted
+
+#: how often a long checksum refreshes its datum's heartbeat (as copies do), so the stalled-copy
+#: check never takes a live verification of a big run for a dead one and removes its files
+HEARTBEAT_SECONDS = 30.0
+
+#: ``error_kind`` of a copy that landed under its final name but could not be verified there. The
+#: files under that name were written by this datum's own claim, so a retry removes them too
+#: (unlike ``failed``, where whatever sits under the final name is not ours).
+UNVERIFIED = "unverified"
 
 
-def verify(task, run_id, key, compute) -> None:
+def heartbeat(task, run_id, key, status: str = "verifying"):
+    """A ``progress`` callback for :func:`cax.checksum.checksum` that keeps the datum alive."""
+    last = [time.monotonic()]
+
+    def progress(_nbytes):
+        if time.monotonic() - last[0] >= HEARTBEAT_SECONDS and not task.dry_run:
+            last[0] = time.monotonic()
+            task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+    return progress
+
+
+def verify(task, run_id, key, compute, status: str = "verifying") -> None:
     """Move the datum ``key`` from ``verifying`` to ``transferred`` or ``error``.
 
-    ``compute(algorithm)`` returns the digest of the data where they are now.
+    With ``status="transferred"``: an origin recorded ``transferred`` without a checksum (classic
+    DAQ records) gets its checksum, which becomes the reference, so its data can be copied.
+
+    ``compute(algorithm)`` returns the digest of the data where they are now. A checksum cut short
+    by SIGTERM/SIGINT says nothing about the data: the datum stays ``verifying`` and the next pass's
+    AddChecksum starts again, instead of an ``error`` nobody heals (an origin copy has nowhere to be
+    re-copied from).
     """
     db = task.db
     run = db.run(run_id, {"name": 1, "number": 1, "data": 1, "references": 1})
@@ -26,21 +54,35 @@ def verify(task, run_id, key, compute) -> None:
         return
     datum = next((d for d in run.get("data") or []
                   if all(d.get(k) == v for k, v in key.items())), None)
-    if datum is None or datum.get("status") != "verifying":
+    if datum is None or datum.get("status") != status:
         return
+    if status != "verifying":
+        if datum.get("checksum") or datum.get("source"):
+            return
+        key = dict(key, checksum=None)  # the update re-checks that nobody added one meanwhile
     ref = reference(run, key["type"], key.get("pax_version"))
     if ref is None and datum.get("source"):
-        task.record_error(run, key, "verifying",
-                          "no reference checksum to verify this copy against")
+        task.record_error(run, key, status,
+                          "no reference checksum to verify this copy against", kind=UNVERIFIED)
         return
     algorithm = ref["checksum_type"] if ref else task.site.checksum_type
     try:
         digest = compute(algorithm)
+    except (InterruptedError, Interrupted):
+        task.log(logging.INFO, run, f"checksum interrupted; left {status} for the next pass",
+                 datum=key)
+        return
     except FileNotFoundError:
-        task.record_error(run, key, "verifying", f"data missing at {datum.get('location')}")
+        task.record_error(run, key, status, f"data missing at {datum.get('location')}",
+                          kind=UNVERIFIED)
         return
     except Exception as e:
-        task.record_error(run, key, "verifying", f"checksum failed: {type(e).__name__}: {e}")
+        if task.ctx.stop.is_set():  # e.g. a connection closed under us while stopping
+            task.log(logging.INFO, run, f"checksum ended by the stop ({type(e).__name__}: {e}); "
+                     f"left {status} for the next pass", datum=key)
+            return
+        task.record_error(run, key, status, f"checksum failed: {type(e).__name__}: {e}",
+                          kind=UNVERIFIED)
         return
     if digest is None:
         return  # cannot compute here; the destination's AddChecksum will
@@ -55,12 +97,12 @@ def verify(task, run_id, key, compute) -> None:
     # reference for it. Only copies are held to the reference.
     own_origin = key["type"] == "processed" and not datum.get("source")
     if ref["checksum"] != digest and not own_origin:
-        task.record_error(run, key, "verifying",
+        task.record_error(run, key, status,
                           f"{algorithm} checksum {digest[:16]}... differs from reference "
                           f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
         return
     fields["reference_checked"] = True
-    if db.set_status(run_id, key, "verifying", "transferred", **fields):
+    if db.set_status(run_id, key, status, "transferred", **fields):
         task.log(logging.INFO, run, f"verified, {algorithm} {digest[:16]}...", datum=key)
 
 
@@ -70,10 +112,18 @@ class AddChecksum(Task):
     projection = {"name": 1, "number": 1, "data": 1}
 
     def query(self):
-        return {"data": {"$elemMatch": {"host": self.host, "status": "verifying"}}}
+        return {"$or": [
+            {"data": {"$elemMatch": {"host": self.host, "status": "verifying"}}},
+            # classic DAQ records: an origin already transferred, never checksummed
+            {"data": {"$elemMatch": {"host": self.host, "status": "transferred",
+                                     "checksum": None, "source": None}}}]}
 
     def each_location(self, run, datum):
-        if datum["host"] != self.host or datum.get("status") != "verifying":
+        if datum["host"] != self.host:
+            return
+        status = datum.get("status")
+        if not (status == "verifying" or (status == "transferred" and not datum.get("checksum")
+                                          and not datum.get("source"))):
             return
         key = {"host": self.host, "type": datum["type"]}
         if datum.get("pax_version") is not None:
@@ -81,13 +131,16 @@ class AddChecksum(Task):
         try:
             location = paths.check_location(self.site, datum.get("location"), datum["type"])
         except paths.UnsafePath as e:
-            self.record_error(run, key, "verifying", str(e))
+            self.record_error(run, key, status, str(e))
             return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would checksum {location}", datum=key)
             return
+        self.log(logging.INFO, run, f"checksum start {location}", datum=key)
+        beat = heartbeat(self, run["_id"], key) if status == "verifying" else None
         verify(self, run["_id"], key,
-               lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set))
+               lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set,
+                                             progress=beat), status)
 
 
 class CompareChecksums(Task):

@@ -17,7 +17,7 @@ from cax import paths, progress
 from cax.checksum import checksum
 from cax.runsdb import key_str, now, reference
 from cax.tasks.base import Task
-from cax.tasks.checksum import verify
+from cax.tasks.checksum import heartbeat, verify
 from cax.transfer import Interrupted, TransferError, open_method
 
 HEARTBEAT_SECONDS = 30.0
@@ -56,7 +56,9 @@ class _Copy(Task):
         clauses = []
         for src, dst, _remote in self.pairs():
             for dtype, version in self._wanted(src, dst):
-                have = {"host": src.name, "type": dtype, "status": "transferred"}
+                # a copy is verified against the reference: without one, it could only fail
+                have = {"host": src.name, "type": dtype, "status": "transferred",
+                        "checksum": {"$ne": None}}
                 missing = {"host": dst.name, "type": dtype}
                 if version is not None:
                     have["pax_version"] = missing["pax_version"] = version
@@ -83,8 +85,10 @@ class _Copy(Task):
                     if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
                         continue
                     ref = reference(run, dtype, datum.get("pax_version"))
-                    if ref and datum.get("checksum") != ref["checksum"]:
-                        continue  # never spread a copy that disagrees with the reference
+                    if ref is None or datum.get("checksum") != ref["checksum"]:
+                        # no reference yet (AddChecksum makes one first), or a copy that
+                        # disagrees with it: never spread it
+                        continue
                     self.copy(run, datum, src, dst, remote)
 
     @staticmethod
@@ -179,7 +183,10 @@ class _Copy(Task):
             self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
             return
         if self.direction == "pull" or remote.method == "local":
-            verify(self, run["_id"], key, lambda algo: _local_checksum(dst_path, algo, self.ctx))
+            beat = heartbeat(self, run["_id"], key)
+            verify(self, run["_id"], key,
+                   lambda algo: checksum(dst_path, algo, cancel=self.ctx.stop.is_set,
+                                         progress=beat))
         elif getattr(method, "remote_checksum", False):
             verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 
@@ -227,10 +234,6 @@ class _Copy(Task):
                 self.log(logging.WARNING, None, f"closing connection failed: {e}")
         self._opened.clear()
         self._local = threading.local()
-
-
-def _local_checksum(path, algorithm, ctx):
-    return checksum(path, algorithm, cancel=ctx.stop.is_set)
 
 
 class CopyPush(_Copy):

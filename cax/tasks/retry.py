@@ -15,7 +15,17 @@ from cax.runsdb import now, reference
 from cax.tasks.base import Task
 from cax.transfer import ServiceUnavailable, TransferError, open_method, partial_path
 
-HEALABLE = ("stalled", "interrupted", "failed")
+HEALABLE = ("stalled", "interrupted", "failed", "unverified")
+
+#: reasons older cax recorded as ``failed`` although the copy had landed under its final name
+#: (verification, not the copy, failed): such a copy is ours to remove, like ``unverified``
+_LANDED_REASONS = ("checksum failed:", "no reference checksum", "data missing at")
+
+
+def _landed(datum) -> bool:
+    kind = datum.get("error_kind")
+    return kind not in ("failed", "interrupted") or (
+        kind == "failed" and str(datum.get("error") or "").startswith(_LANDED_REASONS))
 
 
 def _key(datum):
@@ -73,8 +83,7 @@ class _Heal(Task):
         try:
             # a failed or interrupted copy never reached its final name, and whatever is there
             # now is not ours to delete; only its partial copy may be left (lost connection)
-            self.remove_files(datum, final=datum.get("error_kind") not in ("failed",
-                                                                           "interrupted"))
+            self.remove_files(datum, final=_landed(datum))
         except ServiceUnavailable as e:  # the site is down: stay retrying, finish next pass
             self.log(logging.WARNING, run, f"retry waits for the site: {e}", datum=key)
             return
