@@ -186,6 +186,11 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     if datum is None:
         raise _cli.Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
     key = deletion.key_of(datum)
+    if min_copies is not None and min_copies < 1 and not force:
+        # with no other good copy required, a typo here deletes the last good copy: that is what
+        # --force is for, and --force makes the admin type the run name
+        raise _cli.Fatal(f"--min-copies {min_copies} would allow deleting the last good copy; "
+                         f"use --force to delete {location} knowingly", 2)
     if min_copies is None:
         min_copies = (a.site.purge or {}).get("min_copies", 2)
     if force and not a.dry_run:

@@ -151,8 +151,12 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
     finish. ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
-    path checks or the protocol.
+    path checks or the protocol. ``min_copies`` below 1 without ``force`` is a caller's bug (it would
+    let the last good copy go without the admin's typed confirmation), so it raises.
     """
+    if min_copies < 1 and not force:
+        raise ValueError(f"min_copies={min_copies} without force: refusing to allow deleting the "
+                         f"last good copy")
     for attempt in range(attempts):
         run = db.run(run_id, PROJECTION)
         if run is None:
@@ -187,10 +191,8 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
         if force:
             why = (f"forced by the admin (other verified copies: "
                    f"{', '.join(d['host'] for d in good) or 'none'})")
-        elif named:
-            why = f"verified copies at {', '.join(hosts)} ({_ctype(ref)} {ref['checksum'][:16]}...)"
         else:
-            why = "min_copies is 0"
+            why = f"verified copies at {', '.join(hosts)} ({_ctype(ref)} {ref['checksum'][:16]}...)"
         yield "decided"
         if dry_run:
             say(logging.INFO, f"dry-run: would delete {location}: {why}")

@@ -7,7 +7,7 @@ import mongomock
 import pytest
 from click.testing import CliRunner
 
-from cax import admin
+from cax import admin, deletion
 from cax import cli as cli_mod
 from cax.runsdb import RunsDB
 from tests.purge_helpers import add_run, copies, sites_config
@@ -90,6 +90,24 @@ def test_rm_safe_delete_and_dry_run(env):
     assert r.exit_code == 0, r.output
     assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
     assert not os.path.exists(loc)
+
+
+def test_rm_min_copies_zero_needs_force(env, monkeypatch):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})   # the only copy
+    loc = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    monkeypatch.setattr(admin, "stdin_is_tty", lambda: True)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1",
+               "--min-copies", "0", "--location", loc, input="160301_1200\n")
+    assert r.exit_code == 2 and "--force" in r.output, r.output
+    assert snapshot(db, tmp) == before
+    # the library refuses too, whoever calls it
+    with pytest.raises(ValueError):
+        deletion.delete_copy(db, cli_mod.load_config(cfg).site("buffer"),
+                             db.collection.find_one({"number": 1})["_id"],
+                             {"host": "buffer", "type": "raw"}, min_copies=0)
+    assert snapshot(db, tmp) == before
 
 
 def test_rm_force_needs_typed_run_name(env, monkeypatch):
