@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cax import paths
-from cax.runsdb import now, reference
+from cax.runsdb import key_str, now, reference
 
 log = logging.getLogger("cax.deletion")
 
@@ -111,16 +111,47 @@ def _default_say(level: int, msg: str) -> None:
     log.log(level, msg)
 
 
-def check_deletable_location(site, datum: dict) -> str:
-    """The datum's location, if cax may delete it: inside the data dirs and not itself a symlink.
+def check_deletable_location(site, run: dict, datum: dict, db=None) -> str:
+    """The datum's location, if cax may delete it as this run's copy; UnsafePath otherwise.
 
-    A symlink inside a data directory may point at another copy's data: deleting through it would
-    delete data no datum of ours names, so it is refused like a path outside the directories.
+    The good-copy count is made for *this run's* data, so the location must be exactly where this
+    site keeps this run's data of this type and version (:func:`paths.check_run_location`), must
+    not itself be a symlink (it could point at another copy's data), and, given ``db``, no other
+    datum of this site (any run) may name the same real path: deleting it would delete their data
+    too, and no count was made for them.
     """
-    location = paths.check_location(site, datum.get("location"), datum.get("type"))
-    if os.path.islink(location.rstrip("/")):
+    location = paths.check_run_location(site, datum.get("location"), run.get("name"),
+                                        datum.get("type"), datum.get("pax_version"))
+    if os.path.islink(location):
         raise paths.UnsafePath(f"refusing location {location!r}: it is a symlink")
+    if db is not None:
+        other = _other_claim(db, site, run, datum, location)
+        if other:
+            raise paths.UnsafePath(f"refusing location {location!r}: it is also the location of "
+                                   f"{other}")
     return location
+
+
+def _other_claim(db, site, run, datum, location) -> str:
+    """'run R datum K' of another datum of this site at ``location`` (as spelled or real), or ''."""
+    real = os.path.realpath(location)
+    spelled = sorted({location, real, location + "/", real + "/"})
+    q = {"data": {"$elemMatch": {"host": site.name, "location": {"$in": spelled}}}}
+    own = key_of(datum)
+    for r in db.find_runs(q, {"name": 1, "data": 1}):
+        for d in r.get("data") or []:
+            if not isinstance(d, dict) or d.get("host") != site.name \
+                    or d.get("location") not in spelled:
+                continue
+            if r.get("_id") == run.get("_id") and matches(d, own):
+                continue
+            return f"run {r.get('name')} datum {key_str(key_of(d))}"
+    return ""
+
+
+#: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
+#: and the admin would never see why its copy was not deleted)
+REFUSED_KIND = "unsafe-location"
 
 
 def remove_path(location: str) -> bool:
@@ -170,11 +201,11 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
         if status not in own_statuses:
             return Outcome("skipped", f"status is {status!r}")
         try:
-            location = check_deletable_location(site, datum)
+            location = check_deletable_location(site, run, datum, db)
         except paths.UnsafePath as e:
             reason = f"not deleted: {e}"
             say(logging.ERROR, f"error: {reason}")
-            db.set_error(run_id, key, status, reason)
+            db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"])
@@ -218,11 +249,11 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
     if datum is None or datum.get("status") != "deleting":
         return Outcome("gone", "datum no longer deleting")
     try:
-        location = check_deletable_location(site, datum)
+        location = check_deletable_location(site, run, datum, db)
     except paths.UnsafePath as e:
         reason = f"not deleted: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.set_error(run_id, key, "deleting", reason)
+        db.set_error(run_id, key, "deleting", reason, kind=REFUSED_KIND)
         return Outcome("refused", str(e))
     try:
         removed = remove_path(location)

@@ -279,6 +279,72 @@ def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
     assert os.path.isdir(tmp_path / "daq" / "160301_1200")
 
 
+@pytest.mark.parametrize("how", ["other-run", "dotdot", "symlinked-part", "shared-path"])
+def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
+    """Only the only copy of run 2 is at risk; run 1's buffer datum points at it in some way."""
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp_path, 2, {"buffer": "transferred"})   # the only copy of run 2
+    run2 = tmp_path / "buffer" / "160302_1200"
+    loc = {"other-run": str(run2),
+           "dotdot": str(tmp_path / "buffer" / "160301_1200" / ".." / "160302_1200"),
+           "symlinked-part": str(tmp_path / "buffer" / "sub" / "160301_1200"),
+           "shared-path": str(tmp_path / "buffer" / "160301_1200")}[how]
+    if how == "symlinked-part":
+        os.symlink(run2, tmp_path / "buffer" / "sub")
+        os.makedirs(run2 / "160301_1200")
+    if how == "shared-path":
+        # run 1's directory holds run 2's only data (moved there by hand) and run 2's datum says so
+        import shutil
+        shutil.rmtree(tmp_path / "buffer" / "160301_1200")
+        os.rename(run2, tmp_path / "buffer" / "160301_1200")
+        run2 = tmp_path / "buffer" / "160301_1200"
+        db.collection.update_one({"number": 2}, {"$set": {"data.0.location": str(run2)}})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": loc}})
+    before = sorted(os.listdir(run2))
+    purge(cfg, "buffer", db)
+    datum = db.collection.find_one({"number": 1})["data"][1]
+    assert datum["status"] == "error" and "refusing location" in datum["error"], datum
+    assert datum["error_kind"] == deletion.REFUSED_KIND
+    assert sorted(os.listdir(run2)) == before
+
+
+def test_processed_location_must_be_in_its_version_directory(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}},
+                       extra={"buffer": {"pax_versions": ["v2"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    add_run(db, tmp_path, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
+    add_run(db, tmp_path, 3, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    # run 1 names the whole version directory; run 3 names its copy under the wrong version
+    os.makedirs(tmp_path / "buffer" / "v2")
+    os.rename(tmp_path / "buffer" / "v1" / "160303_1200", tmp_path / "buffer" / "v2" / "160303_1200")
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": str(tmp_path / "buffer" / "v1")}})
+    db.collection.update_one({"number": 3}, {"$set": {
+        "data.0.location": str(tmp_path / "buffer" / "v2" / "160303_1200")}})
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert os.path.isdir(tmp_path / "buffer" / "v1" / "160302_1200")
+    assert os.path.isdir(tmp_path / "buffer" / "v2" / "160303_1200")
+    for n in (1, 3):
+        d = db.collection.find_one({"number": n})["data"][0]
+        assert d["status"] == "error" and "refusing location" in d["error"], d
+
+
+def test_processed_file_named_after_the_run_is_deleted(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    f = tmp_path / "buffer" / "v1" / "160301_1200.root"
+    f.write_text("x")
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": str(f)}})
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert not f.exists() and copies(db, 1, "processed") == {"archive": "transferred"}
+
+
 def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
     cfg = sites_config(tmp_path, purge={"buffer": 1})
     db = fresh_db()
