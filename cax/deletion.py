@@ -181,7 +181,7 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
-    finish. ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
+    finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
     path checks or the protocol. ``min_copies`` below 1 without ``force`` is a caller's bug (it would
     let the last good copy go without the admin's typed confirmation), so it raises.
     """
@@ -197,6 +197,10 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
             return Outcome("gone", "datum no longer exists")
         status = datum.get("status")
         if status == "deleting":
+            if dry_run:
+                why = datum.get("deleting_reason") or "marked earlier"
+                say(logging.INFO, f"dry-run: would finish deleting {datum.get('location')} ({why})")
+                return Outcome("would-delete", why)
             break
         if status not in own_statuses:
             return Outcome("skipped", f"status is {status!r}")

@@ -110,6 +110,21 @@ def test_rm_min_copies_zero_needs_force(env, monkeypatch):
     assert snapshot(db, tmp) == before
 
 
+def test_rm_dry_run_of_deleting_copy_deletes_nothing(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting"}})
+    loc = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--location", loc,
+               "--dry-run")
+    assert r.exit_code == 0 and f"would finish deleting {loc}" in r.output, r.output
+    assert snapshot(db, tmp) == before
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--location", loc)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(loc) and "buffer" not in copies(db, 1)
+
+
 def test_rm_force_needs_typed_run_name(env, monkeypatch):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"buffer": "transferred"})
