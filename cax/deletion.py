@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cax import paths
-from cax.runsdb import key_str, now, reference
+from cax.runsdb import key_str, now, reference, reference_problem
 
 log = logging.getLogger("cax.deletion")
 
@@ -95,6 +95,8 @@ class Outcome:
     action: str
     reason: str = ""
     safe_by: list = field(default_factory=list)
+    #: the admin should hear about it on every pass (not just a copy waiting for more copies)
+    warn: bool = False
 
     ACTIONS = ("deleted", "would-delete", "unsafe", "refused", "gone", "skipped", "lost-race",
                "failed")
@@ -214,7 +216,9 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
         ref = reference(run, key["type"], key.get("pax_version"))
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"])
         if ref is None and not force:
-            return Outcome("unsafe", "reference checksum unknown")
+            problem = reference_problem(run, key["type"], key.get("pax_version"))
+            return Outcome("unsafe", f"reference checksum unknown{': ' + problem if problem else ''}",
+                           warn=bool(problem))
         if len(good) < min_copies and not force:
             return Outcome("unsafe", f"{len(good)} other verified cop{'y' if len(good) == 1 else 'ies'}"
                            f" ({', '.join(d['host'] for d in good) or 'none'}), "

@@ -63,6 +63,29 @@ def test_unknown_reference_never_deletes(tmp_path):
     assert copies(db, 1)["buffer"] == "transferred"
 
 
+def test_legacy_reference_needs_agreeing_origins(tmp_path, caplog):
+    """Older cax wrote neither ``references`` nor ``source``: a bad copy listed first looked like
+    the origin, became the reference, and the only true copy was purged."""
+    cfg = sites_config(tmp_path, purge={"daq": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": ("transferred", "bad"), "daq": "transferred",
+                              "archive": ("transferred", "bad")})
+    db.collection.update_one({"number": 1}, {"$unset": {"references": ""}})
+    with caplog.at_level(logging.WARNING, logger="cax.task"):
+        purge(cfg, "daq", db)
+    assert copies(db, 1)["daq"] == "transferred"
+    assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+    assert "reference checksum unknown" in caplog.text and "disagree" in caplog.text
+    # when every source-less copy agrees, the legacy fallback still works
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.source": "daq",
+                                                      "data.2.source": "daq"}})
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 2}, {"$unset": {"references": ""}})
+    purge(cfg, "daq", db)
+    assert copies(db, 1)["daq"] == "transferred"     # the others are bad copies
+    assert copies(db, 2) == {"buffer": "transferred"}
+
+
 def _set_all_source(db):
     run = db.collection.find_one({"number": 1})
     for i in range(len(run["data"])):

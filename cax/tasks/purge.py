@@ -108,7 +108,8 @@ class _Purge(Task):
 
     def report(self, run, key, outcome) -> None:
         if outcome.action == "unsafe":
-            self.log(self.unsafe_level(key), run, f"kept: {outcome.reason}", datum=key)
+            level = logging.WARNING if outcome.warn else self.unsafe_level(key)
+            self.log(level, run, f"kept: {outcome.reason}", datum=key)
         elif outcome.action == "lost-race":
             self.log(logging.INFO, run, f"not deleted: {outcome.reason}", datum=key)
 
