@@ -206,7 +206,7 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     say = lambda level, msg: _echo_say(level, f"run={run.get('name')} datum={key_str(key)} {msg}")  # noqa: E731
     outcome = deletion.delete_copy(a.db, a.site, run["_id"], key, min_copies=min_copies,
                                    own_statuses=("transferred", "error"), force=force,
-                                   dry_run=a.dry_run, say=say)
+                                   dry_run=a.dry_run, say=say, sites=a.config.sites)
     if outcome.action in ("deleted", "would-delete"):
         return
     if outcome.action == "unsafe":

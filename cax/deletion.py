@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cax import paths
+from cax.config import same_machine
 from cax.runsdb import key_str, now, reference, reference_problem
 
 log = logging.getLogger("cax.deletion")
@@ -74,10 +75,31 @@ def is_good(datum: dict, ref: Optional[dict]) -> bool:
             and _ctype(datum) == _ctype(ref))
 
 
-def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None) -> list:
+def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None,
+                same_copy: Optional[Callable[[dict], bool]] = None) -> list:
+    """Good copies other than ``exclude_host``'s; ``same_copy(datum)`` True drops a datum that is
+    really the excluded copy under another site name."""
     return [d for d in run.get("data") or []
             if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("host") != exclude_host and is_good(d, ref)]
+            and d.get("host") != exclude_host and is_good(d, ref)
+            and not (same_copy and same_copy(d))]
+
+
+def _same_copy_test(site, location: str, sites: Optional[dict]):
+    """A predicate: is this datum the same files as ``location`` of ``site`` (another site name on
+    the same machine with the same path, as written or real)? Such a datum is no "other" copy:
+    deleting ours deletes it too. Sites not in ``sites`` are taken as elsewhere."""
+    if not sites:
+        return None
+    mine = {os.path.normpath(location), os.path.realpath(location)}
+
+    def same(d: dict) -> bool:
+        other = sites.get(d.get("host"))
+        loc = d.get("location")
+        if other is None or not isinstance(loc, str) or not same_machine(site, other):
+            return False
+        return bool({os.path.normpath(loc), os.path.realpath(loc)} & mine)
+    return same
 
 
 def good_spec(datum: dict, ref: dict) -> dict:
@@ -178,13 +200,14 @@ def remove_path(location: str) -> bool:
 
 def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
                  own_statuses=("transferred",), force: bool = False, dry_run: bool = False,
-                 say: Say = _default_say, attempts: int = 3):
+                 say: Say = _default_say, attempts: int = 3, sites: Optional[dict] = None):
     """Delete this site's copy ``key`` of run ``run_id`` under the invariant (generator).
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
     finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
-    path checks or the protocol. ``min_copies`` below 1 without ``force`` is a caller's bug (it would
+    path checks or the protocol. ``sites`` (name -> Site, the config's) lets a copy of another
+    site name on this machine at the same path be recognised as this very copy. ``min_copies`` below 1 without ``force`` is a caller's bug (it would
     let the last good copy go without the admin's typed confirmation), so it raises.
     """
     if min_copies < 1 and not force:
@@ -214,7 +237,8 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
             db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
-        good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"])
+        good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],
+                           same_copy=_same_copy_test(site, location, sites))
         if ref is None and not force:
             problem = reference_problem(run, key["type"], key.get("pax_version"))
             return Outcome("unsafe", f"reference checksum unknown{': ' + problem if problem else ''}",

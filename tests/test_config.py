@@ -131,3 +131,20 @@ def test_packaged_default_config_is_valid():
     import cax
     cfg = cfgmod.load(os.path.join(os.path.dirname(cax.__file__), "cax.json"))
     assert set(cfg.sites) == {"daq", "buffer", "archive"}
+
+
+def test_two_sites_over_one_directory_on_one_host_refused(tmp_path):
+    """One physical copy under two site names would count as two good copies."""
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "d", tmp_path / "alias")
+    for a, b in ((str(tmp_path / "d"), str(tmp_path / "d")),          # the same directory
+                 (str(tmp_path / "d"), str(tmp_path / "d" / "raw")),  # one inside the other
+                 (str(tmp_path / "d"), str(tmp_path / "alias"))):     # the same, through a link
+        doc = [{"name": "buffer", "directory": a}, {"name": "buffer2", "dir_raw": b}]
+        line = check_error(tmp_path, doc, "site 'buffer2'", "key 'dir_raw'", "'buffer'")
+        assert "overlaps" in line
+    # the same path on two different machines is two copies
+    doc = [{"name": "buffer", "directory": "/data", "method": "rsync", "hostname": "a.example.org"},
+           {"name": "archive", "directory": "/data", "method": "rsync", "hostname": "b.example.org"},
+           {"name": "daq", "directory": str(tmp_path / "daq")}]
+    cfgmod.load(write(tmp_path, doc))

@@ -1,4 +1,5 @@
 """BufferPurger and PurgeProcessed: the invariant, the protocol, crashes, paths, dry runs."""
+import json
 import logging
 import os
 import subprocess
@@ -84,6 +85,26 @@ def test_legacy_reference_needs_agreeing_origins(tmp_path, caplog):
     purge(cfg, "daq", db)
     assert copies(db, 1)["daq"] == "transferred"     # the others are bad copies
     assert copies(db, 2) == {"buffer": "transferred"}
+
+
+def test_one_copy_under_two_site_names_is_not_another_copy(tmp_path):
+    """buffer2 names the very files of buffer (same machine, same path): deleting buffer's copy
+    would delete it too, so it is no other good copy."""
+    cfg = sites_config(tmp_path, names=("daq", "buffer", "buffer2"), purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": ("transferred", "bad"), "buffer": "transferred"},
+            ref_host="buffer")
+    run = db.collection.find_one({"number": 1})
+    db.collection.update_one({"number": 1}, {"$push": {"data": dict(run["data"][1], host="buffer2")}})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "transferred"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+    # the same path under a site name of another machine is another copy
+    doc = json.loads(open(cfg).read())
+    doc["sites"][2].update(method="rsync", hostname="elsewhere.example.org")
+    open(cfg, "w").write(json.dumps(doc))
+    purge(cfg, "buffer", db)
+    assert "buffer" not in copies(db, 1)
 
 
 def _set_all_source(db):

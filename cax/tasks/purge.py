@@ -103,7 +103,8 @@ class _Purge(Task):
         if not self.old_enough(run) or not self.space_wanted(run, datum["type"]):
             return
         outcome = deletion.delete_copy(self.db, self.site, run["_id"], key,
-                                       min_copies=self.min_copies, dry_run=self.dry_run, say=say)
+                                       min_copies=self.min_copies, dry_run=self.dry_run, say=say,
+                                       sites=self.ctx.config.sites)
         self.report(run, key, outcome)
 
     def report(self, run, key, outcome) -> None:
