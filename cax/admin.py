@@ -112,6 +112,13 @@ def mv(ctx, config_path, host, dry_run, src, dst):
     run, datum = found[0]
     key, status = deletion.key_of(datum), datum.get("status")
     label = f"run {run.get('name')} datum {key_str(key)}"
+    try:
+        # where the purge tasks and cax rm will accept it: a copy moved anywhere else (another
+        # type's directory, a sub-directory, another name) could never be deleted again
+        paths.check_run_location(a.site, dst, run.get("name"), datum.get("type"),
+                                 datum.get("pax_version"))
+    except paths.UnsafePath as e:
+        raise _cli.Fatal(f"--output: {e}", 2)
     if status not in ("transferred", "error"):
         raise _cli.Fatal(f"{label} is {status!r} (in flight); try again when it is settled", 1)
     if a.dry_run:

@@ -35,7 +35,11 @@ def snapshot(db, root):
 def test_mv_moves_and_updates_location(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
-    src, dst = str(tmp / "buffer" / "160301_1200"), str(tmp / "buffer" / "old" / "160301_1200")
+    # a copy left out of place by hand is put back where cax keeps it
+    src, dst = str(tmp / "buffer" / "old" / "160301_1200"), str(tmp / "buffer" / "160301_1200")
+    os.makedirs(tmp / "buffer" / "old")
+    os.rename(dst, src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": src}})
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src, "--output", dst)
     assert r.exit_code == 0, r.output
     d = next(d for d in db.collection.find_one({"number": 1})["data"] if d["host"] == "buffer")
@@ -46,7 +50,10 @@ def test_mv_moves_and_updates_location(env):
 def test_mv_refuses_outside_and_unknown(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"buffer": "transferred"})
-    src = str(tmp / "buffer" / "160301_1200")
+    src = str(tmp / "buffer" / "old" / "160301_1200")
+    os.makedirs(tmp / "buffer" / "old")
+    os.rename(tmp / "buffer" / "160301_1200", src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": src}})
     before = snapshot(db, tmp)
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src,
                "--output", str(tmp / "elsewhere"))
@@ -56,10 +63,38 @@ def test_mv_refuses_outside_and_unknown(env):
                str(tmp / "buffer" / "nodatum"), "--output", str(tmp / "buffer" / "x"))
     assert r.exit_code == 1 and "no datum of site buffer" in r.output
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--dry-run", "--input", src,
-               "--output", str(tmp / "buffer" / "y"))
+               "--output", str(tmp / "buffer" / "160301_1200"))
     assert r.exit_code == 0 and "dry-run: would move" in r.output
     os.rmdir(tmp / "buffer" / "nodatum")
     assert snapshot(db, tmp) == before
+
+
+def test_mv_destination_must_be_the_runs_place_for_its_type(env):
+    tmp, cfg, db = env
+    import json
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1].update(dir_raw=str(tmp / "buffer" / "raw"),
+                           dir_processed=str(tmp / "buffer" / "processed"))
+    del doc["sites"][1]["directory"]
+    open(cfg, "w").write(json.dumps(doc))
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    src = str(tmp / "buffer" / "raw" / "old" / "160301_1200")   # out of place
+    os.makedirs(tmp / "buffer" / "raw" / "old")
+    os.makedirs(tmp / "buffer" / "processed")
+    os.rename(tmp / "buffer" / "160301_1200", src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": src}})
+    before = snapshot(db, tmp)
+    for dst in (tmp / "buffer" / "processed" / "160301_1200",     # another type's directory
+                tmp / "buffer" / "raw" / "other_name",            # not the run's name
+                tmp / "buffer" / "raw" / "sub" / "160301_1200"):  # not directly in raw/
+        r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src,
+                   "--output", str(dst))
+        assert r.exit_code == 2 and "refusing location" in r.output, r.output
+        assert snapshot(db, tmp) == before
+    dst = str(tmp / "buffer" / "raw" / "160301_1200")
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src, "--output", dst)
+    assert r.exit_code == 0, r.output
+    assert db.collection.find_one({"number": 1})["data"][0]["location"] == dst
 
 
 # ---- rm -------------------------------------------------------------------------------------
