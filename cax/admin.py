@@ -283,7 +283,7 @@ def stray(ctx, config_path, host, dry_run, delete):
                              f"refusing to judge strays", 1)
         if not any(paths.inside(d, r) for r in roots):
             roots.append(d)
-    claimed, missing = set(), []
+    claimed, missing, deleting = set(), [], []
     q = {"data": {"$elemMatch": {"host": a.host}}}
     for run in a.db.find_runs(q, deletion.PROJECTION):
         for d in run.get("data") or []:
@@ -293,7 +293,9 @@ def stray(ctx, config_path, host, dry_run, delete):
             claimed.update({loc, os.path.realpath(loc)})
             if d.get("moving_to"):
                 claimed.add(os.path.normpath(d["moving_to"]))
-            if d.get("status") not in ("transferring", "deleting") and not os.path.lexists(loc):
+            if d.get("status") == "deleting":
+                deleting.append((run, d))
+            elif d.get("status") != "transferring" and not os.path.lexists(loc):
                 missing.append((run, d))
     keep = []
     if not a.config.is_uri():
@@ -330,7 +332,15 @@ def stray(ctx, config_path, host, dry_run, delete):
                                 f"files missing at {d['location']} (found by cax stray)"):
                 line += ": marked error"
         click.echo(line)
-    click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files")
+    for run, d in deleting:
+        # half-deleted copies are never good copies: the admin should know they are pending
+        since = d.get("deleting_time")
+        when = f"marked {since:%Y-%m-%d %H:%M} UTC; " if since else ""
+        click.echo(f"deleting: run {run.get('name')} datum {key_str(deletion.key_of(d))}: "
+                   f"{d['location']} ({when}{d.get('error') or 'not finished yet'}); the next "
+                   f"BufferPurger pass or cax rm finishes it")
+    click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files"
+               + (f", {len(deleting)} copy(ies) being deleted" if deleting else ""))
 
 
 # ---- console-script entry points ------------------------------------------------------------

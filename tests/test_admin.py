@@ -215,6 +215,18 @@ def test_stray_finds_and_deletes_only_old_strays(env):
     assert copies(db, 2)["buffer"] == "error"
 
 
+def test_stray_lists_copies_being_deleted(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.error": "removing failed: EACCES"}})
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    assert r.exit_code == 0, r.output
+    assert (f"deleting: run 160301_1200 datum raw@buffer: {tmp / 'buffer' / '160301_1200'} "
+            f"(removing failed: EACCES)") in r.output
+    assert "1 copy(ies) being deleted" in r.output
+
+
 def test_root_dry_run_flag_reaches_commands(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})

@@ -401,6 +401,20 @@ def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
     assert os.path.isdir(tmp_path / "daq" / "160301_1200")
 
 
+def test_deleting_copy_finished_at_site_without_purge_settings(tmp_path):
+    """A crashed ``cax rm`` at a site that never purges left a copy ``deleting``."""
+    cfg = sites_config(tmp_path)   # no site purges
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting"}})
+    purge(cfg, "buffer", db, dry_run=True)
+    assert copies(db, 1)["buffer"] == "deleting"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+    purge(cfg, "buffer", db)
+    assert copies(db, 1) == {"daq": "transferred"}
+    assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
+
+
 def test_one_bad_run_does_not_stop_others(tmp_path):
     cfg = sites_config(tmp_path, purge={"buffer": 1})
     db = fresh_db()

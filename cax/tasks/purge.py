@@ -2,7 +2,8 @@
 
 Both delete through :mod:`cax.deletion` (invariant re-checked by the marking update, mark -> remove
 -> pull), so two sites purging the same run at once can never both go, and a crash mid-way is
-finished by the next pass: any ``deleting`` datum of this host is finished first.
+finished by the next pass: any ``deleting`` datum of this host is finished first, at every site
+(BufferPurger finishes them even where nothing is purged).
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ class _Purge(Task):
     def query(self):
         """Finish this site's ``deleting`` datums first, then start new deletions.
 
-        A site without purge settings costs no query at all (idle passes stay cheap); a
-        ``deleting`` datum there can only come from a crashed ``cax rm``, which finishes it when
-        run again.
+        Even a site without purge settings asks for its ``deleting`` datums (one indexed query
+        per pass): a crashed ``cax rm`` leaves one there, and nothing else would ever finish it,
+        so it would stay ``deleting`` (never a good copy, files possibly half removed) for good.
         """
         if self.settings is None:
-            return None
+            return self.finish_clause()
         clauses = [self.finish_clause()]
         new = self.new_clause()
         if new is not None:
