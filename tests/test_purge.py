@@ -145,6 +145,23 @@ def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatc
     assert [("buffer" in copies(db, n)) for n in (1, 2, 3)] == [False, False, True]
 
 
+def test_min_free_fraction_dry_run_counts_what_it_would_free(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+    from cax.tasks import purge as purge_mod
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "min_free_fraction": 0.5}})
+    db = fresh_db()
+    for n in (1, 2, 3):
+        add_run(db, tmp_path, n, {"daq": "transferred", "buffer": "transferred"})
+        db.collection.update_one({"number": n}, {"$set": {"data.1.size": 60}})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(purge_mod.shutil, "disk_usage", lambda p: usage(1000, 600, 400))
+    with caplog.at_level(logging.INFO, logger="cax"):
+        purge(cfg, "buffer", db, dry_run=True)
+    # 400 free of 1000: two copies of 60 bytes bring it to 52%, the third is not needed
+    would = [ln for ln in caplog.text.splitlines() if "dry-run: would delete" in ln]
+    assert len(would) == 2 and not any("160303_1200" in ln for ln in would), caplog.text
+
+
 def test_dry_run_reports_and_deletes_nothing(tmp_path, caplog):
     cfg = sites_config(tmp_path, purge={"buffer": 2})
     db = fresh_db()

@@ -25,6 +25,9 @@ class _Purge(Task):
         self.settings = self.site.purge  # None: this site never starts new deletions
         self.min_copies = (self.settings or {}).get("min_copies", 2)
         self._disk_full_enough = False
+        #: bytes a dry run would have freed so far, per data type: without it a dry run with
+        #: min_free_fraction sees the disk as full as ever and lists every candidate
+        self._would_free: dict = {}
 
     # -- selection --------------------------------------------------------------------------
     def finish_clause(self) -> dict:
@@ -55,7 +58,8 @@ class _Purge(Task):
     # -- space ------------------------------------------------------------------------------
     def free_fraction(self, dtype: str) -> float:
         usage = shutil.disk_usage(self.site.data_dir(dtype))
-        return usage.free / usage.total if usage.total else 1.0
+        free = usage.free + self._would_free.get(dtype, 0)
+        return min(1.0, free / usage.total) if usage.total else 1.0
 
     def space_wanted(self, run, dtype) -> bool:
         """With ``min_free_fraction`` set, new deletions happen only while the disk is too full."""
@@ -106,6 +110,9 @@ class _Purge(Task):
         outcome = deletion.delete_copy(self.db, self.site, run["_id"], key,
                                        min_copies=self.min_copies, dry_run=self.dry_run, say=say,
                                        sites=self.ctx.config.sites)
+        if outcome.action == "would-delete":
+            self._would_free[datum["type"]] = (self._would_free.get(datum["type"], 0)
+                                               + _size_of(datum))
         self.report(run, key, outcome)
 
     def report(self, run, key, outcome) -> None:
@@ -117,6 +124,17 @@ class _Purge(Task):
 
     def unsafe_level(self, key) -> int:
         return logging.DEBUG
+
+
+def _size_of(datum) -> int:
+    """Bytes the copy takes: its recorded size, else measured (0 if it cannot be)."""
+    if isinstance(datum.get("size"), int):
+        return datum["size"]
+    from cax.tasks.size import measure  # late import: size imports deletion, like this module
+    try:
+        return measure(datum.get("location"))[0]
+    except (OSError, TypeError):
+        return 0
 
 
 class BufferPurger(_Purge):
