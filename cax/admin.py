@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -223,16 +224,29 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
 
 
 # ---- stray ----------------------------------------------------------------------------------
-def _newest_mtime(path) -> float:
-    newest = os.lstat(path).st_mtime
+def _newest_change(path) -> float:
+    """Newest inode change time (ctime) in the tree: copy tools (rsync -t, cp -p) set an old
+    mtime on files they are still writing, but nobody can set ctime, so a copy in progress never
+    looks old."""
+    newest = os.lstat(path).st_ctime
     if os.path.isdir(path) and not os.path.islink(path):
         for dirpath, dirs, files in os.walk(path, followlinks=False):
             for name in dirs + files:
                 try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_ctime)
                 except FileNotFoundError:
                     pass
     return newest
+
+
+def _claimed_now(a, p) -> bool:
+    """Whether a datum of this site names ``p`` or something inside it right now (its location or
+    the target of a move): a copy may have been claimed since the listing began."""
+    spellings = {os.path.normpath(p), os.path.realpath(p)}
+    rx = "^(" + "|".join(re.escape(x) for x in sorted(spellings)) + ")(/|$)"
+    q = {"$or": [{"data": {"$elemMatch": {"host": a.host, field: {"$regex": rx}}}}
+                 for field in ("location", "moving_to")]}
+    return any(True for _ in a.db.find_runs(q, {"_id": 1}))
 
 
 def find_strays(roots, claimed, keep=()):
@@ -283,7 +297,7 @@ def stray(ctx, config_path, host, dry_run, delete):
                              f"refusing to judge strays", 1)
         if not any(paths.inside(d, r) for r in roots):
             roots.append(d)
-    claimed, missing, deleting = set(), [], []
+    claimed, missing, deleting, moving = set(), [], [], []
     q = {"data": {"$elemMatch": {"host": a.host}}}
     for run in a.db.find_runs(q, deletion.PROJECTION):
         for d in run.get("data") or []:
@@ -295,6 +309,8 @@ def stray(ctx, config_path, host, dry_run, delete):
                 claimed.add(os.path.normpath(d["moving_to"]))
             if d.get("status") == "deleting":
                 deleting.append((run, d))
+            elif d.get("moving_to"):
+                moving.append((run, d))   # its files may be at either place: not "missing"
             elif d.get("status") != "transferring" and not os.path.lexists(loc):
                 missing.append((run, d))
     keep = []
@@ -307,7 +323,7 @@ def stray(ctx, config_path, host, dry_run, delete):
     grace = a.site.stray_grace_days * 86400
     t = time.time()
     for p in strays:
-        age = t - _newest_mtime(p)
+        age = t - _newest_change(p)
         line = f"stray: {p} (age {age / 86400:.1f} d)"
         if not delete:
             click.echo(line)
@@ -317,6 +333,8 @@ def stray(ctx, config_path, host, dry_run, delete):
             click.echo(f"{line}: kept, not inside the data directories")
         elif a.dry_run:
             click.echo(f"{line}: dry-run: would delete")
+        elif _claimed_now(a, p):
+            click.echo(f"{line}: kept, a datum of this site names it now")
         else:
             deletion.remove_path(p)
             log.info("task=stray site=%s deleted stray %s", a.host, p)
@@ -332,6 +350,12 @@ def stray(ctx, config_path, host, dry_run, delete):
                                 f"files missing at {d['location']} (found by cax stray)"):
                 line += ": marked error"
         click.echo(line)
+    for run, d in moving:
+        key = key_str(deletion.key_of(d))
+        where = [x for x in (d["location"], d["moving_to"]) if os.path.lexists(x)]
+        click.echo(f"interrupted move: run {run.get('name')} datum {key}: {d['location']} -> "
+                   f"{d['moving_to']} (files at {', '.join(where) or 'neither'}); finish it with "
+                   f"cax mv, or unset moving_to")
     for run, d in deleting:
         # half-deleted copies are never good copies: the admin should know they are pending
         since = d.get("deleting_time")
@@ -340,7 +364,8 @@ def stray(ctx, config_path, host, dry_run, delete):
                    f"{d['location']} ({when}{d.get('error') or 'not finished yet'}); the next "
                    f"BufferPurger pass or cax rm finishes it")
     click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files"
-               + (f", {len(deleting)} copy(ies) being deleted" if deleting else ""))
+               + (f", {len(deleting)} copy(ies) being deleted" if deleting else "")
+               + (f", {len(moving)} interrupted move(s)" if moving else ""))
 
 
 # ---- console-script entry points ------------------------------------------------------------

@@ -175,16 +175,19 @@ def test_rm_force_needs_typed_run_name(env, monkeypatch):
 
 
 # ---- stray ----------------------------------------------------------------------------------
-def _age(path, days):
-    t = time.time() - days * 86400
-    for d, ds, fs in os.walk(path):
-        for n in ds + fs:
-            os.utime(os.path.join(d, n), (t, t), follow_symlinks=False)
-    os.utime(path, (t, t), follow_symlinks=False)
+@pytest.fixture
+def aged(monkeypatch):
+    """Paths whose ctime (which no test can set) stray treats as 3 days old."""
+    old = set()
+    real = admin._newest_change
+    monkeypatch.setattr(admin, "_newest_change",
+                        lambda p: real(p) - (3 * 86400 if p in old else 0))
+    return lambda path, days=3: old.add(str(path))
 
 
-def test_stray_finds_and_deletes_only_old_strays(env):
+def test_stray_finds_and_deletes_only_old_strays(env, aged):
     tmp, cfg, db = env
+    _age = aged
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
     add_run(db, tmp, 2, {"daq": "transferred", "buffer": "transferred"})
     import shutil
@@ -194,8 +197,7 @@ def test_stray_finds_and_deletes_only_old_strays(env):
     _age(tmp / "buffer" / "old_stray", 3)
     (tmp / "buffer" / "new_stray.bin").write_text("x")
     os.symlink(tmp / "daq", tmp / "buffer" / "link_out")   # a stray symlink: never followed
-    _age_link = time.time() - 3 * 86400
-    os.utime(tmp / "buffer" / "link_out", (_age_link, _age_link), follow_symlinks=False)
+    _age(tmp / "buffer" / "link_out", 3)
     before = snapshot(db, tmp)
     for args in ([], ["--dry-run", "--delete"]):
         r = invoke(admin.stray, "--config", cfg, "--host", "buffer", *args)
@@ -225,6 +227,55 @@ def test_stray_lists_copies_being_deleted(env):
     assert (f"deleting: run 160301_1200 datum raw@buffer: {tmp / 'buffer' / '160301_1200'} "
             f"(removing failed: EACCES)") in r.output
     assert "1 copy(ies) being deleted" in r.output
+
+
+def test_stray_age_is_ctime_not_a_copied_mtime(env):
+    """rsync -t / cp -p give files being copied their source's old mtime; only ctime is honest."""
+    tmp, cfg, db = env
+    (tmp / "buffer" / "incoming").mkdir()
+    (tmp / "buffer" / "incoming" / "f").write_text("x")
+    t = time.time() - 30 * 86400
+    for p in (tmp / "buffer" / "incoming" / "f", tmp / "buffer" / "incoming"):
+        os.utime(p, (t, t))
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0 and "kept, younger than" in r.output, r.output
+    assert (tmp / "buffer" / "incoming" / "f").exists()
+
+
+def test_stray_delete_rechecks_the_runs_db(env, aged, monkeypatch):
+    """A copy claimed after the listing began is no stray any more."""
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred"})
+    (tmp / "buffer" / "160301_1200").mkdir()
+    aged(tmp / "buffer" / "160301_1200")
+    real = admin.find_strays
+
+    def listing_then_claim(*a, **kw):
+        out = real(*a, **kw)
+        db.collection.update_one({"number": 1}, {"$push": {"data": {
+            "host": "buffer", "type": "raw", "status": "transferring",
+            "location": str(tmp / "buffer" / "160301_1200")}}})
+        return out
+    monkeypatch.setattr(admin, "find_strays", listing_then_claim)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0 and "kept, a datum of this site names it now" in r.output, r.output
+    assert (tmp / "buffer" / "160301_1200").is_dir()
+
+
+def test_stray_reports_interrupted_move_not_missing(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    old, new = tmp / "buffer" / "old" / "160301_1200", tmp / "buffer" / "160301_1200"
+    os.makedirs(old.parent)
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": str(old),
+                                                      "data.1.moving_to": str(new)}})
+    # the crash came after the rename: the files are at the new place only
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    assert f"interrupted move: run 160301_1200 datum raw@buffer: {old} -> {new} (files at {new})" \
+        in r.output
+    assert "missing:" not in r.output and copies(db, 1)["buffer"] == "transferred"
+    assert new.is_dir()
 
 
 def test_root_dry_run_flag_reaches_commands(env):
