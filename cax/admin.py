@@ -84,7 +84,9 @@ def _common(f):
 
 
 def _echo_say(level, msg):
-    log.log(level, msg)
+    """Each message once, as the command's own output; the log record stays at DEBUG, since
+    under ``cax`` (log level INFO, to stderr) it would print the same message a second time."""
+    log.debug(msg)
     click.echo(msg, err=level >= logging.WARNING)
 
 
@@ -137,8 +139,8 @@ def mv(ctx, config_path, host, dry_run, src, dst):
                              unset=["moving_to", "moving_time"]):
         raise _cli.Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
                          f"NOT updated (moving_to names the new place)", 1)
-    log.info("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
-             key_str(key), src, dst)
+    log.debug("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
+              key_str(key), src, dst)
     click.echo(f"moved {src} -> {dst}; {label} updated")
 
 
@@ -290,12 +292,15 @@ def _parent_inside(p, roots) -> bool:
 def stray(ctx, config_path, host, dry_run, delete):
     """List files no datum claims, and datums of this site whose files are missing."""
     a = Admin(ctx, config_path, host, dry_run)
-    roots = []
+    roots, absent = [], []
+    for conf in dict.fromkeys(a.site.dirs.values()):
+        if not os.path.isdir(conf):
+            # an unmounted disk would make every datum in it look missing: judge nothing there
+            click.echo(f"note: data directory {conf} of site {a.host} does not exist (not "
+                       f"mounted?); skipped, and its datums are not checked", err=True)
+            absent += [os.path.normpath(conf), os.path.realpath(conf)]
     for d in sorted({os.path.realpath(d) for d in a.site.dirs.values()}):
-        if not os.path.isdir(d):
-            raise _cli.Fatal(f"data directory {d} of site {a.host} does not exist (not mounted?); "
-                             f"refusing to judge strays", 1)
-        if not any(paths.inside(d, r) for r in roots):
+        if os.path.isdir(d) and not any(paths.inside(d, r) for r in roots):
             roots.append(d)
     claimed, missing, deleting, moving = set(), [], [], []
     q = {"data": {"$elemMatch": {"host": a.host}}}
@@ -307,6 +312,8 @@ def stray(ctx, config_path, host, dry_run, delete):
             claimed.update({loc, os.path.realpath(loc)})
             if d.get("moving_to"):
                 claimed.add(os.path.normpath(d["moving_to"]))
+            if any(loc == r or loc.startswith(r.rstrip(os.sep) + os.sep) for r in absent):
+                continue
             if d.get("status") == "deleting":
                 deleting.append((run, d))
             elif d.get("moving_to"):
@@ -337,7 +344,7 @@ def stray(ctx, config_path, host, dry_run, delete):
             click.echo(f"{line}: kept, a datum of this site names it now")
         else:
             deletion.remove_path(p)
-            log.info("task=stray site=%s deleted stray %s", a.host, p)
+            log.debug("task=stray site=%s deleted stray %s", a.host, p)
             click.echo(f"{line}: deleted")
     for run, d in missing:
         key = deletion.key_of(d)

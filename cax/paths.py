@@ -49,6 +49,13 @@ def inside(path: str, root: str) -> bool:
     return real != real_root and real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def _roots(site, dtype=None) -> list:
+    """The data directories to check against, each once (one directory often serves all types)."""
+    if dtype and site.data_dir(dtype):
+        return [site.data_dir(dtype)]
+    return list(dict.fromkeys(site.dirs.values()))
+
+
 def check_location(site, location, dtype=None) -> str:
     """A datum's location on this site, verified to lie inside one of its data directories.
 
@@ -58,7 +65,7 @@ def check_location(site, location, dtype=None) -> str:
         raise UnsafePath(f"datum location {location!r} is not a path")
     if not os.path.isabs(location):
         raise UnsafePath(f"datum location {location!r} is not absolute")
-    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    roots = _roots(site, dtype)
     if os.path.basename(location.rstrip("/")).startswith("-"):
         raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
     for root in roots:
@@ -78,7 +85,7 @@ def check_remote_location(site, location, dtype=None) -> str:
                          f"absolute path")
     if os.path.basename(norm).startswith("-"):
         raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
-    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    roots = _roots(site, dtype)
     for root in roots:
         if norm.startswith(os.path.normpath(root) + os.sep):
             return location

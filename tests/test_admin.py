@@ -278,6 +278,45 @@ def test_stray_reports_interrupted_move_not_missing(env):
     assert new.is_dir()
 
 
+def test_stray_skips_a_missing_data_directory(env):
+    tmp, cfg, db = env
+    import json
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1].update(dir_processed=str(tmp / "unmounted"))
+    open(cfg, "w").write(json.dumps(doc))
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
+    import shutil
+    shutil.rmtree(tmp / "buffer" / "v1")   # where the processed datum says it is: not mounted
+    db.collection.update_one({"number": 2}, {"$set": {
+        "data.0.location": str(tmp / "unmounted" / "v1" / "160302_1200")}})
+    before = snapshot(db, tmp)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    assert f"note: data directory {tmp / 'unmounted'} of site buffer does not exist" in r.output
+    assert "missing:" not in r.output
+    assert snapshot(db, tmp) == before
+
+
+def test_admin_messages_once(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    group = click.Group("cax", callback=cli_mod.cli.callback, params=cli_mod.cli.params)
+    for c in admin.COMMANDS + (cli_mod.status,):
+        group.add_command(c)
+    loc = str(tmp / "buffer" / "160301_1200")
+    r = CliRunner().invoke(group, ["rm", "--config", cfg, "--host", "buffer", "--run", "1",
+                                   "--location", loc], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.count(f"removed {loc}") == 1, r.output
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", str(tmp / "elsewhere"),
+               "--output", loc)
+    assert r.exit_code == 2 and r.output.count(str(tmp / "buffer")) == 1, r.output
+    db.collection.update_one({"number": 1}, {"$set": {"data": []}})
+    r = CliRunner().invoke(group, ["status", "--config", cfg, "--host", "buffer"],
+                           catch_exceptions=False)
+    assert "no transferred copy" in r.output and "all equal (0)" not in r.output, r.output
+
+
 def test_root_dry_run_flag_reaches_commands(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
