@@ -58,6 +58,8 @@ INDEXES = [
     ([("number", 1)], {"unique": True}),
     ([("name", 1)], {"unique": True}),
     ([("data.host", 1), ("data.type", 1), ("data.status", 1)], {}),
+    # deletion asks whether another datum names the same path (cax/deletion.py _other_claim)
+    ([("data.location", 1)], {}),
     ([("start", 1)], {}),
     ([("tags.name", 1)], {}),
 ]
