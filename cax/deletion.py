@@ -233,6 +233,9 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
             location = check_deletable_location(site, run, datum, db)
         except paths.UnsafePath as e:
             reason = f"not deleted: {e}"
+            if dry_run:
+                say(logging.ERROR, f"dry-run: would refuse and mark the datum error: {reason}")
+                return Outcome("refused", str(e))
             say(logging.ERROR, f"error: {reason}")
             db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
             return Outcome("refused", str(e))

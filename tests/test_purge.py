@@ -364,6 +364,8 @@ def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
         db.collection.update_one({"number": 2}, {"$set": {"data.0.location": str(run2)}})
     db.collection.update_one({"number": 1}, {"$set": {"data.1.location": loc}})
     before = sorted(os.listdir(run2))
+    purge(cfg, "buffer", db, dry_run=True)   # a dry run reports the refusal, changes nothing
+    assert copies(db, 1)["buffer"] == "transferred" and sorted(os.listdir(run2)) == before
     purge(cfg, "buffer", db)
     datum = db.collection.find_one({"number": 1})["data"][1]
     assert datum["status"] == "error" and "refusing location" in datum["error"], datum
