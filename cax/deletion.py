@@ -205,10 +205,11 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
-    finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
-    path checks or the protocol. ``sites`` (name -> Site, the config's) lets a copy of another
-    site name on this machine at the same path be recognised as this very copy. ``min_copies`` below 1 without ``force`` is a caller's bug (it would
-    let the last good copy go without the admin's typed confirmation), so it raises.
+    finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed
+    confirmation) drops the invariant, never the path checks or the protocol. ``sites`` (name ->
+    Site, the config's) lets a copy of another site name on this machine at the same path be
+    recognised as this very copy. ``min_copies`` below 1 without ``force`` is a caller's bug (it
+    would let the last good copy go without the admin's typed confirmation), so it raises.
     """
     if min_copies < 1 and not force:
         raise ValueError(f"min_copies={min_copies} without force: refusing to allow deleting the "

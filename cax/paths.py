@@ -102,7 +102,8 @@ def _run_dirs(site, dtype: str, version) -> list:
     bases = [site.data_dir(dtype)]
     if dtype == "processed":
         bases.append((site.processing or {}).get("output_dir"))
-    sub = str(version) if dtype == "processed" and version is not None else ""
+    sub = check_name(str(version), "processor version") \
+        if dtype == "processed" and version is not None else ""
     out = []
     for b in bases:
         if b and (b, sub) not in out:
@@ -143,9 +144,8 @@ def check_run_location(site, location, run_name, dtype, version=None) -> str:
             wanted.append(expected)
             if parent != expected:
                 continue
-            real = os.path.join(os.path.realpath(base), sub, name) if sub else \
-                os.path.join(os.path.realpath(base), name)
-            if os.path.realpath(norm) != os.path.normpath(real):
+            real = os.path.normpath(os.path.join(os.path.realpath(base), sub, name))
+            if os.path.realpath(norm) != real:
                 raise UnsafePath(f"refusing location {location!r}: a part of it below {base} is a "
                                  f"symlink")
             return norm
