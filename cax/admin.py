@@ -366,7 +366,7 @@ def stray(ctx, config_path, host, dry_run, delete):
     for run, d in deleting:
         # half-deleted copies are never good copies: the admin should know they are pending
         since = d.get("deleting_time")
-        when = f"marked {since:%Y-%m-%d %H:%M} UTC; " if since else ""
+        when = f"marked {since:%Y-%m-%d %H:%M} UTC; " if hasattr(since, "strftime") else ""
         click.echo(f"deleting: run {run.get('name')} datum {key_str(deletion.key_of(d))}: "
                    f"{d['location']} ({when}{d.get('error') or 'not finished yet'}); the next "
                    f"BufferPurger pass or cax rm finishes it")

@@ -221,6 +221,7 @@ def test_stray_lists_copies_being_deleted(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
     db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.deleting_time": "yesterday",
                                                       "data.1.error": "removing failed: EACCES"}})
     r = invoke(admin.stray, "--config", cfg, "--host", "buffer")
     assert r.exit_code == 0, r.output
