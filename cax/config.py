@@ -370,7 +370,8 @@ def same_machine(a: Site, b: Site) -> bool:
 
 def _overlap(a: str, b: str) -> bool:
     a, b = a.rstrip(os.sep) or os.sep, b.rstrip(os.sep) or os.sep
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+    return (a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+            or b.startswith(a.rstrip(os.sep) + os.sep))
 
 
 def _check_shared_directories(path: str, sites: list) -> None:

@@ -245,8 +245,8 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
                            same_copy=_same_copy_test(site, location, sites))
         if ref is None and not force:
             problem = reference_problem(run, key["type"], key.get("pax_version"))
-            return Outcome("unsafe", f"reference checksum unknown{': ' + problem if problem else ''}",
-                           warn=bool(problem))
+            return Outcome("unsafe", "reference checksum unknown"
+                           + (f": {problem}" if problem else ""), warn=bool(problem))
         if len(good) < min_copies and not force:
             return Outcome("unsafe", f"{len(good)} other verified cop{'y' if len(good) == 1 else 'ies'}"
                            f" ({', '.join(d['host'] for d in good) or 'none'}), "

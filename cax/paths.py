@@ -94,7 +94,7 @@ def check_remote_location(site, location, dtype=None) -> str:
 
 
 def _run_dirs(site, dtype: str, version) -> list:
-    """(configured directory, sub-directory) pairs a copy of ``dtype``/``version`` lives directly in.
+    """(configured directory, sub-directory) pairs a ``dtype``/``version`` copy lives directly in.
 
     Processed data may also be written under the processing ``output_dir`` (inside the processed
     directory), so both are places a processed copy can legitimately be.
@@ -149,5 +149,6 @@ def check_run_location(site, location, run_name, dtype, version=None) -> str:
                 raise UnsafePath(f"refusing location {location!r}: a part of it below {base} is a "
                                  f"symlink")
             return norm
-    raise UnsafePath(f"refusing location {location!r}: not directly in {wanted[0] if wanted else '?'}"
-                     f" (the {dtype} directory{' of version ' + str(version) if version else ''})")
+    where = wanted[0] if wanted else "?"
+    raise UnsafePath(f"refusing location {location!r}: not directly in {where} (the {dtype} "
+                     f"directory{' of version ' + str(version) if version else ''})")
