@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -83,7 +84,9 @@ def _common(f):
 
 
 def _echo_say(level, msg):
-    log.log(level, msg)
+    """Each message once, as the command's own output; the log record stays at DEBUG, since
+    under ``cax`` (log level INFO, to stderr) it would print the same message a second time."""
+    log.debug(msg)
     click.echo(msg, err=level >= logging.WARNING)
 
 
@@ -112,6 +115,13 @@ def mv(ctx, config_path, host, dry_run, src, dst):
     run, datum = found[0]
     key, status = deletion.key_of(datum), datum.get("status")
     label = f"run {run.get('name')} datum {key_str(key)}"
+    try:
+        # where the purge tasks and cax rm will accept it: a copy moved anywhere else (another
+        # type's directory, a sub-directory, another name) could never be deleted again
+        paths.check_run_location(a.site, dst, run.get("name"), datum.get("type"),
+                                 datum.get("pax_version"))
+    except paths.UnsafePath as e:
+        raise _cli.Fatal(f"--output: {e}", 2)
     if status not in ("transferred", "error"):
         raise _cli.Fatal(f"{label} is {status!r} (in flight); try again when it is settled", 1)
     if a.dry_run:
@@ -129,8 +139,8 @@ def mv(ctx, config_path, host, dry_run, src, dst):
                              unset=["moving_to", "moving_time"]):
         raise _cli.Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
                          f"NOT updated (moving_to names the new place)", 1)
-    log.info("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
-             key_str(key), src, dst)
+    log.debug("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
+              key_str(key), src, dst)
     click.echo(f"moved {src} -> {dst}; {label} updated")
 
 
@@ -186,6 +196,11 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     if datum is None:
         raise _cli.Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
     key = deletion.key_of(datum)
+    if min_copies is not None and min_copies < 1 and not force:
+        # with no other good copy required, a typo here deletes the last good copy: that is what
+        # --force is for, and --force makes the admin type the run name
+        raise _cli.Fatal(f"--min-copies {min_copies} would allow deleting the last good copy; "
+                         f"use --force to delete {location} knowingly", 2)
     if min_copies is None:
         min_copies = (a.site.purge or {}).get("min_copies", 2)
     if force and not a.dry_run:
@@ -201,7 +216,7 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     say = lambda level, msg: _echo_say(level, f"run={run.get('name')} datum={key_str(key)} {msg}")  # noqa: E731
     outcome = deletion.delete_copy(a.db, a.site, run["_id"], key, min_copies=min_copies,
                                    own_statuses=("transferred", "error"), force=force,
-                                   dry_run=a.dry_run, say=say)
+                                   dry_run=a.dry_run, say=say, sites=a.config.sites)
     if outcome.action in ("deleted", "would-delete"):
         return
     if outcome.action == "unsafe":
@@ -211,16 +226,29 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
 
 
 # ---- stray ----------------------------------------------------------------------------------
-def _newest_mtime(path) -> float:
-    newest = os.lstat(path).st_mtime
+def _newest_change(path) -> float:
+    """Newest inode change time (ctime) in the tree: copy tools (rsync -t, cp -p) set an old
+    mtime on files they are still writing, but nobody can set ctime, so a copy in progress never
+    looks old."""
+    newest = os.lstat(path).st_ctime
     if os.path.isdir(path) and not os.path.islink(path):
         for dirpath, dirs, files in os.walk(path, followlinks=False):
             for name in dirs + files:
                 try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_ctime)
                 except FileNotFoundError:
                     pass
     return newest
+
+
+def _claimed_now(a, p) -> bool:
+    """Whether a datum of this site names ``p`` or something inside it right now (its location or
+    the target of a move): a copy may have been claimed since the listing began."""
+    spellings = {os.path.normpath(p), os.path.realpath(p)}
+    rx = "^(" + "|".join(re.escape(x) for x in sorted(spellings)) + ")(/|$)"
+    q = {"$or": [{"data": {"$elemMatch": {"host": a.host, field: {"$regex": rx}}}}
+                 for field in ("location", "moving_to")]}
+    return any(True for _ in a.db.find_runs(q, {"_id": 1}))
 
 
 def find_strays(roots, claimed, keep=()):
@@ -264,14 +292,17 @@ def _parent_inside(p, roots) -> bool:
 def stray(ctx, config_path, host, dry_run, delete):
     """List files no datum claims, and datums of this site whose files are missing."""
     a = Admin(ctx, config_path, host, dry_run)
-    roots = []
+    roots, absent = [], []
+    for conf in dict.fromkeys(a.site.dirs.values()):
+        if not os.path.isdir(conf):
+            # an unmounted disk would make every datum in it look missing: judge nothing there
+            click.echo(f"note: data directory {conf} of site {a.host} does not exist (not "
+                       f"mounted?); skipped, and its datums are not checked", err=True)
+            absent += [os.path.normpath(conf), os.path.realpath(conf)]
     for d in sorted({os.path.realpath(d) for d in a.site.dirs.values()}):
-        if not os.path.isdir(d):
-            raise _cli.Fatal(f"data directory {d} of site {a.host} does not exist (not mounted?); "
-                             f"refusing to judge strays", 1)
-        if not any(paths.inside(d, r) for r in roots):
+        if os.path.isdir(d) and not any(paths.inside(d, r) for r in roots):
             roots.append(d)
-    claimed, missing = set(), []
+    claimed, missing, deleting, moving = set(), [], [], []
     q = {"data": {"$elemMatch": {"host": a.host}}}
     for run in a.db.find_runs(q, deletion.PROJECTION):
         for d in run.get("data") or []:
@@ -281,7 +312,13 @@ def stray(ctx, config_path, host, dry_run, delete):
             claimed.update({loc, os.path.realpath(loc)})
             if d.get("moving_to"):
                 claimed.add(os.path.normpath(d["moving_to"]))
-            if d.get("status") not in ("transferring", "deleting") and not os.path.lexists(loc):
+            if any(loc == r or loc.startswith(r.rstrip(os.sep) + os.sep) for r in absent):
+                continue
+            if d.get("status") == "deleting":
+                deleting.append((run, d))
+            elif d.get("moving_to"):
+                moving.append((run, d))   # its files may be at either place: not "missing"
+            elif d.get("status") != "transferring" and not os.path.lexists(loc):
                 missing.append((run, d))
     keep = []
     if not a.config.is_uri():
@@ -293,7 +330,7 @@ def stray(ctx, config_path, host, dry_run, delete):
     grace = a.site.stray_grace_days * 86400
     t = time.time()
     for p in strays:
-        age = t - _newest_mtime(p)
+        age = t - _newest_change(p)
         line = f"stray: {p} (age {age / 86400:.1f} d)"
         if not delete:
             click.echo(line)
@@ -303,9 +340,11 @@ def stray(ctx, config_path, host, dry_run, delete):
             click.echo(f"{line}: kept, not inside the data directories")
         elif a.dry_run:
             click.echo(f"{line}: dry-run: would delete")
+        elif _claimed_now(a, p):
+            click.echo(f"{line}: kept, a datum of this site names it now")
         else:
             deletion.remove_path(p)
-            log.info("task=stray site=%s deleted stray %s", a.host, p)
+            log.debug("task=stray site=%s deleted stray %s", a.host, p)
             click.echo(f"{line}: deleted")
     for run, d in missing:
         key = deletion.key_of(d)
@@ -318,7 +357,22 @@ def stray(ctx, config_path, host, dry_run, delete):
                                 f"files missing at {d['location']} (found by cax stray)"):
                 line += ": marked error"
         click.echo(line)
-    click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files")
+    for run, d in moving:
+        key = key_str(deletion.key_of(d))
+        where = [x for x in (d["location"], d["moving_to"]) if os.path.lexists(x)]
+        click.echo(f"interrupted move: run {run.get('name')} datum {key}: {d['location']} -> "
+                   f"{d['moving_to']} (files at {', '.join(where) or 'neither'}); finish it with "
+                   f"cax mv, or unset moving_to")
+    for run, d in deleting:
+        # half-deleted copies are never good copies: the admin should know they are pending
+        since = d.get("deleting_time")
+        when = f"marked {since:%Y-%m-%d %H:%M} UTC; " if hasattr(since, "strftime") else ""
+        click.echo(f"deleting: run {run.get('name')} datum {key_str(deletion.key_of(d))}: "
+                   f"{d['location']} ({when}{d.get('error') or 'not finished yet'}); the next "
+                   f"BufferPurger pass or cax rm finishes it")
+    click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files"
+               + (f", {len(deleting)} copy(ies) being deleted" if deleting else "")
+               + (f", {len(moving)} interrupted move(s)" if moving else ""))
 
 
 # ---- console-script entry points ------------------------------------------------------------

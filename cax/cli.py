@@ -186,7 +186,9 @@ def status(ctx, config_path, host, as_json):
         if ref:
             good = [d for d in data if d.get("type") == "raw" and d.get("status") == "transferred"]
             same = all(d.get("checksum") == ref["checksum"] for d in good)
-            summary = f"{ref['checksum'][:12]} {'all equal' if same else 'MISMATCH'} ({len(good)})"
+            verdict = ("no transferred copy" if not good
+                       else f"{'all equal' if same else 'MISMATCH'} ({len(good)})")
+            summary = f"{ref['checksum'][:12]} {verdict}"
         else:
             summary = "-"
         rows.append([str(r.get("number")), str(r.get("name"))] + [_cell(data, h) for h in hosts]

@@ -453,6 +453,39 @@ def _non_finite(doc, path: str, text: str) -> None:
         walk(raw, label, None)
 
 
+def same_machine(a: Site, b: Site) -> bool:
+    """Whether two sites' directories are on one filesystem namespace (same host, or both local)."""
+    return a.hostname == b.hostname or (a.method == "local" and b.method == "local")
+
+
+def _overlap(a: str, b: str) -> bool:
+    a, b = a.rstrip(os.sep) or os.sep, b.rstrip(os.sep) or os.sep
+    return (a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+            or b.startswith(a.rstrip(os.sep) + os.sep))
+
+
+def _check_shared_directories(path: str, sites: list) -> None:
+    """Two site names over one directory tree would make one physical copy count as two good
+    copies, and a purge at either site would delete "the other" copy's files. Refused at load."""
+    for i, a in enumerate(sites):
+        for b in sites[i + 1:]:
+            if not same_machine(a, b):
+                continue
+            both_local = a.method == "local" and b.method == "local"
+            for ta, da in a.dirs.items():
+                for tb, db_ in b.dirs.items():
+                    pairs = [(da, db_)]
+                    if both_local:
+                        pairs.append((os.path.realpath(da), os.path.realpath(db_)))
+                    if any(_overlap(x, y) for x, y in pairs):
+                        key = next((k for k in (f"dir_{tb}", "directory") if b.raw.get(k)),
+                                   "directory")
+                        raise ConfigError(
+                            f"{_where(path, b.name, key)}: {db_} overlaps the {ta} directory {da} "
+                            f"of site {a.name!r} on the same host ({b.hostname}); one copy would "
+                            f"count as two")
+
+
 def parse(text: str, path: str) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message."""
     try:
@@ -493,6 +526,8 @@ def parse(text: str, path: str) -> Config:
                                       f"{other!r} (known: {', '.join(sites)})")
                 if other == site.name:
                     raise ConfigError(f"{_where(path, site.name, key)}: names the site itself")
+
+    _check_shared_directories(path, list(sites.values()))
 
     from cax.tasks import TASK_NAMES  # late import: tasks import config
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from cax import paths
-from cax.runsdb import now, reference
+from cax.config import same_machine
+from cax.runsdb import key_str, now, reference, reference_problem
 
 log = logging.getLogger("cax.deletion")
 
@@ -74,10 +75,31 @@ def is_good(datum: dict, ref: Optional[dict]) -> bool:
             and _ctype(datum) == _ctype(ref))
 
 
-def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None) -> list:
+def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None,
+                same_copy: Optional[Callable[[dict], bool]] = None) -> list:
+    """Good copies other than ``exclude_host``'s; ``same_copy(datum)`` True drops a datum that is
+    really the excluded copy under another site name."""
     return [d for d in run.get("data") or []
             if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("host") != exclude_host and is_good(d, ref)]
+            and d.get("host") != exclude_host and is_good(d, ref)
+            and not (same_copy and same_copy(d))]
+
+
+def _same_copy_test(site, location: str, sites: Optional[dict]):
+    """A predicate: is this datum the same files as ``location`` of ``site`` (another site name on
+    the same machine with the same path, as written or real)? Such a datum is no "other" copy:
+    deleting ours deletes it too. Sites not in ``sites`` are taken as elsewhere."""
+    if not sites:
+        return None
+    mine = {os.path.normpath(location), os.path.realpath(location)}
+
+    def same(d: dict) -> bool:
+        other = sites.get(d.get("host"))
+        loc = d.get("location")
+        if other is None or not isinstance(loc, str) or not same_machine(site, other):
+            return False
+        return bool({os.path.normpath(loc), os.path.realpath(loc)} & mine)
+    return same
 
 
 def good_spec(datum: dict, ref: dict) -> dict:
@@ -95,6 +117,8 @@ class Outcome:
     action: str
     reason: str = ""
     safe_by: list = field(default_factory=list)
+    #: the admin should hear about it on every pass (not just a copy waiting for more copies)
+    warn: bool = False
 
     ACTIONS = ("deleted", "would-delete", "unsafe", "refused", "gone", "skipped", "lost-race",
                "failed")
@@ -111,16 +135,47 @@ def _default_say(level: int, msg: str) -> None:
     log.log(level, msg)
 
 
-def check_deletable_location(site, datum: dict) -> str:
-    """The datum's location, if cax may delete it: inside the data dirs and not itself a symlink.
+def check_deletable_location(site, run: dict, datum: dict, db=None) -> str:
+    """The datum's location, if cax may delete it as this run's copy; UnsafePath otherwise.
 
-    A symlink inside a data directory may point at another copy's data: deleting through it would
-    delete data no datum of ours names, so it is refused like a path outside the directories.
+    The good-copy count is made for *this run's* data, so the location must be exactly where this
+    site keeps this run's data of this type and version (:func:`paths.check_run_location`), must
+    not itself be a symlink (it could point at another copy's data), and, given ``db``, no other
+    datum of this site (any run) may name the same real path: deleting it would delete their data
+    too, and no count was made for them.
     """
-    location = paths.check_location(site, datum.get("location"), datum.get("type"))
-    if os.path.islink(location.rstrip("/")):
+    location = paths.check_run_location(site, datum.get("location"), run.get("name"),
+                                        datum.get("type"), datum.get("pax_version"))
+    if os.path.islink(location):
         raise paths.UnsafePath(f"refusing location {location!r}: it is a symlink")
+    if db is not None:
+        other = _other_claim(db, site, run, datum, location)
+        if other:
+            raise paths.UnsafePath(f"refusing location {location!r}: it is also the location of "
+                                   f"{other}")
     return location
+
+
+def _other_claim(db, site, run, datum, location) -> str:
+    """'run R datum K' of another datum of this site at ``location`` (as spelled or real), or ''."""
+    real = os.path.realpath(location)
+    spelled = sorted({location, real, location + "/", real + "/"})
+    q = {"data": {"$elemMatch": {"host": site.name, "location": {"$in": spelled}}}}
+    own = key_of(datum)
+    for r in db.find_runs(q, {"name": 1, "data": 1}):
+        for d in r.get("data") or []:
+            if not isinstance(d, dict) or d.get("host") != site.name \
+                    or d.get("location") not in spelled:
+                continue
+            if r.get("_id") == run.get("_id") and matches(d, own):
+                continue
+            return f"run {r.get('name')} datum {key_str(key_of(d))}"
+    return ""
+
+
+#: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
+#: and the admin would never see why its copy was not deleted)
+REFUSED_KIND = "unsafe-location"
 
 
 def remove_path(location: str) -> bool:
@@ -145,14 +200,20 @@ def remove_path(location: str) -> bool:
 
 def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
                  own_statuses=("transferred",), force: bool = False, dry_run: bool = False,
-                 say: Say = _default_say, attempts: int = 3):
+                 say: Say = _default_say, attempts: int = 3, sites: Optional[dict] = None):
     """Delete this site's copy ``key`` of run ``run_id`` under the invariant (generator).
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
-    finish. ``force`` (``cax rm --force`` after a typed confirmation) drops the invariant, never the
-    path checks or the protocol.
+    finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed
+    confirmation) drops the invariant, never the path checks or the protocol. ``sites`` (name ->
+    Site, the config's) lets a copy of another site name on this machine at the same path be
+    recognised as this very copy. ``min_copies`` below 1 without ``force`` is a caller's bug (it
+    would let the last good copy go without the admin's typed confirmation), so it raises.
     """
+    if min_copies < 1 and not force:
+        raise ValueError(f"min_copies={min_copies} without force: refusing to allow deleting the "
+                         f"last good copy")
     for attempt in range(attempts):
         run = db.run(run_id, PROJECTION)
         if run is None:
@@ -162,20 +223,30 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
             return Outcome("gone", "datum no longer exists")
         status = datum.get("status")
         if status == "deleting":
+            if dry_run:
+                why = datum.get("deleting_reason") or "marked earlier"
+                say(logging.INFO, f"dry-run: would finish deleting {datum.get('location')} ({why})")
+                return Outcome("would-delete", why)
             break
         if status not in own_statuses:
             return Outcome("skipped", f"status is {status!r}")
         try:
-            location = check_deletable_location(site, datum)
+            location = check_deletable_location(site, run, datum, db)
         except paths.UnsafePath as e:
             reason = f"not deleted: {e}"
+            if dry_run:
+                say(logging.ERROR, f"dry-run: would refuse and mark the datum error: {reason}")
+                return Outcome("refused", str(e))
             say(logging.ERROR, f"error: {reason}")
-            db.set_error(run_id, key, status, reason)
+            db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
-        good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"])
+        good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],
+                           same_copy=_same_copy_test(site, location, sites))
         if ref is None and not force:
-            return Outcome("unsafe", "reference checksum unknown")
+            problem = reference_problem(run, key["type"], key.get("pax_version"))
+            return Outcome("unsafe", "reference checksum unknown"
+                           + (f": {problem}" if problem else ""), warn=bool(problem))
         if len(good) < min_copies and not force:
             return Outcome("unsafe", f"{len(good)} other verified cop{'y' if len(good) == 1 else 'ies'}"
                            f" ({', '.join(d['host'] for d in good) or 'none'}), "
@@ -187,10 +258,8 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
         if force:
             why = (f"forced by the admin (other verified copies: "
                    f"{', '.join(d['host'] for d in good) or 'none'})")
-        elif named:
-            why = f"verified copies at {', '.join(hosts)} ({_ctype(ref)} {ref['checksum'][:16]}...)"
         else:
-            why = "min_copies is 0"
+            why = f"verified copies at {', '.join(hosts)} ({_ctype(ref)} {ref['checksum'][:16]}...)"
         yield "decided"
         if dry_run:
             say(logging.INFO, f"dry-run: would delete {location}: {why}")
@@ -216,11 +285,11 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
     if datum is None or datum.get("status") != "deleting":
         return Outcome("gone", "datum no longer deleting")
     try:
-        location = check_deletable_location(site, datum)
+        location = check_deletable_location(site, run, datum, db)
     except paths.UnsafePath as e:
         reason = f"not deleted: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.set_error(run_id, key, "deleting", reason)
+        db.set_error(run_id, key, "deleting", reason, kind=REFUSED_KIND)
         return Outcome("refused", str(e))
     try:
         removed = remove_path(location)

@@ -49,6 +49,13 @@ def inside(path: str, root: str) -> bool:
     return real != real_root and real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def _roots(site, dtype=None) -> list:
+    """The data directories to check against, each once (one directory often serves all types)."""
+    if dtype and site.data_dir(dtype):
+        return [site.data_dir(dtype)]
+    return list(dict.fromkeys(site.dirs.values()))
+
+
 def check_location(site, location, dtype=None) -> str:
     """A datum's location on this site, verified to lie inside one of its data directories.
 
@@ -58,7 +65,7 @@ def check_location(site, location, dtype=None) -> str:
         raise UnsafePath(f"datum location {location!r} is not a path")
     if not os.path.isabs(location):
         raise UnsafePath(f"datum location {location!r} is not absolute")
-    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    roots = _roots(site, dtype)
     if os.path.basename(location.rstrip("/")).startswith("-"):
         raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
     for root in roots:
@@ -78,9 +85,70 @@ def check_remote_location(site, location, dtype=None) -> str:
                          f"absolute path")
     if os.path.basename(norm).startswith("-"):
         raise UnsafePath(f"refusing location {location!r}: name starts with '-'")
-    roots = [site.data_dir(dtype)] if dtype and site.data_dir(dtype) else list(site.dirs.values())
+    roots = _roots(site, dtype)
     for root in roots:
         if norm.startswith(os.path.normpath(root) + os.sep):
             return location
     raise UnsafePath(f"refusing location {location!r}: outside the data directories of site "
                      f"{site.name!r} ({', '.join(roots)})")
+
+
+def _run_dirs(site, dtype: str, version) -> list:
+    """(configured directory, sub-directory) pairs a ``dtype``/``version`` copy lives directly in.
+
+    Processed data may also be written under the processing ``output_dir`` (inside the processed
+    directory), so both are places a processed copy can legitimately be.
+    """
+    bases = [site.data_dir(dtype)]
+    if dtype == "processed":
+        bases.append((site.processing or {}).get("output_dir"))
+    sub = check_name(str(version), "processor version") \
+        if dtype == "processed" and version is not None else ""
+    out = []
+    for b in bases:
+        if b and (b, sub) not in out:
+            out.append((b, sub))
+    return out
+
+
+def check_run_location(site, location, run_name, dtype, version=None) -> str:
+    """``location`` if it is exactly where this site keeps ``run_name``'s ``dtype`` data.
+
+    Deleting (or moving) a location is only as safe as the location is the run's: a datum that
+    names another run's directory, a whole version directory, or a path through a symlinked
+    directory inside the data directory would make cax delete data no good-copy count was made
+    for. So beyond :func:`check_location` the location must be a normal path (no ``.``, ``..``,
+    ``//``), sit directly in the type's (and version's) directory with no symlink below the
+    configured directory, and its last part must be the run name (raw) or start with it
+    (processed/untriggered files and directories) followed by a non-alphanumeric character.
+    """
+    check_location(site, location, dtype)
+    check_name(run_name)
+    norm = os.path.normpath(location)
+    if location.rstrip("/") != norm:
+        raise UnsafePath(f"refusing location {location!r}: not a normal path (., .. or //)")
+    name = os.path.basename(norm)
+    if dtype == "raw":
+        ok = name == run_name
+    else:
+        rest = name[len(run_name):]
+        ok = name.startswith(run_name) and (not rest or not rest[0].isalnum())
+    if not ok:
+        raise UnsafePath(f"refusing location {location!r}: its last part is not run {run_name}'s "
+                         f"{dtype} data")
+    parent = os.path.dirname(norm)
+    wanted = []
+    for base, sub in _run_dirs(site, dtype, version):
+        for spelling in (base, os.path.realpath(base)):
+            expected = os.path.normpath(os.path.join(spelling, sub))
+            wanted.append(expected)
+            if parent != expected:
+                continue
+            real = os.path.normpath(os.path.join(os.path.realpath(base), sub, name))
+            if os.path.realpath(norm) != real:
+                raise UnsafePath(f"refusing location {location!r}: a part of it below {base} is a "
+                                 f"symlink")
+            return norm
+    where = wanted[0] if wanted else "?"
+    raise UnsafePath(f"refusing location {location!r}: not directly in {where} (the {dtype} "
+                     f"directory{' of version ' + str(version) if version else ''})")

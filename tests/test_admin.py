@@ -7,7 +7,7 @@ import mongomock
 import pytest
 from click.testing import CliRunner
 
-from cax import admin
+from cax import admin, deletion
 from cax import cli as cli_mod
 from cax.runsdb import RunsDB
 from tests.purge_helpers import add_run, copies, sites_config
@@ -35,7 +35,11 @@ def snapshot(db, root):
 def test_mv_moves_and_updates_location(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
-    src, dst = str(tmp / "buffer" / "160301_1200"), str(tmp / "buffer" / "old" / "160301_1200")
+    # a copy left out of place by hand is put back where cax keeps it
+    src, dst = str(tmp / "buffer" / "old" / "160301_1200"), str(tmp / "buffer" / "160301_1200")
+    os.makedirs(tmp / "buffer" / "old")
+    os.rename(dst, src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": src}})
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src, "--output", dst)
     assert r.exit_code == 0, r.output
     d = next(d for d in db.collection.find_one({"number": 1})["data"] if d["host"] == "buffer")
@@ -46,7 +50,10 @@ def test_mv_moves_and_updates_location(env):
 def test_mv_refuses_outside_and_unknown(env):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"buffer": "transferred"})
-    src = str(tmp / "buffer" / "160301_1200")
+    src = str(tmp / "buffer" / "old" / "160301_1200")
+    os.makedirs(tmp / "buffer" / "old")
+    os.rename(tmp / "buffer" / "160301_1200", src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": src}})
     before = snapshot(db, tmp)
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src,
                "--output", str(tmp / "elsewhere"))
@@ -56,10 +63,38 @@ def test_mv_refuses_outside_and_unknown(env):
                str(tmp / "buffer" / "nodatum"), "--output", str(tmp / "buffer" / "x"))
     assert r.exit_code == 1 and "no datum of site buffer" in r.output
     r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--dry-run", "--input", src,
-               "--output", str(tmp / "buffer" / "y"))
+               "--output", str(tmp / "buffer" / "160301_1200"))
     assert r.exit_code == 0 and "dry-run: would move" in r.output
     os.rmdir(tmp / "buffer" / "nodatum")
     assert snapshot(db, tmp) == before
+
+
+def test_mv_destination_must_be_the_runs_place_for_its_type(env):
+    tmp, cfg, db = env
+    import json
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1].update(dir_raw=str(tmp / "buffer" / "raw"),
+                           dir_processed=str(tmp / "buffer" / "processed"))
+    del doc["sites"][1]["directory"]
+    open(cfg, "w").write(json.dumps(doc))
+    add_run(db, tmp, 1, {"buffer": "transferred"})
+    src = str(tmp / "buffer" / "raw" / "old" / "160301_1200")   # out of place
+    os.makedirs(tmp / "buffer" / "raw" / "old")
+    os.makedirs(tmp / "buffer" / "processed")
+    os.rename(tmp / "buffer" / "160301_1200", src)
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": src}})
+    before = snapshot(db, tmp)
+    for dst in (tmp / "buffer" / "processed" / "160301_1200",     # another type's directory
+                tmp / "buffer" / "raw" / "other_name",            # not the run's name
+                tmp / "buffer" / "raw" / "sub" / "160301_1200"):  # not directly in raw/
+        r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src,
+                   "--output", str(dst))
+        assert r.exit_code == 2 and "refusing location" in r.output, r.output
+        assert snapshot(db, tmp) == before
+    dst = str(tmp / "buffer" / "raw" / "160301_1200")
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", src, "--output", dst)
+    assert r.exit_code == 0, r.output
+    assert db.collection.find_one({"number": 1})["data"][0]["location"] == dst
 
 
 # ---- rm -------------------------------------------------------------------------------------
@@ -92,6 +127,39 @@ def test_rm_safe_delete_and_dry_run(env):
     assert not os.path.exists(loc)
 
 
+def test_rm_min_copies_zero_needs_force(env, monkeypatch):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})   # the only copy
+    loc = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    monkeypatch.setattr(admin, "stdin_is_tty", lambda: True)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1",
+               "--min-copies", "0", "--location", loc, input="160301_1200\n")
+    assert r.exit_code == 2 and "--force" in r.output, r.output
+    assert snapshot(db, tmp) == before
+    # the library refuses too, whoever calls it
+    with pytest.raises(ValueError):
+        deletion.delete_copy(db, cli_mod.load_config(cfg).site("buffer"),
+                             db.collection.find_one({"number": 1})["_id"],
+                             {"host": "buffer", "type": "raw"}, min_copies=0)
+    assert snapshot(db, tmp) == before
+
+
+def test_rm_dry_run_of_deleting_copy_deletes_nothing(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting"}})
+    loc = str(tmp / "buffer" / "160301_1200")
+    before = snapshot(db, tmp)
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--location", loc,
+               "--dry-run")
+    assert r.exit_code == 0 and f"would finish deleting {loc}" in r.output, r.output
+    assert snapshot(db, tmp) == before
+    r = invoke(admin.rm, "--config", cfg, "--host", "buffer", "--run", "1", "--location", loc)
+    assert r.exit_code == 0, r.output
+    assert not os.path.exists(loc) and "buffer" not in copies(db, 1)
+
+
 def test_rm_force_needs_typed_run_name(env, monkeypatch):
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"buffer": "transferred"})
@@ -107,16 +175,19 @@ def test_rm_force_needs_typed_run_name(env, monkeypatch):
 
 
 # ---- stray ----------------------------------------------------------------------------------
-def _age(path, days):
-    t = time.time() - days * 86400
-    for d, ds, fs in os.walk(path):
-        for n in ds + fs:
-            os.utime(os.path.join(d, n), (t, t), follow_symlinks=False)
-    os.utime(path, (t, t), follow_symlinks=False)
+@pytest.fixture
+def aged(monkeypatch):
+    """Paths whose ctime (which no test can set) stray treats as 3 days old."""
+    old = set()
+    real = admin._newest_change
+    monkeypatch.setattr(admin, "_newest_change",
+                        lambda p: real(p) - (3 * 86400 if p in old else 0))
+    return lambda path, days=3: old.add(str(path))
 
 
-def test_stray_finds_and_deletes_only_old_strays(env):
+def test_stray_finds_and_deletes_only_old_strays(env, aged):
     tmp, cfg, db = env
+    _age = aged
     add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
     add_run(db, tmp, 2, {"daq": "transferred", "buffer": "transferred"})
     import shutil
@@ -126,8 +197,7 @@ def test_stray_finds_and_deletes_only_old_strays(env):
     _age(tmp / "buffer" / "old_stray", 3)
     (tmp / "buffer" / "new_stray.bin").write_text("x")
     os.symlink(tmp / "daq", tmp / "buffer" / "link_out")   # a stray symlink: never followed
-    _age_link = time.time() - 3 * 86400
-    os.utime(tmp / "buffer" / "link_out", (_age_link, _age_link), follow_symlinks=False)
+    _age(tmp / "buffer" / "link_out", 3)
     before = snapshot(db, tmp)
     for args in ([], ["--dry-run", "--delete"]):
         r = invoke(admin.stray, "--config", cfg, "--host", "buffer", *args)
@@ -145,6 +215,107 @@ def test_stray_finds_and_deletes_only_old_strays(env):
     assert (tmp / "buffer" / "new_stray.bin").exists()          # younger than the grace period
     assert os.path.isdir(tmp / "buffer" / "160301_1200")        # claimed data untouched
     assert copies(db, 2)["buffer"] == "error"
+
+
+def test_stray_lists_copies_being_deleted(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.deleting_time": "yesterday",
+                                                      "data.1.error": "removing failed: EACCES"}})
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    assert r.exit_code == 0, r.output
+    assert (f"deleting: run 160301_1200 datum raw@buffer: {tmp / 'buffer' / '160301_1200'} "
+            f"(removing failed: EACCES)") in r.output
+    assert "1 copy(ies) being deleted" in r.output
+
+
+def test_stray_age_is_ctime_not_a_copied_mtime(env):
+    """rsync -t / cp -p give files being copied their source's old mtime; only ctime is honest."""
+    tmp, cfg, db = env
+    (tmp / "buffer" / "incoming").mkdir()
+    (tmp / "buffer" / "incoming" / "f").write_text("x")
+    t = time.time() - 30 * 86400
+    for p in (tmp / "buffer" / "incoming" / "f", tmp / "buffer" / "incoming"):
+        os.utime(p, (t, t))
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0 and "kept, younger than" in r.output, r.output
+    assert (tmp / "buffer" / "incoming" / "f").exists()
+
+
+def test_stray_delete_rechecks_the_runs_db(env, aged, monkeypatch):
+    """A copy claimed after the listing began is no stray any more."""
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred"})
+    (tmp / "buffer" / "160301_1200").mkdir()
+    aged(tmp / "buffer" / "160301_1200")
+    real = admin.find_strays
+
+    def listing_then_claim(*a, **kw):
+        out = real(*a, **kw)
+        db.collection.update_one({"number": 1}, {"$push": {"data": {
+            "host": "buffer", "type": "raw", "status": "transferring",
+            "location": str(tmp / "buffer" / "160301_1200")}}})
+        return out
+    monkeypatch.setattr(admin, "find_strays", listing_then_claim)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0 and "kept, a datum of this site names it now" in r.output, r.output
+    assert (tmp / "buffer" / "160301_1200").is_dir()
+
+
+def test_stray_reports_interrupted_move_not_missing(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    old, new = tmp / "buffer" / "old" / "160301_1200", tmp / "buffer" / "160301_1200"
+    os.makedirs(old.parent)
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": str(old),
+                                                      "data.1.moving_to": str(new)}})
+    # the crash came after the rename: the files are at the new place only
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    assert f"interrupted move: run 160301_1200 datum raw@buffer: {old} -> {new} (files at {new})" \
+        in r.output
+    assert "missing:" not in r.output and copies(db, 1)["buffer"] == "transferred"
+    assert new.is_dir()
+
+
+def test_stray_skips_a_missing_data_directory(env):
+    tmp, cfg, db = env
+    import json
+    doc = json.loads(open(cfg).read())
+    doc["sites"][1].update(dir_processed=str(tmp / "unmounted"))
+    open(cfg, "w").write(json.dumps(doc))
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
+    import shutil
+    shutil.rmtree(tmp / "buffer" / "v1")   # where the processed datum says it is: not mounted
+    db.collection.update_one({"number": 2}, {"$set": {
+        "data.0.location": str(tmp / "unmounted" / "v1" / "160302_1200")}})
+    before = snapshot(db, tmp)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    assert f"note: data directory {tmp / 'unmounted'} of site buffer does not exist" in r.output
+    assert "missing:" not in r.output
+    assert snapshot(db, tmp) == before
+
+
+def test_admin_messages_once(env):
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred", "archive": "transferred"})
+    group = click.Group("cax", callback=cli_mod.cli.callback, params=cli_mod.cli.params)
+    for c in admin.COMMANDS + (cli_mod.status,):
+        group.add_command(c)
+    loc = str(tmp / "buffer" / "160301_1200")
+    r = CliRunner().invoke(group, ["rm", "--config", cfg, "--host", "buffer", "--run", "1",
+                                   "--location", loc], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.count(f"removed {loc}") == 1, r.output
+    r = invoke(admin.mv, "--config", cfg, "--host", "buffer", "--input", str(tmp / "elsewhere"),
+               "--output", loc)
+    assert r.exit_code == 2 and r.output.count(str(tmp / "buffer")) == 1, r.output
+    db.collection.update_one({"number": 1}, {"$set": {"data": []}})
+    r = CliRunner().invoke(group, ["status", "--config", cfg, "--host", "buffer"],
+                           catch_exceptions=False)
+    assert "no transferred copy" in r.output and "all equal (0)" not in r.output, r.output
 
 
 def test_root_dry_run_flag_reaches_commands(env):

@@ -235,3 +235,20 @@ def test_readme_pass_order_matches_default_tasks():
     paragraph = paragraph[:paragraph.index("\n\n")]
     named = [n for n in re.findall(r"``(\w+)``", paragraph) if n in cfgmod.DEFAULT_TASKS]
     assert named == list(cfgmod.DEFAULT_TASKS)
+
+
+def test_two_sites_over_one_directory_on_one_host_refused(tmp_path):
+    """One physical copy under two site names would count as two good copies."""
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "d", tmp_path / "alias")
+    for a, b in ((str(tmp_path / "d"), str(tmp_path / "d")),          # the same directory
+                 (str(tmp_path / "d"), str(tmp_path / "d" / "raw")),  # one inside the other
+                 (str(tmp_path / "d"), str(tmp_path / "alias"))):     # the same, through a link
+        doc = [{"name": "buffer", "directory": a}, {"name": "buffer2", "dir_raw": b}]
+        line = check_error(tmp_path, doc, "site 'buffer2'", "key 'dir_raw'", "'buffer'")
+        assert "overlaps" in line
+    # the same path on two different machines is two copies
+    doc = [{"name": "buffer", "directory": "/data", "method": "rsync", "hostname": "a.example.org"},
+           {"name": "archive", "directory": "/data", "method": "rsync", "hostname": "b.example.org"},
+           {"name": "daq", "directory": str(tmp_path / "daq")}]
+    cfgmod.load(write(tmp_path, doc))

@@ -1,4 +1,5 @@
 """BufferPurger and PurgeProcessed: the invariant, the protocol, crashes, paths, dry runs."""
+import json
 import logging
 import os
 import subprocess
@@ -63,6 +64,49 @@ def test_unknown_reference_never_deletes(tmp_path):
     assert copies(db, 1)["buffer"] == "transferred"
 
 
+def test_legacy_reference_needs_agreeing_origins(tmp_path, caplog):
+    """Older cax wrote neither ``references`` nor ``source``: a bad copy listed first looked like
+    the origin, became the reference, and the only true copy was purged."""
+    cfg = sites_config(tmp_path, purge={"daq": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": ("transferred", "bad"), "daq": "transferred",
+                              "archive": ("transferred", "bad")})
+    db.collection.update_one({"number": 1}, {"$unset": {"references": ""}})
+    with caplog.at_level(logging.WARNING, logger="cax.task"):
+        purge(cfg, "daq", db)
+    assert copies(db, 1)["daq"] == "transferred"
+    assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+    assert "reference checksum unknown" in caplog.text and "disagree" in caplog.text
+    # when every source-less copy agrees, the legacy fallback still works
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.source": "daq",
+                                                      "data.2.source": "daq"}})
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 2}, {"$unset": {"references": ""}})
+    purge(cfg, "daq", db)
+    assert copies(db, 1)["daq"] == "transferred"     # the others are bad copies
+    assert copies(db, 2) == {"buffer": "transferred"}
+
+
+def test_one_copy_under_two_site_names_is_not_another_copy(tmp_path):
+    """buffer2 names the very files of buffer (same machine, same path): deleting buffer's copy
+    would delete it too, so it is no other good copy."""
+    cfg = sites_config(tmp_path, names=("daq", "buffer", "buffer2"), purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": ("transferred", "bad"), "buffer": "transferred"},
+            ref_host="buffer")
+    run = db.collection.find_one({"number": 1})
+    db.collection.update_one({"number": 1}, {"$push": {"data": dict(run["data"][1], host="buffer2")}})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1)["buffer"] == "transferred"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+    # the same path under a site name of another machine is another copy
+    doc = json.loads(open(cfg).read())
+    doc["sites"][2].update(method="rsync", hostname="elsewhere.example.org")
+    open(cfg, "w").write(json.dumps(doc))
+    purge(cfg, "buffer", db)
+    assert "buffer" not in copies(db, 1)
+
+
 def _set_all_source(db):
     run = db.collection.find_one({"number": 1})
     for i in range(len(run["data"])):
@@ -99,6 +143,23 @@ def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatc
     monkeypatch.setattr(BufferPurger, "free_fraction", lambda self, dtype: next(free))
     purge(cfg, "buffer", db)
     assert [("buffer" in copies(db, n)) for n in (1, 2, 3)] == [False, False, True]
+
+
+def test_min_free_fraction_dry_run_counts_what_it_would_free(tmp_path, monkeypatch, caplog):
+    from collections import namedtuple
+    from cax.tasks import purge as purge_mod
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "min_free_fraction": 0.5}})
+    db = fresh_db()
+    for n in (1, 2, 3):
+        add_run(db, tmp_path, n, {"daq": "transferred", "buffer": "transferred"})
+        db.collection.update_one({"number": n}, {"$set": {"data.1.size": 60}})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(purge_mod.shutil, "disk_usage", lambda p: usage(1000, 600, 400))
+    with caplog.at_level(logging.INFO, logger="cax"):
+        purge(cfg, "buffer", db, dry_run=True)
+    # 400 free of 1000: two copies of 60 bytes bring it to 52%, the third is not needed
+    would = [ln for ln in caplog.text.splitlines() if "dry-run: would delete" in ln]
+    assert len(would) == 2 and not any("160303_1200" in ln for ln in would), caplog.text
 
 
 def test_dry_run_reports_and_deletes_nothing(tmp_path, caplog):
@@ -279,6 +340,74 @@ def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
     assert os.path.isdir(tmp_path / "daq" / "160301_1200")
 
 
+@pytest.mark.parametrize("how", ["other-run", "dotdot", "symlinked-part", "shared-path"])
+def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
+    """Only the only copy of run 2 is at risk; run 1's buffer datum points at it in some way."""
+    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp_path, 2, {"buffer": "transferred"})   # the only copy of run 2
+    run2 = tmp_path / "buffer" / "160302_1200"
+    loc = {"other-run": str(run2),
+           "dotdot": str(tmp_path / "buffer" / "160301_1200" / ".." / "160302_1200"),
+           "symlinked-part": str(tmp_path / "buffer" / "sub" / "160301_1200"),
+           "shared-path": str(tmp_path / "buffer" / "160301_1200")}[how]
+    if how == "symlinked-part":
+        os.symlink(run2, tmp_path / "buffer" / "sub")
+        os.makedirs(run2 / "160301_1200")
+    if how == "shared-path":
+        # run 1's directory holds run 2's only data (moved there by hand) and run 2's datum says so
+        import shutil
+        shutil.rmtree(tmp_path / "buffer" / "160301_1200")
+        os.rename(run2, tmp_path / "buffer" / "160301_1200")
+        run2 = tmp_path / "buffer" / "160301_1200"
+        db.collection.update_one({"number": 2}, {"$set": {"data.0.location": str(run2)}})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.location": loc}})
+    before = sorted(os.listdir(run2))
+    purge(cfg, "buffer", db, dry_run=True)   # a dry run reports the refusal, changes nothing
+    assert copies(db, 1)["buffer"] == "transferred" and sorted(os.listdir(run2)) == before
+    purge(cfg, "buffer", db)
+    datum = db.collection.find_one({"number": 1})["data"][1]
+    assert datum["status"] == "error" and "refusing location" in datum["error"], datum
+    assert datum["error_kind"] == deletion.REFUSED_KIND
+    assert sorted(os.listdir(run2)) == before
+
+
+def test_processed_location_must_be_in_its_version_directory(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}},
+                       extra={"buffer": {"pax_versions": ["v2"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    add_run(db, tmp_path, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
+    add_run(db, tmp_path, 3, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    # run 1 names the whole version directory; run 3 names its copy under the wrong version
+    os.makedirs(tmp_path / "buffer" / "v2")
+    os.rename(tmp_path / "buffer" / "v1" / "160303_1200", tmp_path / "buffer" / "v2" / "160303_1200")
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": str(tmp_path / "buffer" / "v1")}})
+    db.collection.update_one({"number": 3}, {"$set": {
+        "data.0.location": str(tmp_path / "buffer" / "v2" / "160303_1200")}})
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert os.path.isdir(tmp_path / "buffer" / "v1" / "160302_1200")
+    assert os.path.isdir(tmp_path / "buffer" / "v2" / "160303_1200")
+    for n in (1, 3):
+        d = db.collection.find_one({"number": n})["data"][0]
+        assert d["status"] == "error" and "refusing location" in d["error"], d
+
+
+def test_processed_file_named_after_the_run_is_deleted(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    f = tmp_path / "buffer" / "v1" / "160301_1200.root"
+    f.write_text("x")
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.location": str(f)}})
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert not f.exists() and copies(db, 1, "processed") == {"archive": "transferred"}
+
+
 def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
     cfg = sites_config(tmp_path, purge={"buffer": 1})
     db = fresh_db()
@@ -289,6 +418,20 @@ def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
     datum = db.collection.find_one({"number": 1})["data"][1]
     assert datum["status"] == "error" and "outside the data directories" in datum["error"]
     assert os.path.isdir(tmp_path / "daq" / "160301_1200")
+
+
+def test_deleting_copy_finished_at_site_without_purge_settings(tmp_path):
+    """A crashed ``cax rm`` at a site that never purges left a copy ``deleting``."""
+    cfg = sites_config(tmp_path)   # no site purges
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
+    db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting"}})
+    purge(cfg, "buffer", db, dry_run=True)
+    assert copies(db, 1)["buffer"] == "deleting"
+    assert os.path.isdir(tmp_path / "buffer" / "160301_1200")
+    purge(cfg, "buffer", db)
+    assert copies(db, 1) == {"daq": "transferred"}
+    assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
 
 
 def test_one_bad_run_does_not_stop_others(tmp_path):

@@ -2,10 +2,12 @@
 
 Each purger is the real delete protocol (cax.deletion.delete_steps), a generator that yields between
 its decision read, its marking update and its file removal; hypothesis chooses the copies (3-5 sites,
-statuses, good/bad/missing checksums, known or unknown reference), min_copies, and an interleaving
+statuses, good/bad/missing checksums; the reference recorded, absent, or left to the legacy fallback
+with some copies lacking ``source`` and disagreeing), min_copies, and an interleaving
 schedule in which purgers advance one step or crash (are abandoned mid-way). Afterwards every site
 runs a full BufferPurger pass, which must leave no datum ``deleting``. After every step, the number of
-good copies (transferred, reference checksum, files present) must stay >= min(min_copies, initial).
+good copies (transferred, the data's true checksum, files present) must stay >= min(min_copies,
+initial); "true" is the real checksum of the data, not what cax takes for the reference.
 """
 import os
 import shutil
@@ -16,7 +18,7 @@ import mongomock
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cax import deletion
-from cax.runsdb import RunsDB, reference
+from cax.runsdb import RunsDB
 from cax.tasks.purge import BufferPurger
 from tests.purge_helpers import add_run, ctx, sites_config
 
@@ -35,7 +37,10 @@ def scenarios(draw):
         specs = draw(st.lists(copy_spec, min_size=n_sites, max_size=n_sites))
         if all(s == "absent" for s, _ in specs):
             specs[0] = ("transferred", "good")
-        runs.append({"specs": specs, "ref_known": draw(st.sampled_from([True] * 5 + [False]))})
+        mode = draw(st.sampled_from(["known"] * 4 + ["none", "legacy", "legacy"]))
+        # legacy: older cax wrote no 'references' and no 'source'; any copy may lack 'source'
+        sourceless = draw(st.lists(st.booleans(), min_size=n_sites, max_size=n_sites))
+        runs.append({"specs": specs, "ref": mode, "sourceless": sourceless})
     purgers = draw(st.lists(st.integers(0, n_sites - 1), min_size=1, max_size=n_sites,
                             unique=True))
     schedule = draw(st.lists(st.tuples(st.integers(0, 2 * n_sites),
@@ -44,10 +49,9 @@ def scenarios(draw):
             "purgers": purgers, "schedule": schedule}
 
 
-def good_count(db, run_id):
+def good_count(db, run_id, truth):
     run = db.collection.find_one({"_id": run_id})
-    ref = reference(run, "raw")
-    good = deletion.good_copies(run, "raw", None, ref)
+    good = deletion.good_copies(run, "raw", None, truth)
     for d in good:
         assert os.path.isdir(d["location"]), f"good copy at {d['host']} has no files"
     return len(good)
@@ -68,24 +72,29 @@ def _check(tmp, sc):
     m = sc["min_copies"]
     cfg = sites_config(tmp, names=names, purge={n: {"min_copies": m} for n in names})
     db = RunsDB(mongomock.MongoClient(tz_aware=True)["run"]["runs_new"])
-    run_ids, floors = [], {}
+    run_ids, floors, truth = [], {}, {}
     for number, r in enumerate(sc["runs"], 1):
         copies = {names[i]: s for i, s in enumerate(r["specs"]) if s[0] != "absent"}
-        # the reference site is the first copy; keep its checksum real so the reference is right
         first = next(iter(copies))
-        copies[first] = (copies[first][0], "good")
+        if r["ref"] != "none":
+            # the first copy is the origin: its checksum is real (recorded as the reference, or, in
+            # a legacy run, it has no 'source'; other copies may lack 'source' too, good or bad)
+            copies[first] = (copies[first][0], "good")
         run = add_run(db, tmp, number, copies, ref_host=first)
-        if not r["ref_known"]:
+        truth[run["_id"]] = run["references"][0]   # the real checksum of the data
+        if r["ref"] != "known":
             db.collection.update_one({"_id": run["_id"]}, {"$unset": {"references": ""}})
-            for i in range(len(run["data"])):
-                db.collection.update_one({"_id": run["_id"]},
-                                         {"$set": {f"data.{i}.source": "elsewhere"}})
+            for i, d in enumerate(run["data"]):
+                origin = r["ref"] == "legacy" and d["host"] == first
+                if r["ref"] == "none" or not (origin or r["sourceless"][names.index(d["host"])]):
+                    db.collection.update_one({"_id": run["_id"]},
+                                             {"$set": {f"data.{i}.source": "elsewhere"}})
         run_ids.append(run["_id"])
-        floors[run["_id"]] = min(m, good_count(db, run["_id"]))
+        floors[run["_id"]] = min(m, good_count(db, run["_id"], truth[run["_id"]]))
 
     def check():
         for rid in run_ids:
-            assert good_count(db, rid) >= floors[rid]
+            assert good_count(db, rid, truth[rid]) >= floors[rid]
 
     site_objs = {n: ctx(cfg, n, db).site for n in names}
     gens = []

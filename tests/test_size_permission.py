@@ -39,6 +39,21 @@ def test_add_size_records_and_flags_mismatch(tmp_path):
     assert bad["size"] == datum(db, 2, "daq")["size"] + 5
 
 
+def test_add_size_compares_with_the_reference_site_only(tmp_path):
+    """A bad copy measured before the reference copy must not make the reference copy the odd one."""
+    cfg = sites_config(tmp_path)
+    db = fresh_db()
+    add_run(db, tmp_path, 2, {"daq": "transferred", "archive": "transferred"}, ref_host="daq")
+    with open(os.path.join(datum(db, 2, "archive")["location"], "f0.bin"), "ab") as f:
+        f.write(b"extra")
+    AddSize(ctx(cfg, "archive", db)).go()      # the reference copy has no size yet: wait
+    assert "size" not in datum(db, 2, "archive")
+    AddSize(ctx(cfg, "daq", db)).go()
+    AddSize(ctx(cfg, "archive", db)).go()
+    assert datum(db, 2, "daq")["status"] == "transferred"
+    assert datum(db, 2, "archive")["status"] == "error"
+
+
 def test_add_size_missing_data_is_error(tmp_path):
     import shutil
     cfg = sites_config(tmp_path)

@@ -63,6 +63,8 @@ INDEXES = [
     ([("number", 1)], {"unique": True}),
     ([("name", 1)], {"unique": True}),
     ([("data.host", 1), ("data.type", 1), ("data.status", 1)], {}),
+    # deletion asks whether another datum names the same path (cax/deletion.py _other_claim)
+    ([("data.location", 1)], {}),
     ([("start", 1)], {}),
     ([("tags.name", 1)], {}),
 ]
@@ -227,22 +229,47 @@ class RunsDB:
         return self._write(f"mark {key_str(key)} deleting", filt, update)
 
 
+def _legacy_origins(run: dict, dtype: str, version: Optional[str]) -> list:
+    return [d for d in run.get("data") or []
+            if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
+            and d.get("checksum") and not d.get("source")]
+
+
 def reference(run: dict, dtype: str, version: Optional[str] = None) -> Optional[dict]:
     """The reference checksum of a run's data: ``{checksum, checksum_type, host}`` or None.
 
     It is the checksum recorded by the first site that verified the data (run-level
     ``references``). Runs DBs written by older cax have none: there the origin datum (transferred,
-    with a checksum, and not a copy, i.e. no ``source``) stands in.
+    with a checksum, and not a copy, i.e. no ``source``) stands in, but only when every datum
+    without ``source`` that has a checksum (whatever its status) agrees: older cax did not write
+    ``source`` on copies either, so a bad copy may look like an origin, and trusting whichever is
+    listed first could make the bad copy the reference and the only true copy deletable.
+    Disagreement means unknown (:func:`reference_problem` says why).
     """
     for ref in run.get("references") or []:
         if ref.get("type") == dtype and ref.get("pax_version") == version:
             return ref
-    for d in run.get("data") or []:
-        if (d.get("type") == dtype and d.get("pax_version") == version and d.get("checksum")
-                and d.get("status") == "transferred" and not d.get("source")):
-            return {"checksum": d["checksum"], "checksum_type": d.get("checksum_type", "sha512"),
-                    "host": d.get("host")}
-    return None
+    origins = _legacy_origins(run, dtype, version)
+    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
+        return None
+    d = next((d for d in origins if d.get("status") == "transferred"), None)
+    if d is None:
+        return None
+    return {"checksum": d["checksum"], "checksum_type": d.get("checksum_type") or "sha512",
+            "host": d.get("host")}
+
+
+def reference_problem(run: dict, dtype: str, version: Optional[str] = None) -> str:
+    """Why the reference is unknown, in one line; '' when it is known or simply not recorded."""
+    if any(r.get("type") == dtype and r.get("pax_version") == version
+           for r in run.get("references") or []):
+        return ""
+    origins = _legacy_origins(run, dtype, version)
+    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
+        return (f"no recorded reference and the copies without 'source' disagree "
+                f"({', '.join(str(d.get('host')) for d in origins)}): which one is the original is "
+                f"unknown; record the reference (run field 'references') by hand")
+    return ""
 
 
 def _uri_with_password(uri: str, password_env: str) -> str:

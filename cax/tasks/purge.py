@@ -2,7 +2,8 @@
 
 Both delete through :mod:`cax.deletion` (invariant re-checked by the marking update, mark -> remove
 -> pull), so two sites purging the same run at once can never both go, and a crash mid-way is
-finished by the next pass: any ``deleting`` datum of this host is finished first.
+finished by the next pass: any ``deleting`` datum of this host is finished first, at every site
+(BufferPurger finishes them even where nothing is purged).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class _Purge(Task):
         self.settings = self.site.purge  # None: this site never starts new deletions
         self.min_copies = (self.settings or {}).get("min_copies", 2)
         self._disk_full_enough = False
+        #: bytes a dry run would have freed so far, per data type: without it a dry run with
+        #: min_free_fraction sees the disk as full as ever and lists every candidate
+        self._would_free: dict = {}
 
     # -- selection --------------------------------------------------------------------------
     def finish_clause(self) -> dict:
@@ -35,12 +39,12 @@ class _Purge(Task):
     def query(self):
         """Finish this site's ``deleting`` datums first, then start new deletions.
 
-        A site without purge settings costs no query at all (idle passes stay cheap); a
-        ``deleting`` datum there can only come from a crashed ``cax rm``, which finishes it when
-        run again.
+        Even a site without purge settings asks for its ``deleting`` datums (one indexed query
+        per pass): a crashed ``cax rm`` leaves one there, and nothing else would ever finish it,
+        so it would stay ``deleting`` (never a good copy, files possibly half removed) for good.
         """
         if self.settings is None:
-            return None
+            return self.finish_clause()
         clauses = [self.finish_clause()]
         new = self.new_clause()
         if new is not None:
@@ -54,7 +58,8 @@ class _Purge(Task):
     # -- space ------------------------------------------------------------------------------
     def free_fraction(self, dtype: str) -> float:
         usage = shutil.disk_usage(self.site.data_dir(dtype))
-        return usage.free / usage.total if usage.total else 1.0
+        free = usage.free + self._would_free.get(dtype, 0)
+        return min(1.0, free / usage.total) if usage.total else 1.0
 
     def space_wanted(self, run, dtype) -> bool:
         """With ``min_free_fraction`` set, new deletions happen only while the disk is too full."""
@@ -103,17 +108,33 @@ class _Purge(Task):
         if not self.old_enough(run) or not self.space_wanted(run, datum["type"]):
             return
         outcome = deletion.delete_copy(self.db, self.site, run["_id"], key,
-                                       min_copies=self.min_copies, dry_run=self.dry_run, say=say)
+                                       min_copies=self.min_copies, dry_run=self.dry_run, say=say,
+                                       sites=self.ctx.config.sites)
+        if outcome.action == "would-delete":
+            self._would_free[datum["type"]] = (self._would_free.get(datum["type"], 0)
+                                               + _size_of(datum))
         self.report(run, key, outcome)
 
     def report(self, run, key, outcome) -> None:
         if outcome.action == "unsafe":
-            self.log(self.unsafe_level(key), run, f"kept: {outcome.reason}", datum=key)
+            level = logging.WARNING if outcome.warn else self.unsafe_level(key)
+            self.log(level, run, f"kept: {outcome.reason}", datum=key)
         elif outcome.action == "lost-race":
             self.log(logging.INFO, run, f"not deleted: {outcome.reason}", datum=key)
 
     def unsafe_level(self, key) -> int:
         return logging.DEBUG
+
+
+def _size_of(datum) -> int:
+    """Bytes the copy takes: its recorded size, else measured (0 if it cannot be)."""
+    if isinstance(datum.get("size"), int):
+        return datum["size"]
+    from cax.tasks.size import measure  # late import: size imports deletion, like this module
+    try:
+        return measure(datum.get("location"))[0]
+    except (OSError, TypeError):
+        return 0
 
 
 class BufferPurger(_Purge):

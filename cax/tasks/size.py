@@ -31,22 +31,21 @@ def measure(location: str):
 
 
 def reference_size(run: dict, datum: dict):
-    """(size, host) of the reference copy, or None when no copy with a known size qualifies."""
+    """(size, host) of the reference site's copy to compare with; (None, host) while that copy is
+    not measured yet; None when there is nothing to compare with.
+
+    Only the reference site's copy: comparing with whichever copy happened to be measured first
+    let a bad copy measured early flag the reference copy itself.
+    """
     ref = reference(run, datum["type"], datum.get("pax_version"))
-    if ref is None:
+    if ref is None or not ref.get("host") or ref["host"] == datum["host"]:
         return None
-    candidates = []
-    if ref.get("host"):
-        _, d = find_datum(run, dict(key_of(dict(datum, host=ref["host"]))))
-        if d is not None and d.get("status") == "transferred":
-            candidates.append(d)
-    candidates += [d for d in run.get("data") or []
-                   if d.get("type") == datum["type"]
-                   and d.get("pax_version") == datum.get("pax_version") and is_good(d, ref)]
-    for d in candidates:
-        if d.get("host") != datum["host"] and isinstance(d.get("size"), int):
-            return d["size"], d["host"]
-    return None
+    _, d = find_datum(run, key_of(dict(datum, host=ref["host"])))
+    if d is None or d.get("status") != "transferred" or not is_good(d, ref):
+        return None
+    if not isinstance(d.get("size"), int):
+        return None, d["host"]
+    return d["size"], d["host"]
 
 
 class AddSize(Task):
@@ -78,6 +77,11 @@ class AddSize(Task):
             return
         fields = {"size": size, "files": files}
         refsize = reference_size(run, datum)
+        if refsize is not None and refsize[0] is None:
+            # measured again on a later pass: recording now would never compare this copy
+            self.log(logging.DEBUG, run, f"size waits for the reference copy at {refsize[1]}",
+                     datum=key)
+            return
         if refsize is not None and refsize[0] != size:
             reason = (f"size {size} bytes differs from reference copy at {refsize[1]} "
                       f"({refsize[0]} bytes)")
