@@ -241,3 +241,41 @@ def test_long_verification_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
     assert d["status"] == "transferred"
     assert beats and all(b == ("verifying", "verifying") for b in beats), beats
     assert d["heartbeat"] > old
+
+
+def test_second_origin_of_processed_data_is_copied_and_verified_against_itself(tmp_path):
+    """Two sites produced the same processor version (outputs differ: processing is not
+    bit-reproducible). A third site pulling from the second must get the second's bytes and
+    verify them against the second's checksum, not be blocked or flagged by the run's reference,
+    which came from the first."""
+    from cax.checksum import checksum
+
+    doc = {"runs_db": str(tmp_path / "x.runsdb"), "sites": [
+        {"name": "a", "directory": str(tmp_path / "a"), "data_type": ["processed"]},
+        {"name": "b", "directory": str(tmp_path / "b"), "data_type": ["processed"]},
+        {"name": "c", "directory": str(tmp_path / "c"), "data_type": ["processed"],
+         "pax_versions": ["v1"], "download_options": ["b"]}]}
+    (tmp_path / "cax.json").write_text(json.dumps(doc))
+    files = {}
+    for host, content in (("a", b"output of a"), ("b", b"output of b, different")):
+        d = tmp_path / host / "v1"
+        d.mkdir(parents=True)
+        (d / "160101_0000.root").write_bytes(content)
+        files[host] = str(d / "160101_0000.root")
+    (tmp_path / "c").mkdir()
+    db = mongomock_db()
+    t = now()
+    db.insert_run({"number": 1, "name": "160101_0000", "detector": "tpc", "start": t, "data": [
+        {"host": h, "type": "processed", "pax_version": "v1", "status": "transferred",
+         "location": files[h], "checksum": checksum(files[h]), "checksum_type": "sha512",
+         "size": os.path.getsize(files[h]), "files": 1, "creation_time": t,
+         "reference_checked": True} for h in ("a", "b")],
+        "references": [{"type": "processed", "pax_version": "v1", "host": "a",
+                        "checksum": checksum(files["a"]), "checksum_type": "sha512"}]})
+    settle(str(tmp_path / "cax.json"), db, "c")
+    run = db.collection.find_one({"number": 1})
+    got = next(d for d in run["data"] if d["host"] == "c")
+    assert got["status"] == "transferred", got.get("error")
+    assert got["source"] == "b"
+    assert got["checksum"] == checksum(files["b"]) == checksum(got["location"])
+    assert run["references"][0]["host"] == "a"  # the run's reference is untouched

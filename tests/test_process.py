@@ -639,7 +639,7 @@ def test_good_job_resources_accepted(tmp_path, key, value):
 def test_config_check_shows_the_processing_section(tmp_path):
     from cax.cli import cli
 
-    doc = {"sites": [{"name": "s", "directory": str(tmp_path),
+    doc = {"sites": [{"name": "s", "directory": str(tmp_path / "s"),
                       "processing": {"backend": "slurm", "versions": ["v1", "v2"], "command": ["p"],
                                      "walltime": "2-00:00:00", "mem_per_cpu": "2G",
                                      "partition": "xenon1t", "max_queued": 5}},

@@ -272,6 +272,31 @@ def reference_problem(run: dict, dtype: str, version: Optional[str] = None) -> s
     return ""
 
 
+def expected_checksum(run: dict, datum: dict) -> Optional[dict]:
+    """What a copy of (or copied from) ``datum`` must hash to: ``{checksum, checksum_type, host}``.
+
+    Raw data have one truth, the run's reference. Processed data are not bit-reproducible: every
+    site that produces a version is the origin of its own output, so a processed datum is held to
+    the origin it descends from (following ``source`` back to a datum without one), and to the
+    run's reference only where that chain is broken (an origin purged meanwhile).
+    """
+    dtype, version = datum.get("type"), datum.get("pax_version")
+    if dtype == "processed":
+        by_host = {d.get("host"): d for d in run.get("data") or []
+                   if d.get("type") == dtype and d.get("pax_version") == version}
+        d, seen = datum, set()
+        while d is not None and d.get("host") not in seen:
+            seen.add(d.get("host"))
+            if not d.get("source"):
+                if d.get("checksum") and d.get("status") == "transferred":
+                    return {"checksum": d["checksum"],
+                            "checksum_type": d.get("checksum_type", "sha512"),
+                            "host": d.get("host")}
+                break
+            d = by_host.get(d["source"])
+    return reference(run, dtype, version)
+
+
 def _uri_with_password(uri: str, password_env: str) -> str:
     parts = urlsplit(uri)
     if parts.username is None or parts.password is not None:

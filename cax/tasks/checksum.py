@@ -12,7 +12,7 @@ import time
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.runsdb import now, reference
+from cax.runsdb import expected_checksum, now, reference
 from cax.tasks.base import Task
 from cax.transfer import Interrupted
 
@@ -60,7 +60,9 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
         if datum.get("checksum") or datum.get("source"):
             return
         key = dict(key, checksum=None)  # the update re-checks that nobody added one meanwhile
-    ref = reference(run, key["type"], key.get("pax_version"))
+    # a copy is held to what it was copied from (see expected_checksum); an origin to the reference
+    ref = (expected_checksum(run, datum) if datum.get("source")
+           else reference(run, key["type"], key.get("pax_version")))
     if ref is None and datum.get("source"):
         task.record_error(run, key, status,
                           "no reference checksum to verify this copy against", kind=UNVERIFIED)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
-from cax.runsdb import key_str, now, reference
+from cax.runsdb import expected_checksum, key_str, now
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, verify
 from cax.transfer import Interrupted, TransferError, open_method
@@ -84,7 +84,7 @@ class _Copy(Task):
                         continue
                     if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
                         continue
-                    ref = reference(run, dtype, datum.get("pax_version"))
+                    ref = expected_checksum(run, datum)
                     if ref is None or datum.get("checksum") != ref["checksum"]:
                         # no reference yet (AddChecksum makes one first), or a copy that
                         # disagrees with it: never spread it

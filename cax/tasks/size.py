@@ -10,7 +10,7 @@ import os
 
 from cax import paths
 from cax.deletion import find_datum, is_good, key_of
-from cax.runsdb import now, reference
+from cax.runsdb import expected_checksum, now
 from cax.tasks.base import Task
 
 
@@ -37,7 +37,7 @@ def reference_size(run: dict, datum: dict):
     Only the reference site's copy: comparing with whichever copy happened to be measured first
     let a bad copy measured early flag the reference copy itself.
     """
-    ref = reference(run, datum["type"], datum.get("pax_version"))
+    ref = expected_checksum(run, datum)  # processed data: the origin this copy descends from
     if ref is None or not ref.get("host") or ref["host"] == datum["host"]:
         return None
     _, d = find_datum(run, key_of(dict(datum, host=ref["host"])))
