@@ -213,6 +213,7 @@ class EmbeddedCollection:
         self._seen = 0
         # Query views (see _view): filter -> [matching cache keys, position in _changes].
         self._views: dict[bytes, list] = {}
+        self._once: dict[bytes, None] = {}  # filters seen once, oldest first
         self._changes: list = []  # cache keys of documents changed since the views were built
 
     def _changed(self, keys: Iterable) -> None:
@@ -293,13 +294,13 @@ class EmbeddedCollection:
         """The cache keys of the documents matching ``filter``, kept up to date incrementally.
 
         Why: a daemon asks the same dozen task queries every pass, and between two passes only a
-        few runs change. The first time a filter is seen, mongomock scans the whole cache once;
-        afterwards only the documents changed since (``_changed``, fed by every sync and every
-        write of this process) are matched again. So a repeated query costs O(changed documents)
-        of matching, plus one dict walk to keep the cache's order, not O(N) of mongomock
-        filtering. A filter is matched per document, so matching a document alone (in a scratch
-        collection) gives the same answer as matching it among all. ``None``: not cacheable
-        (a filter BSON cannot encode); the caller scans.
+        few runs change. The second time a filter is seen, mongomock scans the whole cache once to
+        build its view; afterwards only the documents changed since (``_changed``, fed by every
+        sync and every write of this process) are matched again. So a repeated query costs
+        O(changed documents) of matching, plus one dict walk to keep the cache's order, not O(N)
+        of mongomock filtering. A filter is matched per document, so matching a document alone
+        (in a scratch collection) gives the same answer as matching it among all. ``None``: no
+        view (a filter seen for the first time, or one BSON cannot encode); the caller scans.
         """
         try:
             fkey = bson.encode(filter)
@@ -307,6 +308,14 @@ class EmbeddedCollection:
             return None
         view = self._views.pop(fkey, None)
         if view is None:
+            if fkey not in self._once:
+                # A one-off filter (a lookup by location, a --run narrowing) would only push a
+                # task's view out: views are kept for filters seen twice.
+                self._once[fkey] = None
+                if len(self._once) > 4 * _MAX_VIEWS:
+                    del self._once[next(iter(self._once))]
+                return None
+            del self._once[fkey]
             view = [{_cache_key(d["_id"]) for d in self._mm.find(filter, {"_id": 1})},
                     len(self._changes)]
             if len(self._views) >= _MAX_VIEWS:
