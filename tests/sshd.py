@@ -186,6 +186,47 @@ class SshServer:
                 return seen
             time.sleep(0.02)
 
+    def log_mark(self) -> int:
+        """A position in sshd's log; :meth:`logins_since` counts the logins logged after it."""
+        try:
+            return os.path.getsize(self.log)
+        except OSError:
+            return 0
+
+    def logins_since(self, mark: int, timeout: float = 10.0) -> int:
+        """Logins accepted since ``mark``, counted only once sshd has logged a login of our own
+        made afterwards: sshd's monitor writes the line after the client is already in, so a
+        plain count right after a pass could miss a late line and pass a test that should fail.
+        """
+        port = self._sentinel_login()
+        tag = f" port {port} "
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log, errors="replace") as f:
+                f.seek(mark)
+                accepted = [line for line in f if "Accepted publickey" in line]
+            if any(tag in line for line in accepted):
+                return sum(tag not in line for line in accepted)
+            if time.monotonic() > deadline:
+                raise SshdError(f"sshd never logged the sentinel login from port {port}: "
+                                f"{self.log_tail()}")
+            time.sleep(0.02)  # polling interval of a condition wait with a deadline
+
+    def _sentinel_login(self) -> int:
+        import paramiko
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        port = sock.getsockname()[1]
+        client = paramiko.SSHClient()
+        client.load_host_keys(self.known_hosts)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(self.host, self.port, username=self.user, key_filename=self.key_file,
+                           sock=sock, look_for_keys=False, allow_agent=False, timeout=10)
+        finally:
+            client.close()
+            sock.close()
+        return port
+
     def site(self, method: str = "rsync", root: Optional[str] = None, **kw):
         """A :class:`cax.config.Site` reaching this sshd, data dirs under ``root``."""
         from cax.config import Site

@@ -82,6 +82,54 @@ def test_push_and_pull_over_ssh_end_transferred_with_equal_checksums(tmp_path, l
     assert buffer_datum(db)["creation_place"] == "daq"
 
 
+def four_runs(tmp_path, db):
+    for i in range(1, 5):
+        d = os.path.join(str(tmp_path / "daq"), f"16031{i}_1432")
+        os.makedirs(d)
+        for j in range(3):
+            with open(os.path.join(d, f"f{j}.bin"), "wb") as f:
+                f.write(os.urandom(20_000 + i))
+        db.insert_run(run_doc(i, f"16031{i}_1432", d))
+
+
+def set_site(cfg, name, **fields):
+    with open(cfg) as f:
+        doc = json.load(f)
+    next(s for s in doc["sites"] if s["name"] == name).update(fields)
+    with open(cfg, "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_ssh_login_per_remote_site_per_pass(tmp_path, live_sshd, method):
+    """Parallel copies, their verification and the healing of several runs share one login."""
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    cfg = config(tmp_path, live_sshd, method)
+    set_site(cfg, "daq", max_transfers=2)
+    set_site(cfg, "archive", max_transfers=2)
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copies
+
+    def logins(host):
+        mark = live_sshd.log_mark()
+        run_pass(context(cfg, host, db))
+        return live_sshd.logins_since(mark)
+
+    def all_at(host, status):
+        return all(statuses(db, i).get((host, "raw")) == status for i in range(1, 5))
+
+    assert logins("daq") == 1  # four pushes, two at a time, each verified remotely
+    assert all_at("buffer", "transferred")
+    assert logins("archive") == 1  # four pulls, two at a time
+    assert all_at("archive", "transferred")
+    for i in range(1, 5):
+        db.collection.update_one({"number": i, "data.host": "buffer"}, {"$set": {
+            "data.$.status": "transferring", "data.$.heartbeat": now() - timedelta(hours=2)}})
+    assert logins("daq") == 1  # four stalled copies removed at the buffer
+    assert not any(statuses(db, i).get(("buffer", "raw")) for i in range(1, 5))
+    assert os.listdir(tmp_path / "buffer") == []
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog):
     db, _ = setup

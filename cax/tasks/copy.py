@@ -18,7 +18,7 @@ from cax.checksum import checksum
 from cax.runsdb import key_str, now, reference
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify
-from cax.transfer import Interrupted, TransferError, open_method
+from cax.transfer import Interrupted, TransferError
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -31,9 +31,6 @@ class _Copy(Task):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._opened: list = []
         self._pool = None
         self._futures: list = []
 
@@ -197,18 +194,8 @@ class _Copy(Task):
         return progress
 
     def method(self, remote):
-        """One connection per remote site per worker per pass, reused for every run."""
-        methods = getattr(self._local, "methods", None)
-        if methods is None:
-            methods = self._local.methods = {}
-        m = methods.get(remote.name)
-        if m is None:
-            m = open_method(remote, cancel=self.ctx.stop.is_set)
-            m.connect()
-            methods[remote.name] = m
-            with self._lock:
-                self._opened.append(m)
-        return m
+        """This worker's method object, on the pass's one connection to ``remote``."""
+        return self.connections().method(remote)
 
     def finish(self):
         for f in self._futures:
@@ -220,13 +207,6 @@ class _Copy(Task):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        for m in self._opened:
-            try:
-                m.close()
-            except Exception as e:  # closing must not hide the pass's result
-                self.log(logging.WARNING, None, f"closing connection failed: {e}")
-        self._opened.clear()
-        self._local = threading.local()
 
 
 def _local_checksum(path, algorithm, ctx):

@@ -13,7 +13,7 @@ from datetime import timedelta
 from cax import paths
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
-from cax.transfer import ServiceUnavailable, TransferError, open_method, partial_path
+from cax.transfer import ServiceUnavailable, TransferError, partial_path
 
 HEALABLE = ("stalled", "interrupted", "failed")
 
@@ -46,10 +46,10 @@ class _Heal(Task):
         else:
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
-        with open_method(site, cancel=self.ctx.stop.is_set) as method:
-            method.remove(partial_path(location))
-            if final:
-                method.remove(location)
+        method = self.connections().method(site)  # the pass's connection, not one per datum
+        method.remove(partial_path(location))
+        if final:
+            method.remove(location)
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""

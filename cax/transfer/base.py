@@ -81,9 +81,16 @@ class TransferMethod:
         self.progress = progress or (lambda n: None)
         self.cancel = cancel or (lambda: False)
 
+    #: False for a method object riding on another one's connection (see ``share``)
+    owns_connection = True
+
     # connection life cycle: connections are reused across runs within one pass
     def connect(self) -> None:
         pass
+
+    def share(self) -> dict:
+        """Constructor arguments that make another method object use this one's connection."""
+        return {}
 
     def close(self) -> None:
         pass

@@ -80,6 +80,8 @@ class RsyncMethod(SshMethod):
 
     def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
+        # connected first: the control socket's path changes when a lost master is restarted
+        self.shell.connect()
         cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2", "--outbuf=N",
                "--no-inc-recursive", "-e", self.shell.rsh()]
         if rsync_path:

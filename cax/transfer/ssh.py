@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -157,6 +158,7 @@ class ParamikoShell:
         self.label = site_label(site)
         self.client = None
         self.connections = 0  # SSH connections opened so far (tests check reuse with it)
+        self._lock = threading.Lock()
 
     @property
     def transport(self):
@@ -168,8 +170,12 @@ class ParamikoShell:
         return t is not None and t.is_active()
 
     def connect(self):
-        if self.alive:
-            return self
+        with self._lock:  # worker threads share the connection: one (re)connects, all use it
+            if not self.alive:
+                self._connect()
+        return self
+
+    def _connect(self):
         self.close()
         import paramiko
 
@@ -228,7 +234,6 @@ class ParamikoShell:
         client.get_transport().set_keepalive(30)
         self.client = client
         self.connections += 1
-        return self
 
     def close(self):
         if self.client is not None:
@@ -292,6 +297,7 @@ class OpenSSHMaster:
         self.tmpdir: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
         self.connections = 0
+        self._lock = threading.Lock()
 
     @property
     def control_path(self) -> str:
@@ -328,8 +334,12 @@ class OpenSSHMaster:
             os.path.exists(self.control_path)
 
     def connect(self):
-        if self.alive:
-            return self
+        with self._lock:  # worker threads share the master: one (re)starts it, all use it
+            if not self.alive:
+                self._connect()
+        return self
+
+    def _connect(self):
         self.close()
         self.tmpdir = tempfile.mkdtemp(prefix="cax-ssh-")  # mkdtemp makes it 0700
         os.chmod(self.tmpdir, 0o700)
@@ -354,7 +364,6 @@ class OpenSSHMaster:
                                          f"{CONNECT_TIMEOUT + 5:.0f} s")
             time.sleep(0.01)  # condition wait (socket appears) with a deadline
         self.connections += 1
-        return self
 
     def close(self):
         if self.proc is not None:
@@ -393,10 +402,11 @@ class SshMethod(TransferMethod):
     remote_checksum = True
     shell_class = ParamikoShell
 
-    def __init__(self, site, **kw):
+    def __init__(self, site, *, shell=None, **kw):
         super().__init__(site, **kw)
         self.label = site_label(site)
-        self.shell = self.shell_class(site)
+        self.owns_connection = shell is None
+        self.shell = self.shell_class(site) if shell is None else shell
 
     # life cycle --------------------------------------------------------------
     @property
@@ -407,8 +417,12 @@ class SshMethod(TransferMethod):
     def connect(self) -> None:
         self.shell.connect()
 
+    def share(self) -> dict:
+        return {"shell": self.shell}
+
     def close(self) -> None:
-        self.shell.close()
+        if self.owns_connection:
+            self.shell.close()
 
     # remote operations -------------------------------------------------------
     def _shell_op(self, op: str, *paths: str) -> str:
