@@ -98,7 +98,7 @@ class SshServer:
                 "PermitRootLogin yes",
                 "UsePAM no",
                 "StrictModes no",
-                "LogLevel INFO",
+                "LogLevel VERBOSE",  # "Starting session" lines: tests count them
                 "MaxStartups 100:30:200",
                 "MaxSessions 100",
                 "Subsystem sftp internal-sftp",
@@ -194,19 +194,30 @@ class SshServer:
             return 0
 
     def logins_since(self, mark: int, timeout: float = 10.0) -> int:
-        """Logins accepted since ``mark``, counted only once sshd has logged a login of our own
-        made afterwards: sshd's monitor writes the line after the client is already in, so a
-        plain count right after a pass could miss a late line and pass a test that should fail.
+        """Logins accepted since ``mark`` (see :meth:`count_since`)."""
+        return self.count_since(mark, "Accepted publickey", timeout)
+
+    def sessions_since(self, mark: int, timeout: float = 10.0) -> int:
+        """Remote commands and subsystems (sftp) started since ``mark``: each costs a login
+        shell's start-up on a real site (see :meth:`count_since`)."""
+        return self.count_since(mark, "Starting session:", timeout)
+
+    def count_since(self, mark: int, needle: str, timeout: float = 10.0) -> int:
+        """Log lines with ``needle`` since ``mark``, counted only once sshd has logged a login of
+        our own made afterwards: sshd's monitor writes a line after the client already goes on,
+        so a plain count right after a pass could miss a late line and pass a test that should
+        fail. The sentinel's own lines are not counted.
         """
         port = self._sentinel_login()
-        tag = f" port {port} "
+        tag = f" port {port}"
         deadline = time.monotonic() + timeout
         while True:
             with open(self.log, errors="replace") as f:
                 f.seek(mark)
-                accepted = [line for line in f if "Accepted publickey" in line]
-            if any(tag in line for line in accepted):
-                return sum(tag not in line for line in accepted)
+                lines = f.readlines()
+            if any("Accepted publickey" in line and tag + " " in line for line in lines):
+                return sum(needle in line and not line.rstrip().endswith(tag)
+                           and tag + " " not in line for line in lines)
             if time.monotonic() > deadline:
                 raise SshdError(f"sshd never logged the sentinel login from port {port}: "
                                 f"{self.log_tail()}")

@@ -1,6 +1,7 @@
 """Copies between sites over a real OpenSSH sshd, through the daemon's tasks, for each method."""
 import json
 import os
+import threading
 from datetime import timedelta
 
 import pytest
@@ -44,6 +45,17 @@ def raw_tree(root):
         with open(os.path.join(d, rel), "wb") as f:
             f.write(data)
     return d
+
+
+def bytes_below(directory):
+    total = 0
+    for r, _ds, fs in os.walk(directory):
+        for f in fs:
+            try:
+                total += os.path.getsize(os.path.join(r, f))
+            except OSError:  # renamed meanwhile
+                pass
+    return total
 
 
 def passes(cfg, db, hosts=("daq", "archive"), n=2):
@@ -143,32 +155,29 @@ def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sshd_killed_mid_copy_leaves_error_then_heals(tmp_path, live_sshd, setup, method,
-                                                      monkeypatch):
+def test_sshd_killed_mid_copy_leaves_error_then_heals(tmp_path, live_sshd, setup, method):
     db, src = setup
     with open(os.path.join(src, "big.bin"), "wb") as f:
         f.write(os.urandom(64 << 20))
     cfg = config(tmp_path, live_sshd, method)
     run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
-    from cax.tasks import copy as copymod
-    original = copymod._Copy._progress
 
-    def killing_progress(self, run, key, moved, bar):
-        inner = original(self, run, key, moved, bar)
+    class KillMidCopy(threading.Event):
+        """Kills sshd once 4 MiB are on the buffer's disk: the methods poll ``stop`` as their
+        cancel check while bytes move (rsync's own progress comes only once a second, too late
+        to tell a copy in flight from one already landed)."""
 
-        def progress(n):
-            inner(n)
-            if moved[0] > (4 << 20) and live_sshd.running:
+        def is_set(self):
+            if live_sshd.running and bytes_below(tmp_path / "buffer") >= (4 << 20):
                 live_sshd.kill()
-        return progress
+            return super().is_set()
 
-    monkeypatch.setattr(copymod._Copy, "_progress", killing_progress)
-    run_pass(context(cfg, "daq", db))
+    run_pass(context(cfg, "daq", db, stop=KillMidCopy()))
+    assert not live_sshd.running, "the copy ended before the kill"
     d = buffer_datum(db)
     # error, or already retrying (waiting for the site) with the reason kept
     assert d["status"] in ("error", "retrying") and "buffer (127.0.0.1" in d["error"], d
     assert not os.path.exists(tmp_path / "buffer" / NAME)  # nothing under the final name
-    monkeypatch.setattr(copymod._Copy, "_progress", original)
     live_sshd.start()
     passes(cfg, db, hosts=("daq",), n=2)
     d = buffer_datum(db)

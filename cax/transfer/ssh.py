@@ -129,6 +129,13 @@ SH_OPS = {
                f'mv -- "$1" "$2"'),
     "remove": 'rm -rf -- "$1"',
     "makedirs": 'mkdir -p -- "$1"',
+    # rsync's remote side for a push (``--rsync-path``): PARENT PARTIAL FINAL, then rsync's own
+    # server arguments; the rename needs no session of its own and happens only if the receiving
+    # rsync exited 0 (it exits non-zero when the sender reported an I/O error or went away)
+    "rsync-push": ('if [ -e "$3" ] || [ -L "$3" ]; then echo "$3 already exists" >&2; exit 4; fi; '
+                   'mkdir -p -- "$1" || exit; p=$2 f=$3; shift 3; rsync "$@" || exit; '
+                   'if [ -e "$f" ] || [ -L "$f" ]; then echo "$f already exists" >&2; exit 4; fi; '
+                   'mv -- "$p" "$f"'),
 }
 
 
@@ -401,6 +408,8 @@ class SshMethod(TransferMethod):
 
     remote_checksum = True
     shell_class = ParamikoShell
+    #: True when ``_put`` itself renames the finished copy into place (no ``_finish``)
+    put_places_final = False
 
     def __init__(self, site, *, shell=None, **kw):
         super().__init__(site, **kw)
@@ -488,8 +497,9 @@ class SshMethod(TransferMethod):
         partial = partial_path(remote)
         try:
             self._put(local, partial)
-            self.check_cancel()
-            self._finish(partial, remote)
+            if not self.put_places_final:
+                self.check_cancel()
+                self._finish(partial, remote)
         except BaseException as e:
             self._remove_remote_partial(partial)
             raise self._translate(e, f"put {local} -> {remote}") from e
