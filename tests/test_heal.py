@@ -1,6 +1,7 @@
 """Healing: stalled and corrupt copies are removed and copied again, within max_retries."""
 import json
 import os
+import shutil
 from datetime import timedelta
 
 from cax.daemon import run_pass
@@ -147,3 +148,28 @@ def test_failed_copy_is_retried_after_backoff(tmp_path):
     settle(cfg, db, "daq")
     d, run = datum(db, "buffer")
     assert d["status"] == "transferred" and run["retries"] == 1
+
+
+def test_retry_removes_leftovers_of_a_killed_pull(tmp_path):
+    """The retry of an interrupted pull clears its partial copy and an rsync holder directory,
+    so nothing of the dead copy is left even when no new copy follows."""
+    from cax.tasks.retry import RetryStalledTransfer
+    from cax.transfer import local_leftovers
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    for host in ("daq", "archive"):
+        settle(cfg, db, host)
+    d, _run = datum(db, "archive")
+    assert d["status"] == "transferred"
+    final = d["location"]
+    shutil.rmtree(final)  # an interrupted copy never reached its final name
+    leftovers = local_leftovers(final)
+    for left in leftovers:
+        os.makedirs(os.path.join(left, "sub"))
+    db.collection.update_one({"number": 1, "data.host": "archive"}, {"$set": {
+        "data.$.status": "error", "data.$.error_kind": "interrupted",
+        "data.$.error_time": now() - timedelta(days=1)}})
+    RetryStalledTransfer(context(cfg, "archive", db)).go()
+    assert not any(os.path.exists(left) for left in leftovers)
+    assert ("archive", "raw") not in statuses(db, 1)

@@ -388,3 +388,22 @@ def test_rsync_stop_after_every_file_is_sent_lets_the_push_land(ssh_site, tmp_pa
     assert moved[0] == total
     assert tree(final) == tree(str(src))
     no_partials(site.dirs["raw"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_get_removes_leftovers_of_a_killed_pull(method, ssh_site, tmp_path):
+    """A daemon killed mid-pull leaves its partial copy (and, for rsync, the holder directory
+    it receives into); the next pull of that run must not trip over them."""
+    from cax.transfer import local_leftovers
+    src = tmp_path / "src"
+    make_tree(str(src))
+    site = site_for(ssh_site, method)
+    remote = os.path.join(site.dirs["raw"], "run1")
+    local = str(tmp_path / "local" / "run1")
+    for left in local_leftovers(local):
+        os.makedirs(os.path.join(left, "junk"))
+    with method_class(method)(site) as m:
+        m.put(str(src), remote)
+        m.get(remote, local)
+    assert tree(local) == tree(str(src))
+    assert os.listdir(tmp_path / "local") == ["run1"]

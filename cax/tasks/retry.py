@@ -13,7 +13,8 @@ from datetime import timedelta
 from cax import paths
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
-from cax.transfer import ServiceUnavailable, TransferError, partial_path
+from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
+from cax.transfer.local import LocalMethod
 
 HEALABLE = ("stalled", "interrupted", "failed")
 
@@ -41,13 +42,17 @@ class _Heal(Task):
         at the destination. ``final=False`` removes only the partial copy."""
         location = datum.get("location")
         if datum["host"] == self.host:
+            # here is this filesystem, whatever method other sites use to reach this one; a
+            # copy killed here may also have left an rsync pull's holder directory
             paths.check_location(self.site, location, datum["type"])
-            site = self.site
+            method, leftovers = LocalMethod(self.site), local_leftovers(location)
         else:
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
-        method = self.connections().method(site)  # the pass's connection, not one per datum
-        method.remove(partial_path(location))
+            # the pass's connection, not one per datum
+            method, leftovers = self.connections().method(site), (partial_path(location),)
+        for left in leftovers:
+            method.remove(left)
         if final:
             method.remove(location)
 

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 
-from cax.transfer.base import Interrupted
+from cax.transfer.base import HOLDER_SUFFIX, Interrupted
 from cax.transfer.ssh import (
     SH_OPS,
     DestinationNotAccessible,
@@ -74,7 +74,7 @@ class RsyncMethod(SshMethod):
     def _get(self, remote: str, partial: str) -> None:
         # rsync HOST:remote into a private holder directory, so a file and a tree need no stat
         # round trip; the result is moved to ``partial`` (same directory, atomic)
-        holder = partial + ".d"
+        holder = partial + HOLDER_SUFFIX  # a stale one was removed by get()
         os.mkdir(holder, 0o700)
         try:
             self._run(self.command(self._remote(remote.rstrip("/") or "/"), holder + "/"),

@@ -36,6 +36,7 @@ from cax.transfer.base import (
     TransferError,
     TransferFailed,
     TransferMethod,
+    local_leftovers,
     partial_path,
 )
 
@@ -516,13 +517,15 @@ class SshMethod(TransferMethod):
         except OSError as e:
             raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
         partial = partial_path(local)
-        remove_local(partial)  # stale, from a copy that died with its connection
+        for stale in local_leftovers(local):  # from a copy that died with its connection
+            remove_local(stale)
         try:
             self._get(remote, partial)
             self.check_cancel()
             os.rename(partial, local)
         except BaseException as e:
-            remove_local(partial)
+            for left in local_leftovers(local):
+                remove_local(left)
             raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
 
     def _prepare(self, remote: str) -> None:
