@@ -143,6 +143,40 @@ def test_one_ssh_login_per_remote_site_per_pass(tmp_path, live_sshd, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_unreachable_site_is_tried_and_logged_once_per_pass(tmp_path, live_sshd, method, caplog):
+    """Four runs to push, the buffer's host key unknown: one attempt, one error line."""
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = config(tmp_path, live_sshd, method, known_hosts=str(empty))
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copies
+    caplog.clear()
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))
+    assert live_sshd.count_since(mark, "Connection from") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "host key" in errors[0].lower(), errors
+    assert all(statuses(db, i) == {("daq", "raw"): "transferred"} for i in range(1, 5))
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))  # a new pass tries again
+    assert live_sshd.count_since(mark, "Connection from") == 1
+
+
+def test_site_down_is_logged_once_per_pass(tmp_path, live_sshd, caplog):
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    cfg = config(tmp_path, live_sshd, "rsync")
+    run_pass(context(cfg, "daq", db))
+    live_sshd.kill()
+    caplog.clear()
+    run_pass(context(cfg, "daq", db))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot reach buffer" in errors[0], errors
+    assert all(statuses(db, i) == {("daq", "raw"): "transferred"} for i in range(1, 5))
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog):
     db, _ = setup
     empty = tmp_path / "empty_known_hosts"

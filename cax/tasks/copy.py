@@ -107,10 +107,15 @@ class _Copy(Task):
             self.log(logging.INFO, run, f"dry-run: would copy {src.name}:{src_path} -> "
                      f"{dst.name}:{dst_path}", datum=key)
             return
+        if self.connections().failure(remote) is not None:  # said once, when it failed
+            self.log(logging.DEBUG, run, f"skipped: {remote.name} unreachable this pass",
+                     datum=key)
+            return
         try:
             self.method(remote)  # connect before claiming: an unreachable site claims nothing
         except TransferError as e:
-            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}", datum=key)
+            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}; its other copies "
+                     f"wait for the next pass", datum=key)
             return
         t = now()
         datum = dict(key, status="transferring", location=dst_path, checksum=None,

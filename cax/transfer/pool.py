@@ -14,7 +14,7 @@ import threading
 from typing import Callable, Optional
 
 from cax.transfer import open_method
-from cax.transfer.base import TransferMethod
+from cax.transfer.base import TransferError, TransferMethod
 
 log = logging.getLogger("cax.transfer.pool")
 
@@ -25,13 +25,27 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._owners: dict = {}  # site name -> the method object owning the site's connection
         self._methods: list = []  # every method object handed out, closed with the pool
+        self._failed: dict = {}  # site name -> the TransferError its connection failed with
         self._local = threading.local()
+
+    def failure(self, site) -> Optional[TransferError]:
+        """Why ``site`` could not be reached this pass, or None.
+
+        A site that refused us (unknown host key, down, bad credentials) refuses the next run
+        too: asking again per run costs a connection timeout each and floods the log.
+        """
+        return self._failed.get(site.name)
 
     def method(self, site) -> TransferMethod:
         """This thread's connected method object for ``site``.
 
         Connecting is cheap when the site's connection is up, and re-opens it when it was lost.
+        A failure to connect is remembered for the rest of the pass and raised again (same type
+        and reason) without another attempt.
         """
+        failed = self._failed.get(site.name)
+        if failed is not None:
+            raise type(failed)(*failed.args)
         mine = self._local.__dict__.setdefault("methods", {})
         m = mine.get(site.name)
         if m is None:
@@ -42,7 +56,12 @@ class ConnectionPool:
                     self._owners[site.name] = m
                 self._methods.append(m)
             mine[site.name] = m
-        m.connect()
+        try:
+            m.connect()
+        except TransferError as e:
+            with self._lock:
+                self._failed.setdefault(site.name, e)
+            raise
         return m
 
     def close(self) -> None:
