@@ -163,6 +163,24 @@ def test_unreachable_site_is_tried_and_logged_once_per_pass(tmp_path, live_sshd,
     assert live_sshd.count_since(mark, "Connection from") == 1
 
 
+def test_rsync_copies_start_one_remote_session_each_plus_verification(tmp_path, live_sshd,
+                                                                      setup):
+    """Remote sessions cost the site's login shell start-up: a pull is its rsync alone (it
+    verifies here), a push its rsync and the remote checksum; nothing is made on the remote site
+    for a pull's local destination."""
+    db, _src = setup
+    cfg = config(tmp_path, live_sshd, "rsync")
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))
+    assert live_sshd.sessions_since(mark) == 2
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "archive", db))
+    assert live_sshd.sessions_since(mark) == 1
+    assert statuses(db, 1) == {("daq", "raw"): "transferred", ("buffer", "raw"): "transferred",
+                               ("archive", "raw"): "transferred"}
+
+
 def test_site_down_is_logged_once_per_pass(tmp_path, live_sshd, caplog):
     db = mongomock_db()
     four_runs(tmp_path, db)

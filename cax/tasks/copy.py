@@ -156,7 +156,8 @@ class _Copy(Task):
                     pass
                 bar = progress.Bar(f"{run['name']} {key_str(key)}", total)
             method.progress = self._progress(run, key, moved, bar)
-            method.makedirs(os.path.dirname(dst_path))
+            # no makedirs here: put and get create the destination's parent themselves (a
+            # pull's parent is local, and asking the remote site to make it was wrong)
             if self.direction == "push":
                 method.put(src_path, dst_path)
             else:
