@@ -167,13 +167,17 @@ def test_rsync_copies_start_one_remote_session_each_plus_verification(tmp_path, 
                                                                       setup):
     """Remote sessions cost the site's login shell start-up: a pull is its rsync alone (it
     verifies here), a push its rsync and the remote checksum; nothing is made on the remote site
-    for a pull's local destination."""
+    for a pull's local destination. Sizes for the progress bar come from the Runs DB when the
+    source's daemon recorded them; only a pull without one asks the remote site."""
     db, _src = setup
     cfg = config(tmp_path, live_sshd, "rsync")
     run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
     mark = live_sshd.log_mark()
     run_pass(context(cfg, "daq", db))
     assert live_sshd.sessions_since(mark) == 2
+    assert buffer_datum(db).get("size") is None
+    run_pass(context(cfg, "buffer", db))  # the buffer's daemon records the size of its copy
+    assert buffer_datum(db)["size"] > 0
     mark = live_sshd.log_mark()
     run_pass(context(cfg, "archive", db))
     assert live_sshd.sessions_since(mark) == 1

@@ -19,6 +19,7 @@ from cax.runsdb import key_str, now, reference
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify
 from cax.transfer import Interrupted, TransferError
+from cax.transfer.ssh import local_tree_size
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -123,9 +124,8 @@ class _Copy(Task):
         if not self.db.claim(run["_id"], datum):
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
-        self.log(logging.INFO, run, f"copy start {src.name} -> {dst.name} via {remote.method}",
-                 datum=key)
-        job = (run, key, src_path, dst_path, remote)
+        job = (run, key, src_path, dst_path, remote,
+               f"{src.name} -> {dst.name} via {remote.method}", src_datum.get("size"))
         if self.site.max_transfers <= 1:
             self._transfer(*job)
             return
@@ -141,20 +141,17 @@ class _Copy(Task):
         finally:
             self._slots.release()
 
-    def _transfer(self, run, key, src_path, dst_path, remote):
+    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded_size):
         started = time.monotonic()
         moved = [0]
         bar = None
         try:
             method = self.method(remote)
+            size = self._source_size(method, src_path, recorded_size)
+            self.log(logging.INFO, run, f"copy start {what}, "
+                     f"{'size unknown' if size is None else f'{size} bytes'}", datum=key)
             if progress.wanted():
-                total = None
-                try:
-                    total = (os.path.getsize(src_path) if self.direction == "push"
-                             and os.path.isfile(src_path) else None)
-                except OSError:
-                    pass
-                bar = progress.Bar(f"{run['name']} {key_str(key)}", total)
+                bar = progress.Bar(f"{run['name']} {key_str(key)}", size)
             method.progress = self._progress(run, key, moved, bar)
             # no makedirs here: put and get create the destination's parent themselves (a
             # pull's parent is local, and asking the remote site to make it was wrong)
@@ -185,6 +182,20 @@ class _Copy(Task):
             verify(self, run["_id"], key, lambda algo: _local_checksum(dst_path, algo, self.ctx))
         elif getattr(method, "remote_checksum", False):
             verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
+
+    def _source_size(self, method, src_path, recorded):
+        """Bytes the copy will move, for the bar's ETA and the start line: the size recorded
+        for the source copy, else measured where the data are; None (never an error) if
+        neither works."""
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+            return recorded
+        try:
+            if self.direction == "push":
+                return local_tree_size(src_path)
+            return method.size(src_path)
+        except (OSError, ValueError, TransferError) as e:
+            self.log(logging.DEBUG, None, f"size of {src_path} unknown: {e}")
+            return None
 
     def _progress(self, run, key, moved, bar):
         """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
