@@ -1,8 +1,9 @@
-"""The copy tasks' own behaviour, with local sites and instrumented transfer methods: heartbeats
-of slow copies, progress bars and log lines."""
+"""The copy tasks' own behaviour, with local sites and instrumented transfer methods: parallel
+copies within max_transfers, heartbeats of slow copies, progress bars and log lines."""
 import logging
 import os
 import re
+import threading
 from datetime import timedelta
 
 import pytest
@@ -15,6 +16,8 @@ from cax.transfer import METHODS
 from cax.transfer.local import LocalMethod
 from tests.helpers import context, make_raw, mongomock_db, run_doc, statuses
 from tests.test_heal import sites
+
+WAIT = 10.0  # seconds any condition below may take before the test fails
 
 
 def runs(tmp_path, db, n):
@@ -37,7 +40,66 @@ class Probe:
     """What the instrumented methods below see; set up by each test."""
 
     db = None
+    barrier = None
+    slot_wait = None
+    lock = threading.Lock()
+    active = 0
+    most = 0
+    claimed_in_flight: list = []
+    claimed_at_start: list = []
     heartbeats: list = []
+
+
+class GatedLocal(LocalMethod):
+    """Holds each push until ``max_transfers`` of them are in flight and the main thread waits
+    for a slot, then records how many copies the Runs DB has claimed."""
+
+    def put(self, local, remote):
+        name = os.path.basename(remote)
+        Probe.claimed_at_start.append(buffer_datum(Probe.db, name)["status"])
+        with Probe.lock:
+            Probe.active += 1
+            Probe.most = max(Probe.most, Probe.active)
+        try:
+            Probe.barrier.wait(WAIT)  # two copies really run at once
+            assert Probe.slot_wait.wait(WAIT), "the main thread never waited for a slot"
+            Probe.claimed_in_flight.append(Probe.db.collection.count_documents(
+                {"data": {"$elemMatch": {"host": "buffer", "status": "transferring"}}}))
+            Probe.barrier.wait(WAIT)  # neither goes on before both counted
+        finally:
+            with Probe.lock:
+                Probe.active -= 1
+        super().put(local, remote)
+
+
+class WatchedSemaphore(threading.Semaphore):
+    """Tells when someone blocks for it (the copy task's main thread waiting for a slot)."""
+
+    def acquire(self, blocking=True, timeout=None):
+        if not blocking or timeout is not None:  # ThreadPoolExecutor's idle check, not ours
+            return super().acquire(blocking, timeout)
+        if super().acquire(blocking=False):
+            return True
+        Probe.slot_wait.set()
+        return super().acquire()
+
+
+def test_at_most_max_transfers_copies_claimed_and_running(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "local", "tests.test_copy_task:GatedLocal")
+    monkeypatch.setattr(copymod.threading, "Semaphore", WatchedSemaphore)
+    Probe.db = db = mongomock_db()
+    Probe.barrier, Probe.slot_wait = threading.Barrier(2), threading.Event()
+    Probe.active = Probe.most = 0
+    Probe.claimed_in_flight, Probe.claimed_at_start = [], []
+    cfg = sites(tmp_path, max_transfers=2)
+    runs(tmp_path, db, 4)
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copies
+    run_pass(context(cfg, "daq", db))
+    assert Probe.most == 2
+    assert Probe.claimed_at_start == ["transferring"] * 4  # each copy claimed before it starts
+    # never a third copy claimed while two run: it would wait, claimed, for a free slot
+    assert Probe.claimed_in_flight == [2, 2, 2, 2]
+    assert all(statuses(db, i)[("buffer", "raw")] == "transferred" for i in range(1, 5))
 
 
 class SlowLocal(LocalMethod):

@@ -118,21 +118,33 @@ class _Copy(Task):
             self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}; its other copies "
                      f"wait for the next pass", datum=key)
             return
-        t = now()
-        datum = dict(key, status="transferring", location=dst_path, checksum=None,
-                     creation_time=t, heartbeat=t, creation_place=self.host, source=src.name)
-        if not self.db.claim(run["_id"], datum):
+        parallel = self.site.max_transfers > 1
+        if parallel:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.site.max_transfers,
+                                                thread_name_prefix="copy")
+                self._slots = threading.Semaphore(self.site.max_transfers)
+            # a free slot before the claim: a copy claimed while waiting for one would look
+            # in progress to everyone else (and age towards stalled) without moving a byte
+            self._slots.acquire()
+        claimed = False
+        try:
+            t = now()
+            datum = dict(key, status="transferring", location=dst_path, checksum=None,
+                         creation_time=t, heartbeat=t, creation_place=self.host,
+                         source=src.name)
+            claimed = self.db.claim(run["_id"], datum)
+        finally:
+            if parallel and not claimed:
+                self._slots.release()
+        if not claimed:
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
         job = (run, key, src_path, dst_path, remote,
                f"{src.name} -> {dst.name} via {remote.method}", src_datum.get("size"))
-        if self.site.max_transfers <= 1:
+        if not parallel:
             self._transfer(*job)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.site.max_transfers, thread_name_prefix="copy")
-            self._slots = threading.Semaphore(self.site.max_transfers)
-        self._slots.acquire()  # at most max_transfers copies claimed and not yet finished
         self._futures.append(self._pool.submit(self._transfer_released, *job))
 
     def _transfer_released(self, *job):
