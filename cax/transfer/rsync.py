@@ -1,11 +1,12 @@
 """The ``rsync`` method: OpenSSH ``rsync -a --partial`` through one ControlMaster connection per
 site per pass (socket in a private 0700 directory), argument lists only, ``--protect-args`` so no
-remote shell ever word-splits or expands a path.
+remote shell ever word-splits or expands a path rsync sends.
 
-Atomic placement: rsync writes into ``partial_path(final)`` (a hidden sibling); the remote shell that
-starts the receiving rsync (``--rsync-path``) first refuses an existing final path and creates the
-parent, and once rsync exited 0 renames the finished tree into place, all in the copy's one session
-(each session costs a remote login shell's start-up, which dominates small copies).
+Atomic placement: rsync writes into ``partial_path(final)`` (a hidden sibling); the remote shell
+that starts the receiving rsync (``--rsync-path``, each path a separately quoted argument of
+``sh -c``) first refuses an existing final path and creates the parent, and once rsync exited 0
+renames the finished tree into place, all in the copy's one session (each session costs a remote
+login shell's start-up, which dominates small copies).
 ``--delay-updates`` and ``--temp-dir`` were not used: they make each *file* appear atomically, but
 the run directory itself exists under its final name from the first file on, so a half-copied run
 could be taken for data.
