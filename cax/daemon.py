@@ -17,6 +17,7 @@ import time
 
 from cax.tasks import task_class
 from cax.tasks.base import Context
+from cax.transfer.pool import ConnectionPool
 from cax.wakeup import Waker
 
 log = logging.getLogger("cax.daemon")
@@ -72,18 +73,24 @@ def build_tasks(ctx: Context) -> list:
 def run_pass(ctx: Context) -> dict:
     """One pass of every task; returns {task name: runs looked at}."""
     stats = {}
-    for cls in build_tasks(ctx):
-        if ctx.stop.is_set():
-            break
-        task = cls(ctx)
-        started = time.monotonic()
-        try:
-            stats[task.name] = task.go()
-        except Exception as e:  # a broken task must not stop the others
-            log.error("task=%s site=%s failed: %s: %s", task.name, ctx.host, type(e).__name__, e,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
-            stats[task.name] = -1
-        log.debug("task=%s site=%s done in %.2f s", task.name, ctx.host, time.monotonic() - started)
+    ctx.connections = ConnectionPool(cancel=ctx.stop.is_set)
+    try:
+        for cls in build_tasks(ctx):
+            if ctx.stop.is_set():
+                break
+            task = cls(ctx)
+            started = time.monotonic()
+            try:
+                stats[task.name] = task.go()
+            except Exception as e:  # a broken task must not stop the others
+                log.error("task=%s site=%s failed: %s: %s", task.name, ctx.host,
+                          type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+                stats[task.name] = -1
+            log.debug("task=%s site=%s done in %.2f s", task.name, ctx.host,
+                      time.monotonic() - started)
+    finally:
+        pool, ctx.connections = ctx.connections, None
+        pool.close()
     return stats
 
 

@@ -98,7 +98,7 @@ class SshServer:
                 "PermitRootLogin yes",
                 "UsePAM no",
                 "StrictModes no",
-                "LogLevel INFO",
+                "LogLevel VERBOSE",  # "Starting session" lines: tests count them
                 "MaxStartups 100:30:200",
                 "MaxSessions 100",
                 "Subsystem sftp internal-sftp",
@@ -185,6 +185,58 @@ class SshServer:
             if seen >= n or time.monotonic() > deadline:
                 return seen
             time.sleep(0.02)
+
+    def log_mark(self) -> int:
+        """A position in sshd's log; :meth:`logins_since` counts the logins logged after it."""
+        try:
+            return os.path.getsize(self.log)
+        except OSError:
+            return 0
+
+    def logins_since(self, mark: int, timeout: float = 10.0) -> int:
+        """Logins accepted since ``mark`` (see :meth:`count_since`)."""
+        return self.count_since(mark, "Accepted publickey", timeout)
+
+    def sessions_since(self, mark: int, timeout: float = 10.0) -> int:
+        """Remote commands and subsystems (sftp) started since ``mark``: each costs a login
+        shell's start-up on a real site (see :meth:`count_since`)."""
+        return self.count_since(mark, "Starting session:", timeout)
+
+    def count_since(self, mark: int, needle: str, timeout: float = 10.0) -> int:
+        """Log lines with ``needle`` since ``mark``, counted only once sshd has logged a login of
+        our own made afterwards: sshd's monitor writes a line after the client already goes on,
+        so a plain count right after a pass could miss a late line and pass a test that should
+        fail. The sentinel's own lines are not counted.
+        """
+        port = self._sentinel_login()
+        tag = f" port {port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log, errors="replace") as f:
+                f.seek(mark)
+                lines = f.readlines()
+            if any("Accepted publickey" in line and tag + " " in line for line in lines):
+                return sum(needle in line and not line.rstrip().endswith(tag)
+                           and tag + " " not in line for line in lines)
+            if time.monotonic() > deadline:
+                raise SshdError(f"sshd never logged the sentinel login from port {port}: "
+                                f"{self.log_tail()}")
+            time.sleep(0.02)  # polling interval of a condition wait with a deadline
+
+    def _sentinel_login(self) -> int:
+        import paramiko
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        port = sock.getsockname()[1]
+        client = paramiko.SSHClient()
+        client.load_host_keys(self.known_hosts)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(self.host, self.port, username=self.user, key_filename=self.key_file,
+                           sock=sock, look_for_keys=False, allow_agent=False, timeout=10)
+        finally:
+            client.close()
+            sock.close()
+        return port
 
     def site(self, method: str = "rsync", root: Optional[str] = None, **kw):
         """A :class:`cax.config.Site` reaching this sshd, data dirs under ``root``."""

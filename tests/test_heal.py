@@ -1,7 +1,10 @@
 """Healing: stalled and corrupt copies are removed and copied again, within max_retries."""
 import json
 import os
+import shutil
 from datetime import timedelta
+
+import pytest
 
 from cax.daemon import run_pass
 from cax.runsdb import now
@@ -37,27 +40,35 @@ def settle(cfg, db, host, n=2):
         run_pass(context(cfg, host, db))
 
 
-def stall(db, host):
-    """Move the heartbeat of a copy back in time and pretend it is still running."""
-    old = now() - timedelta(hours=2)
-    db.collection.update_one({"number": 1, "data.host": host},
-                             {"$set": {"data.$.status": "transferring", "data.$.heartbeat": old}})
+def stall(db, host, status="transferring", clock="heartbeat", age=timedelta(hours=2)):
+    """Pretend a copy is still ``status`` with its last sign of life ``age`` ago, kept in
+    ``heartbeat`` or, as a copy claimed by an older cax has it, only in ``creation_time``."""
+    t = now() - age
+    update = {"$set": {"data.$.status": status, f"data.$.{clock}": t}}
+    if clock == "creation_time":
+        update["$unset"] = {"data.$.heartbeat": ""}
+    db.collection.update_one({"number": 1, "data.host": host}, update)
 
 
-def test_stalled_copy_is_retried_until_max_retries(tmp_path):
+STALLS = [("transferring", "heartbeat"), ("verifying", "heartbeat"),
+          ("transferring", "creation_time"), ("verifying", "creation_time")]
+
+
+@pytest.mark.parametrize("status, clock", STALLS)
+def test_stalled_copy_is_retried_until_max_retries(tmp_path, status, clock):
     cfg = sites(tmp_path)
     db = mongomock_db()
     setup_run(tmp_path, db)
     settle(cfg, db, "daq")
     assert statuses(db, 1)[("buffer", "raw")] == "transferred"
     for attempt in (1, 2):
-        stall(db, "buffer")
+        stall(db, "buffer", status, clock)
         settle(cfg, db, "daq")  # stalled -> removed -> copied again on the next pass
         d, run = datum(db, "buffer")
         assert run["retries"] == attempt
         assert d["status"] == "transferred"
         assert os.path.isdir(tmp_path / "buffer" / "160101_0000")
-    stall(db, "buffer")
+    stall(db, "buffer", status, clock)
     settle(cfg, db, "daq")
     d, run = datum(db, "buffer")
     assert run["retries"] == 2  # max_retries reached: no further retry
@@ -67,17 +78,16 @@ def test_stalled_copy_is_retried_until_max_retries(tmp_path):
     assert datum(db, "buffer")[0]["status"] == "error"
 
 
-def test_live_slow_copy_is_not_stalled(tmp_path):
+@pytest.mark.parametrize("status, clock", STALLS)
+def test_live_slow_copy_is_not_stalled(tmp_path, status, clock):
     cfg = sites(tmp_path, stalled_after=3600)
     db = mongomock_db()
     setup_run(tmp_path, db)
     settle(cfg, db, "daq")
-    db.collection.update_one({"number": 1, "data.host": "buffer"},
-                             {"$set": {"data.$.status": "transferring",
-                                       "data.$.heartbeat": now() - timedelta(minutes=5)}})
+    stall(db, "buffer", status, clock, age=timedelta(minutes=5))
     run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
     d, run = datum(db, "buffer")
-    assert d["status"] == "transferring" and not run.get("retries")
+    assert d["status"] == status and not run.get("retries")
 
 
 def corrupt(tmp_path, host):
@@ -279,3 +289,28 @@ def test_second_origin_of_processed_data_is_copied_and_verified_against_itself(t
     assert got["source"] == "b"
     assert got["checksum"] == checksum(files["b"]) == checksum(got["location"])
     assert run["references"][0]["host"] == "a"  # the run's reference is untouched
+
+
+def test_retry_removes_leftovers_of_a_killed_pull(tmp_path):
+    """The retry of an interrupted pull clears its partial copy and an rsync holder directory,
+    so nothing of the dead copy is left even when no new copy follows."""
+    from cax.tasks.retry import RetryStalledTransfer
+    from cax.transfer import local_leftovers
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    for host in ("daq", "archive"):
+        settle(cfg, db, host)
+    d, _run = datum(db, "archive")
+    assert d["status"] == "transferred"
+    final = d["location"]
+    shutil.rmtree(final)  # an interrupted copy never reached its final name
+    leftovers = local_leftovers(final)
+    for left in leftovers:
+        os.makedirs(os.path.join(left, "sub"))
+    db.collection.update_one({"number": 1, "data.host": "archive"}, {"$set": {
+        "data.$.status": "error", "data.$.error_kind": "interrupted",
+        "data.$.error_time": now() - timedelta(days=1)}})
+    RetryStalledTransfer(context(cfg, "archive", db)).go()
+    assert not any(os.path.exists(left) for left in leftovers)
+    assert ("archive", "raw") not in statuses(db, 1)

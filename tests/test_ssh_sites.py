@@ -1,6 +1,7 @@
 """Copies between sites over a real OpenSSH sshd, through the daemon's tasks, for each method."""
 import json
 import os
+import threading
 from datetime import timedelta
 
 import pytest
@@ -46,6 +47,17 @@ def raw_tree(root):
     return d
 
 
+def bytes_below(directory):
+    total = 0
+    for r, _ds, fs in os.walk(directory):
+        for f in fs:
+            try:
+                total += os.path.getsize(os.path.join(r, f))
+            except OSError:  # renamed meanwhile
+                pass
+    return total
+
+
 def passes(cfg, db, hosts=("daq", "archive"), n=2):
     for _ in range(n):
         for host in hosts:
@@ -82,6 +94,110 @@ def test_push_and_pull_over_ssh_end_transferred_with_equal_checksums(tmp_path, l
     assert buffer_datum(db)["creation_place"] == "daq"
 
 
+def four_runs(tmp_path, db):
+    for i in range(1, 5):
+        d = os.path.join(str(tmp_path / "daq"), f"16031{i}_1432")
+        os.makedirs(d)
+        for j in range(3):
+            with open(os.path.join(d, f"f{j}.bin"), "wb") as f:
+                f.write(os.urandom(20_000 + i))
+        db.insert_run(run_doc(i, f"16031{i}_1432", d))
+
+
+def set_site(cfg, name, **fields):
+    with open(cfg) as f:
+        doc = json.load(f)
+    next(s for s in doc["sites"] if s["name"] == name).update(fields)
+    with open(cfg, "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_ssh_login_per_remote_site_per_pass(tmp_path, live_sshd, method):
+    """Parallel copies, their verification and the healing of several runs share one login."""
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    cfg = config(tmp_path, live_sshd, method)
+    set_site(cfg, "daq", max_transfers=2)
+    set_site(cfg, "archive", max_transfers=2)
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copies
+
+    def logins(host):
+        mark = live_sshd.log_mark()
+        run_pass(context(cfg, host, db))
+        return live_sshd.logins_since(mark)
+
+    def all_at(host, status):
+        return all(statuses(db, i).get((host, "raw")) == status for i in range(1, 5))
+
+    assert logins("daq") == 1  # four pushes, two at a time, each verified remotely
+    assert all_at("buffer", "transferred")
+    assert logins("archive") == 1  # four pulls, two at a time
+    assert all_at("archive", "transferred")
+    for i in range(1, 5):
+        db.collection.update_one({"number": i, "data.host": "buffer"}, {"$set": {
+            "data.$.status": "transferring", "data.$.heartbeat": now() - timedelta(hours=2)}})
+    assert logins("daq") == 1  # four stalled copies removed at the buffer
+    assert not any(statuses(db, i).get(("buffer", "raw")) for i in range(1, 5))
+    assert os.listdir(tmp_path / "buffer") == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unreachable_site_is_tried_and_logged_once_per_pass(tmp_path, live_sshd, method, caplog):
+    """Four runs to push, the buffer's host key unknown: one attempt, one error line."""
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cfg = config(tmp_path, live_sshd, method, known_hosts=str(empty))
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copies
+    caplog.clear()
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))
+    assert live_sshd.count_since(mark, "Connection from") == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "host key" in errors[0].lower(), errors
+    assert all(statuses(db, i) == {("daq", "raw"): "transferred"} for i in range(1, 5))
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))  # a new pass tries again
+    assert live_sshd.count_since(mark, "Connection from") == 1
+
+
+def test_rsync_copies_start_one_remote_session_each_plus_verification(tmp_path, live_sshd,
+                                                                      setup):
+    """Remote sessions cost the site's login shell start-up: a pull is its rsync alone (it
+    verifies here), a push its rsync and the remote checksum; nothing is made on the remote site
+    for a pull's local destination. Sizes for the progress bar come from the Runs DB when the
+    source's daemon recorded them; only a pull without one asks the remote site."""
+    db, _src = setup
+    cfg = config(tmp_path, live_sshd, "rsync")
+    run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "daq", db))
+    assert live_sshd.sessions_since(mark) == 2
+    assert buffer_datum(db).get("size") is None
+    run_pass(context(cfg, "buffer", db))  # the buffer's daemon records the size of its copy
+    assert buffer_datum(db)["size"] > 0
+    mark = live_sshd.log_mark()
+    run_pass(context(cfg, "archive", db))
+    assert live_sshd.sessions_since(mark) == 1
+    assert statuses(db, 1) == {("daq", "raw"): "transferred", ("buffer", "raw"): "transferred",
+                               ("archive", "raw"): "transferred"}
+
+
+def test_site_down_is_logged_once_per_pass(tmp_path, live_sshd, caplog):
+    db = mongomock_db()
+    four_runs(tmp_path, db)
+    cfg = config(tmp_path, live_sshd, "rsync")
+    run_pass(context(cfg, "daq", db))
+    live_sshd.kill()
+    caplog.clear()
+    run_pass(context(cfg, "daq", db))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot reach buffer" in errors[0], errors
+    assert all(statuses(db, i) == {("daq", "raw"): "transferred"} for i in range(1, 5))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog):
     db, _ = setup
@@ -95,32 +211,29 @@ def test_unknown_host_key_is_refused(tmp_path, live_sshd, setup, method, caplog)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sshd_killed_mid_copy_leaves_error_then_heals(tmp_path, live_sshd, setup, method,
-                                                      monkeypatch):
+def test_sshd_killed_mid_copy_leaves_error_then_heals(tmp_path, live_sshd, setup, method):
     db, src = setup
     with open(os.path.join(src, "big.bin"), "wb") as f:
         f.write(os.urandom(64 << 20))
     cfg = config(tmp_path, live_sshd, method)
     run_pass(context(cfg, "daq", db))  # the daq verifies its own copy
-    from cax.tasks import copy as copymod
-    original = copymod._Copy._progress
 
-    def killing_progress(self, run, key, moved, bar):
-        inner = original(self, run, key, moved, bar)
+    class KillMidCopy(threading.Event):
+        """Kills sshd once 4 MiB are on the buffer's disk: the methods poll ``stop`` as their
+        cancel check while bytes move (rsync's own progress comes only once a second, too late
+        to tell a copy in flight from one already landed)."""
 
-        def progress(n):
-            inner(n)
-            if moved[0] > (4 << 20) and live_sshd.running:
+        def is_set(self):
+            if live_sshd.running and bytes_below(tmp_path / "buffer") >= (4 << 20):
                 live_sshd.kill()
-        return progress
+            return super().is_set()
 
-    monkeypatch.setattr(copymod._Copy, "_progress", killing_progress)
-    run_pass(context(cfg, "daq", db))
+    run_pass(context(cfg, "daq", db, stop=KillMidCopy()))
+    assert not live_sshd.running, "the copy ended before the kill"
     d = buffer_datum(db)
     # error, or already retrying (waiting for the site) with the reason kept
     assert d["status"] in ("error", "retrying") and "buffer (127.0.0.1" in d["error"], d
     assert not os.path.exists(tmp_path / "buffer" / NAME)  # nothing under the final name
-    monkeypatch.setattr(copymod._Copy, "_progress", original)
     live_sshd.start()
     passes(cfg, db, hosts=("daq",), n=2)
     d = buffer_datum(db)

@@ -348,3 +348,62 @@ def test_one_connection_serves_many_files(method, ssh_site, live_sshd, tmp_path)
     assert seen == before + 1, f"{seen - before} SSH logins for 50 files, expected 1"
     assert sorted(os.listdir(site.dirs["raw"])) == [p.name for p in files]
     assert (tmp_path / "back01").read_bytes() == files[1].read_bytes()
+
+
+def test_rsync_push_and_pull_are_one_remote_session_each(ssh_site, live_sshd, tmp_path):
+    """Each remote session costs the site's login shell start-up (0.2 s on this machine, where
+    root's .bashrc runs pyenv), which dominates the copy of a small run: the remote rename of a
+    push rides in the session of the receiving rsync."""
+    src = tmp_path / "run"
+    make_tree(str(src))
+    site = site_for(ssh_site, "rsync")
+    final = os.path.join(site.dirs["raw"], "new", "run")
+    with method_class("rsync")(site) as m:
+        mark = live_sshd.log_mark()
+        m.put(str(src), final)
+        assert live_sshd.sessions_since(mark) == 1
+        mark = live_sshd.log_mark()
+        m.get(final, str(tmp_path / "back"))
+        assert live_sshd.sessions_since(mark) == 1
+    assert tree(final) == tree(str(src)) == tree(str(tmp_path / "back"))
+    no_partials(os.path.dirname(final), str(tmp_path))
+
+
+def test_rsync_stop_after_every_file_is_sent_lets_the_push_land(ssh_site, tmp_path, monkeypatch):
+    """Once every file is sent the remote shell may already be renaming the push into place:
+    a stop request then must not report a copy that lands as interrupted (its retry would leave
+    the final name alone and every later copy would refuse to overwrite it)."""
+    from cax.transfer import ssh as sshmod
+    slow = sshmod.SH_OPS["rsync-push"].replace("mv -- ", "sleep 1; mv -- ")
+    assert slow != sshmod.SH_OPS["rsync-push"]
+    monkeypatch.setitem(sshmod.SH_OPS, "rsync-push", slow)  # a wide window before the rename
+    src = tmp_path / "run"
+    total = make_tree(str(src))
+    moved = [0]
+    site = site_for(ssh_site, "rsync")
+    final = os.path.join(site.dirs["raw"], "run")
+    with method_class("rsync")(site, progress=lambda n: moved.__setitem__(0, moved[0] + n),
+                               cancel=lambda: moved[0] >= total) as m:
+        m.put(str(src), final)  # no Interrupted
+    assert moved[0] == total
+    assert tree(final) == tree(str(src))
+    no_partials(site.dirs["raw"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_get_removes_leftovers_of_a_killed_pull(method, ssh_site, tmp_path):
+    """A daemon killed mid-pull leaves its partial copy (and, for rsync, the holder directory
+    it receives into); the next pull of that run must not trip over them."""
+    from cax.transfer import local_leftovers
+    src = tmp_path / "src"
+    make_tree(str(src))
+    site = site_for(ssh_site, method)
+    remote = os.path.join(site.dirs["raw"], "run1")
+    local = str(tmp_path / "local" / "run1")
+    for left in local_leftovers(local):
+        os.makedirs(os.path.join(left, "junk"))
+    with method_class(method)(site) as m:
+        m.put(str(src), remote)
+        m.get(remote, local)
+    assert tree(local) == tree(str(src))
+    assert os.listdir(tmp_path / "local") == ["run1"]

@@ -29,6 +29,8 @@ class Context:
     dry_run: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
     run_filter: dict = field(default_factory=dict)
+    #: the pass's :class:`cax.transfer.pool.ConnectionPool` (set by ``run_pass``)
+    connections: Optional[object] = None
 
     @property
     def site(self):
@@ -67,6 +69,7 @@ class Task:
         self.host = ctx.host
         self.dry_run = ctx.dry_run
         self.name = type(self).__name__
+        self._own_pool = None
 
     # -- selection --------------------------------------------------------------------------
     def query(self) -> Optional[dict]:
@@ -97,7 +100,12 @@ class Task:
             except Exception as e:  # one bad run never stops the others
                 self.log(logging.ERROR, run, f"failed: {type(e).__name__}: {e}",
                          exc_info=log.isEnabledFor(logging.DEBUG))
-        self.finish()
+        try:
+            self.finish()
+        finally:
+            if self._own_pool is not None:
+                self._own_pool.close()
+                self._own_pool = None
         return n
 
     def each_run(self, run: dict) -> None:
@@ -114,6 +122,15 @@ class Task:
         """Called once after the pass (e.g. to wait for parallel transfers)."""
 
     # -- helpers ----------------------------------------------------------------------------
+    def connections(self):
+        """The pass's connection pool: one connection per remote site, whichever task asks."""
+        if self.ctx.connections is not None:
+            return self.ctx.connections
+        if self._own_pool is None:  # a task run on its own, outside run_pass
+            from cax.transfer.pool import ConnectionPool
+            self._own_pool = ConnectionPool(cancel=self.ctx.stop.is_set)
+        return self._own_pool
+
     def log(self, level: int, run: Optional[dict], msg: str, datum: Optional[dict] = None,
             **kw) -> None:
         name = run.get("name", run.get("number", "?")) if run else "-"

@@ -18,7 +18,8 @@ from cax.checksum import checksum
 from cax.runsdb import expected_checksum, key_str, now
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, verify
-from cax.transfer import Interrupted, TransferError, open_method
+from cax.transfer import Interrupted, TransferError
+from cax.transfer.ssh import local_tree_size
 
 HEARTBEAT_SECONDS = 30.0
 
@@ -31,9 +32,6 @@ class _Copy(Task):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._opened: list = []
         self._pool = None
         self._futures: list = []
 
@@ -114,27 +112,43 @@ class _Copy(Task):
             self.log(logging.INFO, run, f"dry-run: would copy {src.name}:{src_path} -> "
                      f"{dst.name}:{dst_path}", datum=key)
             return
+        if self.connections().failure(remote) is not None:  # said once, when it failed
+            self.log(logging.DEBUG, run, f"skipped: {remote.name} unreachable this pass",
+                     datum=key)
+            return
         try:
             self.method(remote)  # connect before claiming: an unreachable site claims nothing
         except TransferError as e:
-            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}", datum=key)
+            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}; its other copies "
+                     f"wait for the next pass", datum=key)
             return
-        t = now()
-        datum = dict(key, status="transferring", location=dst_path, checksum=None,
-                     creation_time=t, heartbeat=t, creation_place=self.host, source=src.name)
-        if not self.db.claim(run["_id"], datum):
+        parallel = self.site.max_transfers > 1
+        if parallel:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.site.max_transfers,
+                                                thread_name_prefix="copy")
+                self._slots = threading.Semaphore(self.site.max_transfers)
+            # a free slot before the claim: a copy claimed while waiting for one would look
+            # in progress to everyone else (and age towards stalled) without moving a byte
+            self._slots.acquire()
+        claimed = False
+        try:
+            t = now()
+            datum = dict(key, status="transferring", location=dst_path, checksum=None,
+                         creation_time=t, heartbeat=t, creation_place=self.host,
+                         source=src.name)
+            claimed = self.db.claim(run["_id"], datum)
+        finally:
+            if parallel and not claimed:
+                self._slots.release()
+        if not claimed:
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
-        self.log(logging.INFO, run, f"copy start {src.name} -> {dst.name} via {remote.method}",
-                 datum=key)
-        job = (run, key, src_path, dst_path, remote)
-        if self.site.max_transfers <= 1:
+        job = (run, key, src_path, dst_path, remote,
+               f"{src.name} -> {dst.name} via {remote.method}", src_datum.get("size"))
+        if not parallel:
             self._transfer(*job)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.site.max_transfers, thread_name_prefix="copy")
-            self._slots = threading.Semaphore(self.site.max_transfers)
-        self._slots.acquire()  # at most max_transfers copies claimed and not yet finished
         self._futures.append(self._pool.submit(self._transfer_released, *job))
 
     def _transfer_released(self, *job):
@@ -143,22 +157,20 @@ class _Copy(Task):
         finally:
             self._slots.release()
 
-    def _transfer(self, run, key, src_path, dst_path, remote):
+    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded_size):
         started = time.monotonic()
         moved = [0]
         bar = None
         try:
             method = self.method(remote)
+            size = self._source_size(method, src_path, recorded_size)
+            self.log(logging.INFO, run, f"copy start {what}, "
+                     f"{'size unknown' if size is None else f'{size} bytes'}", datum=key)
             if progress.wanted():
-                total = None
-                try:
-                    total = (os.path.getsize(src_path) if self.direction == "push"
-                             and os.path.isfile(src_path) else None)
-                except OSError:
-                    pass
-                bar = progress.Bar(f"{run['name']} {key_str(key)}", total)
+                bar = progress.Bar(f"{run['name']} {key_str(key)}", size)
             method.progress = self._progress(run, key, moved, bar)
-            method.makedirs(os.path.dirname(dst_path))
+            # no makedirs here: put and get create the destination's parent themselves (a
+            # pull's parent is local, and asking the remote site to make it was wrong)
             if self.direction == "push":
                 method.put(src_path, dst_path)
             else:
@@ -190,6 +202,20 @@ class _Copy(Task):
         elif getattr(method, "remote_checksum", False):
             verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 
+    def _source_size(self, method, src_path, recorded):
+        """Bytes the copy will move, for the bar's ETA and the start line: the size recorded
+        for the source copy, else measured where the data are; None (never an error) if
+        neither works."""
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+            return recorded
+        try:
+            if self.direction == "push":
+                return local_tree_size(src_path)
+            return method.size(src_path)
+        except (OSError, ValueError, TransferError) as e:
+            self.log(logging.DEBUG, None, f"size of {src_path} unknown: {e}")
+            return None
+
     def _progress(self, run, key, moved, bar):
         """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
         last = [time.monotonic()]
@@ -204,18 +230,8 @@ class _Copy(Task):
         return progress
 
     def method(self, remote):
-        """One connection per remote site per worker per pass, reused for every run."""
-        methods = getattr(self._local, "methods", None)
-        if methods is None:
-            methods = self._local.methods = {}
-        m = methods.get(remote.name)
-        if m is None:
-            m = open_method(remote, cancel=self.ctx.stop.is_set)
-            m.connect()
-            methods[remote.name] = m
-            with self._lock:
-                self._opened.append(m)
-        return m
+        """This worker's method object, on the pass's one connection to ``remote``."""
+        return self.connections().method(remote)
 
     def finish(self):
         for f in self._futures:
@@ -227,13 +243,6 @@ class _Copy(Task):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        for m in self._opened:
-            try:
-                m.close()
-            except Exception as e:  # closing must not hide the pass's result
-                self.log(logging.WARNING, None, f"closing connection failed: {e}")
-        self._opened.clear()
-        self._local = threading.local()
 
 
 class CopyPush(_Copy):

@@ -13,7 +13,8 @@ from datetime import timedelta
 from cax import paths
 from cax.runsdb import now, reference
 from cax.tasks.base import Task
-from cax.transfer import ServiceUnavailable, TransferError, open_method, partial_path
+from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
+from cax.transfer.local import LocalMethod
 
 HEALABLE = ("stalled", "interrupted", "failed", "unverified")
 
@@ -51,15 +52,19 @@ class _Heal(Task):
         at the destination. ``final=False`` removes only the partial copy."""
         location = datum.get("location")
         if datum["host"] == self.host:
+            # here is this filesystem, whatever method other sites use to reach this one; a
+            # copy killed here may also have left an rsync pull's holder directory
             paths.check_location(self.site, location, datum["type"])
-            site = self.site
+            method, leftovers = LocalMethod(self.site), local_leftovers(location)
         else:
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
-        with open_method(site, cancel=self.ctx.stop.is_set) as method:
-            method.remove(partial_path(location))
-            if final:
-                method.remove(location)
+            # the pass's connection, not one per datum
+            method, leftovers = self.connections().method(site), (partial_path(location),)
+        for left in leftovers:
+            method.remove(left)
+        if final:
+            method.remove(location)
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""

@@ -12,6 +12,7 @@ from cax.transfer.base import (  # noqa: F401
     TransferFailed,
     TransferMethod,
     is_partial_name,
+    local_leftovers,
     partial_path,
 )
 

@@ -60,6 +60,18 @@ def partial_path(final: str) -> str:
     return os.path.join(head, f".{tail}{PARTIAL_MARK}")
 
 
+#: suffix of the private directory an rsync pull receives into (``partial_path(final)`` + it)
+HOLDER_SUFFIX = ".d"
+
+
+def local_leftovers(final: str) -> tuple:
+    """What a copy into the local ``final`` may leave when the daemon dies mid-copy: the partial
+    copy, and an rsync pull's holder directory. Both must go before the next attempt (a
+    leftover holder made every later pull of that run fail with "File exists")."""
+    partial = partial_path(final)
+    return partial, partial + HOLDER_SUFFIX
+
+
 def is_partial_name(name: str) -> bool:
     return name.startswith(".") and PARTIAL_MARK in name
 
@@ -81,9 +93,16 @@ class TransferMethod:
         self.progress = progress or (lambda n: None)
         self.cancel = cancel or (lambda: False)
 
+    #: False for a method object riding on another one's connection (see ``share``)
+    owns_connection = True
+
     # connection life cycle: connections are reused across runs within one pass
     def connect(self) -> None:
         pass
+
+    def share(self) -> dict:
+        """Constructor arguments that make another method object use this one's connection."""
+        return {}
 
     def close(self) -> None:
         pass

@@ -1,11 +1,15 @@
 """The ``rsync`` method: OpenSSH ``rsync -a --partial`` through one ControlMaster connection per
 site per pass (socket in a private 0700 directory), argument lists only, ``--protect-args`` so no
-remote shell ever word-splits or expands a path.
+remote shell ever word-splits or expands a path rsync sends.
 
-Atomic placement: rsync writes into ``partial_path(final)`` (a hidden sibling), then one remote
-``rename`` over the same control socket moves the finished tree into place. ``--delay-updates`` and
-``--temp-dir`` were not used: they make each *file* appear atomically, but the run directory itself
-exists under its final name from the first file on, so a half-copied run could be taken for data.
+Atomic placement: rsync writes into ``partial_path(final)`` (a hidden sibling); the remote shell
+that starts the receiving rsync (``--rsync-path``, each path a separately quoted argument of
+``sh -c``) first refuses an existing final path and creates the parent, and once rsync exited 0
+renames the finished tree into place, all in the copy's one session (each session costs a remote
+login shell's start-up, which dominates small copies).
+``--delay-updates`` and ``--temp-dir`` were not used: they make each *file* appear atomically, but
+the run directory itself exists under its final name from the first file on, so a half-copied run
+could be taken for data.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ import shlex
 import shutil
 import subprocess
 import threading
+import time
 
-from cax.transfer.base import Interrupted
+from cax.transfer.base import HOLDER_SUFFIX, Interrupted
 from cax.transfer.ssh import (
+    SH_OPS,
     DestinationNotAccessible,
     OpenSSHMaster,
     ServiceUnavailable,
@@ -32,12 +38,15 @@ from cax.transfer.ssh import (
 
 RSYNC = "rsync"
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+\d+%")
+_ALL_SENT = re.compile(rb"to-chk=0/")  # --no-inc-recursive: the last file is done
 POLL = 0.1  # seconds between cancel checks / progress reports while rsync runs
+FINISH_GRACE = 10.0  # seconds a stop request waits for an rsync whose every file is sent
 
 
 class RsyncMethod(SshMethod):
     name = "rsync"
     shell_class = OpenSSHMaster
+    put_places_final = True
 
     def __init__(self, site, **kw):
         super().__init__(site, **kw)
@@ -50,15 +59,13 @@ class RsyncMethod(SshMethod):
         return f"{username(self.site)}@{host}:{path}"
 
     def _prepare(self, remote: str) -> None:
-        # No separate round trip: the remote rsync creates the parent (see _put), and _finish
-        # refuses to rename over an existing path. Each remote shell start costs a round trip
-        # plus the login shell's start-up, which matters for small runs.
-        self._parent = posixpath.dirname(remote.rstrip("/")) or "/"
+        # no round trip: the remote shell that starts rsync does it (see SH_OPS["rsync-push"])
+        self._final = remote.rstrip("/") or "/"
 
     def _put(self, local: str, partial: str) -> None:
-        # "mkdir -p PARENT && rsync": the remote rsync is started by the remote shell, so the
-        # parent is created in the same round trip; the path is quoted for that shell.
-        rsync_path = f"mkdir -p -- {shlex.quote(self._parent)} && rsync"
+        final = self._final
+        rsync_path = shlex.join(["sh", "-c", SH_OPS["rsync-push"], "sh",
+                                 posixpath.dirname(final) or "/", partial, final])
         if os.path.isdir(local):
             src, dst = local.rstrip("/") + "/", self._remote(partial + "/")
         else:
@@ -68,7 +75,7 @@ class RsyncMethod(SshMethod):
     def _get(self, remote: str, partial: str) -> None:
         # rsync HOST:remote into a private holder directory, so a file and a tree need no stat
         # round trip; the result is moved to ``partial`` (same directory, atomic)
-        holder = partial + ".d"
+        holder = partial + HOLDER_SUFFIX  # a stale one was removed by get()
         os.mkdir(holder, 0o700)
         try:
             self._run(self.command(self._remote(remote.rstrip("/") or "/"), holder + "/"),
@@ -80,6 +87,8 @@ class RsyncMethod(SshMethod):
 
     def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
+        # connected first: the control socket's path changes when a lost master is restarted
+        self.shell.connect()
         cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2", "--outbuf=N",
                "--no-inc-recursive", "-e", self.shell.rsh()]
         if rsync_path:
@@ -87,11 +96,11 @@ class RsyncMethod(SshMethod):
         return cmd + ["--", src, dst]
 
     def _run(self, cmd: list, what: str) -> None:
-        self.shell.connect()
         self.check_cancel()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        state = {"bytes": 0, "err": b""}
+        state = {"bytes": 0, "err": b"", "sent": False}
+        ended = threading.Event()  # rsync closed its stdout: it is exiting
 
         def read_stdout():
             buf = b""
@@ -107,6 +116,9 @@ class RsyncMethod(SshMethod):
                     m = _PROGRESS.match(line)
                     if m:
                         state["bytes"] = max(state["bytes"], int(m.group(1).replace(b",", b"")))
+                        if _ALL_SENT.search(line):
+                            state["sent"] = True
+            ended.set()
 
         def read_stderr():
             state["err"] = proc.stderr.read()
@@ -116,17 +128,32 @@ class RsyncMethod(SshMethod):
         for t in readers:
             t.start()
         reported = 0
+        grace = None
         try:
             while True:
-                try:
-                    status = proc.wait(timeout=POLL)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+                # woken by the end of rsync's output, not by a polling delay: small copies are
+                # a few hundred ms, and Popen.wait(timeout) sleeps up to 50 ms between checks
+                if ended.wait(POLL):
+                    try:
+                        status = proc.wait(timeout=POLL)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                else:
+                    status = proc.poll()
+                    if status is not None:
+                        break
                 done = state["bytes"]
                 if done > reported:
                     self.progress(done - reported)
                     reported = done
+                if state["sent"] and self.cancel():
+                    # every file is sent: the copy may already be in place (a push renames in
+                    # the remote session), so let it end rather than report a finished copy as
+                    # interrupted; a hung link still ends after FINISH_GRACE
+                    grace = grace or time.monotonic() + FINISH_GRACE
+                    if time.monotonic() < grace:
+                        continue
                 self.check_cancel()
         except BaseException:
             proc.terminate()
@@ -150,6 +177,9 @@ class RsyncMethod(SshMethod):
     def _error(self, status: int, stderr: bytes, what: str):
         text = one_line(stderr)
         low = text.lower()
+        if "already exists" in low:  # from SH_OPS["rsync-push"], which starts no rsync then
+            return DestinationNotAccessible(f"{self.label}: {what}: {text}; refusing to "
+                                            f"overwrite")
         if status in (255, 12, 10, 35, 30) or "connection unexpectedly closed" in low:
             err = classify_ssh_stderr(self.label, 255, stderr, what)
             if not isinstance(err, TransferFailed):

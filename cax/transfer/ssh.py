@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -35,6 +36,7 @@ from cax.transfer.base import (
     TransferError,
     TransferFailed,
     TransferMethod,
+    local_leftovers,
     partial_path,
 )
 
@@ -128,6 +130,13 @@ SH_OPS = {
                f'mv -- "$1" "$2"'),
     "remove": 'rm -rf -- "$1"',
     "makedirs": 'mkdir -p -- "$1"',
+    # rsync's remote side for a push (``--rsync-path``): PARENT PARTIAL FINAL, then rsync's own
+    # server arguments; the rename needs no session of its own and happens only if the receiving
+    # rsync exited 0 (it exits non-zero when the sender reported an I/O error or went away)
+    "rsync-push": ('if [ -e "$3" ] || [ -L "$3" ]; then echo "$3 already exists" >&2; exit 4; fi; '
+                   'mkdir -p -- "$1" || exit; p=$2 f=$3; shift 3; rsync "$@" || exit; '
+                   'if [ -e "$f" ] || [ -L "$f" ]; then echo "$f already exists" >&2; exit 4; fi; '
+                   'mv -- "$p" "$f"'),
 }
 
 
@@ -157,6 +166,7 @@ class ParamikoShell:
         self.label = site_label(site)
         self.client = None
         self.connections = 0  # SSH connections opened so far (tests check reuse with it)
+        self._lock = threading.Lock()
 
     @property
     def transport(self):
@@ -168,8 +178,12 @@ class ParamikoShell:
         return t is not None and t.is_active()
 
     def connect(self):
-        if self.alive:
-            return self
+        with self._lock:  # worker threads share the connection: one (re)connects, all use it
+            if not self.alive:
+                self._connect()
+        return self
+
+    def _connect(self):
         self.close()
         import paramiko
 
@@ -228,7 +242,6 @@ class ParamikoShell:
         client.get_transport().set_keepalive(30)
         self.client = client
         self.connections += 1
-        return self
 
     def close(self):
         if self.client is not None:
@@ -292,6 +305,7 @@ class OpenSSHMaster:
         self.tmpdir: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
         self.connections = 0
+        self._lock = threading.Lock()
 
     @property
     def control_path(self) -> str:
@@ -328,8 +342,12 @@ class OpenSSHMaster:
             os.path.exists(self.control_path)
 
     def connect(self):
-        if self.alive:
-            return self
+        with self._lock:  # worker threads share the master: one (re)starts it, all use it
+            if not self.alive:
+                self._connect()
+        return self
+
+    def _connect(self):
         self.close()
         self.tmpdir = tempfile.mkdtemp(prefix="cax-ssh-")  # mkdtemp makes it 0700
         os.chmod(self.tmpdir, 0o700)
@@ -354,7 +372,6 @@ class OpenSSHMaster:
                                          f"{CONNECT_TIMEOUT + 5:.0f} s")
             time.sleep(0.01)  # condition wait (socket appears) with a deadline
         self.connections += 1
-        return self
 
     def close(self):
         if self.proc is not None:
@@ -392,11 +409,14 @@ class SshMethod(TransferMethod):
 
     remote_checksum = True
     shell_class = ParamikoShell
+    #: True when ``_put`` itself renames the finished copy into place (no ``_finish``)
+    put_places_final = False
 
-    def __init__(self, site, **kw):
+    def __init__(self, site, *, shell=None, **kw):
         super().__init__(site, **kw)
         self.label = site_label(site)
-        self.shell = self.shell_class(site)
+        self.owns_connection = shell is None
+        self.shell = self.shell_class(site) if shell is None else shell
 
     # life cycle --------------------------------------------------------------
     @property
@@ -407,8 +427,12 @@ class SshMethod(TransferMethod):
     def connect(self) -> None:
         self.shell.connect()
 
+    def share(self) -> dict:
+        return {"shell": self.shell}
+
     def close(self) -> None:
-        self.shell.close()
+        if self.owns_connection:
+            self.shell.close()
 
     # remote operations -------------------------------------------------------
     def _shell_op(self, op: str, *paths: str) -> str:
@@ -474,8 +498,9 @@ class SshMethod(TransferMethod):
         partial = partial_path(remote)
         try:
             self._put(local, partial)
-            self.check_cancel()
-            self._finish(partial, remote)
+            if not self.put_places_final:
+                self.check_cancel()
+                self._finish(partial, remote)
         except BaseException as e:
             self._remove_remote_partial(partial)
             raise self._translate(e, f"put {local} -> {remote}") from e
@@ -492,13 +517,15 @@ class SshMethod(TransferMethod):
         except OSError as e:
             raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
         partial = partial_path(local)
-        remove_local(partial)  # stale, from a copy that died with its connection
+        for stale in local_leftovers(local):  # from a copy that died with its connection
+            remove_local(stale)
         try:
             self._get(remote, partial)
             self.check_cancel()
             os.rename(partial, local)
         except BaseException as e:
-            remove_local(partial)
+            for left in local_leftovers(local):
+                remove_local(left)
             raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
 
     def _prepare(self, remote: str) -> None:
