@@ -111,18 +111,10 @@ def _run_dirs(site, dtype: str, version) -> list:
     return out
 
 
-def check_run_location(site, location, run_name, dtype, version=None) -> str:
-    """``location`` if it is exactly where this site keeps ``run_name``'s ``dtype`` data.
-
-    Deleting (or moving) a location is only as safe as the location is the run's: a datum that
-    names another run's directory, a whole version directory, or a path through a symlinked
-    directory inside the data directory would make cax delete data no good-copy count was made
-    for. So beyond :func:`check_location` the location must be a normal path (no ``.``, ``..``,
-    ``//``), sit directly in the type's (and version's) directory with no symlink below the
-    configured directory, and its last part must be the run name (raw) or start with it
-    (processed/untriggered files and directories) followed by a non-alphanumeric character.
-    """
-    check_location(site, location, dtype)
+def check_run_name(location, run_name, dtype) -> str:
+    """The normalised ``location`` if it is a normal path whose last part is ``run_name``'s
+    ``dtype`` data (see :func:`check_run_location`); the part of that check that needs no access
+    to the filesystem, so it holds for remote locations too."""
     check_name(run_name)
     norm = os.path.normpath(location)
     if location.rstrip("/") != norm:
@@ -136,6 +128,22 @@ def check_run_location(site, location, run_name, dtype, version=None) -> str:
     if not ok:
         raise UnsafePath(f"refusing location {location!r}: its last part is not run {run_name}'s "
                          f"{dtype} data")
+    return norm
+
+
+def check_run_location(site, location, run_name, dtype, version=None) -> str:
+    """``location`` if it is exactly where this site keeps ``run_name``'s ``dtype`` data.
+
+    Deleting (or moving) a location is only as safe as the location is the run's: a datum that
+    names another run's directory, a whole version directory, or a path through a symlinked
+    directory inside the data directory would make cax delete data no good-copy count was made
+    for. So beyond :func:`check_location` the location must be a normal path (no ``.``, ``..``,
+    ``//``), sit directly in the type's (and version's) directory with no symlink below the
+    configured directory, and its last part must be the run name (raw) or start with it
+    (processed/untriggered files and directories) followed by a non-alphanumeric character.
+    """
+    check_location(site, location, dtype)
+    norm = check_run_name(location, run_name, dtype)
     parent = os.path.dirname(norm)
     wanted = []
     for base, sub in _run_dirs(site, dtype, version):
@@ -144,7 +152,7 @@ def check_run_location(site, location, run_name, dtype, version=None) -> str:
             wanted.append(expected)
             if parent != expected:
                 continue
-            real = os.path.normpath(os.path.join(os.path.realpath(base), sub, name))
+            real = os.path.normpath(os.path.join(os.path.realpath(base), sub, os.path.basename(norm)))
             if os.path.realpath(norm) != real:
                 raise UnsafePath(f"refusing location {location!r}: a part of it below {base} is a "
                                  f"symlink")

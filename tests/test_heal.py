@@ -314,3 +314,25 @@ def test_retry_removes_leftovers_of_a_killed_pull(tmp_path):
     RetryStalledTransfer(context(cfg, "archive", db)).go()
     assert not any(os.path.exists(left) for left in leftovers)
     assert ("archive", "raw") not in statuses(db, 1)
+
+
+def test_retry_never_removes_another_runs_data(tmp_path):
+    """A stalled copy whose datum names another run's directory (a corrupted or hand-edited
+    location) is not healed by deleting that directory: the retry refuses and says why."""
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    other = make_raw(str(tmp_path / "daq"), "160101_0100")
+    db.insert_run(run_doc(2, "160101_0100", other))
+    settle(cfg, db, "daq")
+    assert statuses(db, 2)[("buffer", "raw")] == "transferred"
+    victim = tmp_path / "buffer" / "160101_0100"
+    before = sorted(p.name for p in victim.rglob("*"))
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.$.location": str(victim)}})
+    stall(db, "buffer")
+    settle(cfg, db, "daq", n=1)
+    d, _ = datum(db, "buffer")
+    assert d["status"] == "error" and d["error_kind"] == "retry-failed", d
+    assert "not run 160101_0000's raw data" in d["error"]
+    assert sorted(p.name for p in victim.rglob("*")) == before

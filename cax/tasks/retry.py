@@ -47,18 +47,28 @@ class _Heal(Task):
     def owner(self, datum) -> str:
         return datum.get("creation_place") or datum["host"]
 
-    def remove_files(self, datum, final: bool = True) -> None:
+    def remove_files(self, run, datum, final: bool = True) -> None:
         """Remove a copy's files (and any partial copy) here or, for a copy this daemon pushed,
-        at the destination. ``final=False`` removes only the partial copy."""
+        at the destination. ``final=False`` removes only the partial copy.
+
+        Before removing a final copy the location must be this run's own data (as for a purge):
+        a datum naming another run's directory must never make a retry delete that run's data.
+        """
         location = datum.get("location")
         if datum["host"] == self.host:
             # here is this filesystem, whatever method other sites use to reach this one; a
             # copy killed here may also have left an rsync pull's holder directory
-            paths.check_location(self.site, location, datum["type"])
+            if final:
+                paths.check_run_location(self.site, location, run.get("name"), datum["type"],
+                                         datum.get("pax_version"))
+            else:
+                paths.check_location(self.site, location, datum["type"])
             method, leftovers = LocalMethod(self.site), local_leftovers(location)
         else:
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
+            if final:
+                paths.check_run_name(location, run.get("name"), datum["type"])
             # the pass's connection, not one per datum
             method, leftovers = self.connections().method(site), (partial_path(location),)
         for left in leftovers:
@@ -88,7 +98,7 @@ class _Heal(Task):
         try:
             # a failed or interrupted copy never reached its final name, and whatever is there
             # now is not ours to delete; only its partial copy may be left (lost connection)
-            self.remove_files(datum, final=_landed(datum))
+            self.remove_files(run, datum, final=_landed(datum))
         except ServiceUnavailable as e:  # the site is down: stay retrying, finish next pass
             self.log(logging.WARNING, run, f"retry waits for the site: {e}", datum=key)
             return
