@@ -284,3 +284,32 @@ def test_corrupt_pulled_copy_refetched_only_when_good_copy_exists(tmp_path, live
     d = buffer_datum(db, "archive")
     assert d["status"] == "error" and d["error_kind"] == "checksum"
     assert dirhash(str(tmp_path / "archive" / NAME), "sha512") == bad  # not deleted
+
+
+def test_remote_verification_keeps_its_heartbeat_fresh(tmp_path, live_sshd, setup, monkeypatch):
+    """A push verified by a checksum on the far side reports no progress until it ends; the
+    datum's heartbeat must still move, or a long verification looks like a dead copy."""
+    from cax.tasks import checksum as checksum_task
+    from cax.transfer.ssh import SshMethod
+
+    db, _src = setup
+    cfg = config(tmp_path, live_sshd, "sftp")
+    monkeypatch.setattr(checksum_task, "HEARTBEAT_SECONDS", 0.05)
+    beats = []
+    real_checksum = SshMethod.checksum
+
+    def slow_checksum(self, path, algorithm="sha512"):
+        # hold the verification until the heartbeat thread has written twice (bounded wait)
+        deadline = now() + timedelta(seconds=20)
+        while len(beats) < 2 and now() < deadline:
+            d = buffer_datum(db)
+            if d.get("heartbeat") and (not beats or d["heartbeat"] != beats[-1]):
+                beats.append(d["heartbeat"])
+            threading.Event().wait(0.01)
+        return real_checksum(self, path, algorithm)
+
+    monkeypatch.setattr(SshMethod, "checksum", slow_checksum)
+    passes(cfg, db, hosts=("daq",), n=2)  # the first pass checksums the origin, the second pushes
+    d = buffer_datum(db)
+    assert d["status"] == "transferred", d.get("error")
+    assert len(beats) >= 2 and beats[0] < beats[1]

@@ -8,7 +8,9 @@ its checksum, computed with the reference's algorithm, equals the reference; oth
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
@@ -35,6 +37,34 @@ def heartbeat(task, run_id, key, status: str = "verifying"):
             last[0] = time.monotonic()
             task.db.update_datum(run_id, key, status, {"heartbeat": now()})
     return progress
+
+
+@contextmanager
+def kept_alive(task, run_id, key, status: str = "verifying"):
+    """Refresh the datum's heartbeat from a thread while a call that reports no progress runs.
+
+    A checksum computed on the far side of an SSH connection says nothing until it ends; for a
+    big run that can outlast ``stalled_after``, and the stalled-copy check would then remove a
+    live verification's data.
+    """
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(HEARTBEAT_SECONDS):
+            if task.dry_run:
+                continue
+            try:
+                task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+            except Exception as e:  # the verification's own outcome is what gets recorded
+                task.log(logging.WARNING, None, f"heartbeat not written: {e}", datum=key)
+
+    thread = threading.Thread(target=beat, name="cax-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def verify(task, run_id, key, compute, status: str = "verifying") -> None:

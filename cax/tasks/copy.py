@@ -17,7 +17,7 @@ from cax import paths, progress
 from cax.checksum import checksum
 from cax.runsdb import expected_checksum, key_str, now
 from cax.tasks.base import Task
-from cax.tasks.checksum import heartbeat, verify
+from cax.tasks.checksum import heartbeat, kept_alive, verify
 from cax.transfer import Interrupted, TransferError
 from cax.transfer.ssh import local_tree_size
 
@@ -200,7 +200,8 @@ class _Copy(Task):
                    lambda algo: checksum(dst_path, algo, cancel=self.ctx.stop.is_set,
                                          progress=beat))
         elif getattr(method, "remote_checksum", False):
-            verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
+            with kept_alive(self, run["_id"], key):
+                verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 
     def _source_size(self, method, src_path, recorded):
         """Bytes the copy will move, for the bar's ETA and the start line: the size recorded
