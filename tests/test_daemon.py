@@ -125,14 +125,21 @@ def test_two_daemons_racing_make_one_datum_and_one_copy(tmp_path):
     assert re.search(r"run=160101_0000 task=CopyPull .* copy start", outs[1][1])
 
 
-def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
+def _fifo_origin(tmp_path):
+    """Three sites and a DAQ run whose one file is a FIFO: whatever reads it (a copy, a checksum)
+    blocks until the test feeds it, so a signal provably lands mid-read: no timing guesses."""
     cfg = three_sites(tmp_path)
     db = connect(load(cfg))
     name = "160101_0000"
     src = tmp_path / "daq" / name
     src.mkdir()
     fifo = src / "stream.bin"
-    os.mkfifo(fifo)  # the copy blocks reading it until the test feeds it: no timing guesses
+    os.mkfifo(fifo)
+    return cfg, db, name, src, fifo
+
+
+def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
+    cfg, db, name, src, fifo = _fifo_origin(tmp_path)
     doc = run_doc(1, name, str(src), status="transferred")
     doc["data"][0]["checksum"] = "ab" * 64
     db.insert_run(doc)
@@ -160,13 +167,7 @@ def test_sigterm_mid_copy_records_interrupted_and_leaves_no_partial(tmp_path):
 
 def test_sigterm_mid_checksum_leaves_origin_verifying_and_next_pass_verifies(tmp_path):
     """An origin copy cannot be re-copied: a checksum cut short must not leave it in error."""
-    cfg = three_sites(tmp_path)
-    db = connect(load(cfg))
-    name = "160101_0000"
-    src = tmp_path / "daq" / name
-    src.mkdir()
-    fifo = src / "stream.bin"
-    os.mkfifo(fifo)  # the checksum blocks reading it until the test feeds it: no timing guesses
+    cfg, db, name, src, fifo = _fifo_origin(tmp_path)
     db.insert_run(run_doc(1, name, str(src), status="verifying"))
     daemon = cax("--config", cfg, "--host", "daq", "--interval", "3600")
     # opens when AddChecksum (the only task reading a verifying origin) opens the file
