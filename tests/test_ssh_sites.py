@@ -313,3 +313,26 @@ def test_remote_verification_keeps_its_heartbeat_fresh(tmp_path, live_sshd, setu
     d = buffer_datum(db)
     assert d["status"] == "transferred", d.get("error")
     assert len(beats) >= 2 and beats[0] < beats[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pushed_copy_left_verifying_is_verified_by_the_pusher(tmp_path, live_sshd, setup, method):
+    """The daemon stopped during a pushed copy's remote checksum; the destination runs no cax.
+    The pusher's next pass must verify the copy where it is, not leave it for the stalled check
+    (which would delete it and send it all again)."""
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, method)
+    passes(cfg, db, hosts=("daq",))
+    assert buffer_datum(db)["status"] == "transferred"
+    # silent for 40 minutes: past half of stalled_after (1 h), before the stalled check
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.$.status": "verifying",
+                                       "data.$.heartbeat": now() - timedelta(minutes=40)},
+                              "$unset": {"data.$.checksum": "", "data.$.reference_checked": ""}})
+    landed = os.stat(tmp_path / "buffer" / NAME).st_ino
+    passes(cfg, db, hosts=("daq",), n=1)
+    d = buffer_datum(db)
+    assert not db.collection.find_one({"number": 1}).get("retries")
+    assert d["status"] == "transferred", d.get("error")
+    assert d["checksum"] == dirhash(src, "sha512")
+    assert os.stat(tmp_path / "buffer" / NAME).st_ino == landed  # verified in place, not re-sent

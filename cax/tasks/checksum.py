@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta, timezone
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.runsdb import expected_checksum, now, reference
 from cax.tasks.base import Task
-from cax.transfer import Interrupted
+from cax.transfer import Interrupted, TransferError
 
 #: how often a long checksum refreshes its datum's heartbeat (as copies do), so the stalled-copy
 #: check never takes a live verification of a big run for a dead one and removes its files
@@ -144,14 +145,23 @@ class AddChecksum(Task):
     projection = {"name": 1, "number": 1, "data": 1}
 
     def query(self):
-        return {"$or": [
+        clauses = [
             {"data": {"$elemMatch": {"host": self.host, "status": "verifying"}}},
             # classic DAQ records: an origin already transferred, never checksummed
             {"data": {"$elemMatch": {"host": self.host, "status": "transferred",
-                                     "checksum": None, "source": None}}}]}
+                                     "checksum": None, "source": None}}}]
+        if self.site.upload_options:
+            # copies this site pushed whose verification was cut short (see resume_push)
+            clauses.append({"data": {"$elemMatch": {
+                "host": {"$in": list(self.site.upload_options)}, "status": "verifying",
+                "creation_place": self.host}}})
+        return {"$or": clauses}
 
     def each_location(self, run, datum):
         if datum["host"] != self.host:
+            if (datum.get("status") == "verifying" and datum.get("creation_place") == self.host
+                    and datum["host"] in self.site.upload_options and self._silent(datum)):
+                self.resume_push(run, datum)
             return
         status = datum.get("status")
         if not (status == "verifying" or (status == "transferred" and not datum.get("checksum")
@@ -173,6 +183,60 @@ class AddChecksum(Task):
         verify(self, run["_id"], key,
                lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set,
                                              progress=beat), status)
+
+
+    def _silent(self, datum) -> bool:
+        """Nobody is verifying ``datum`` now: no heartbeat for half of ``stalled_after``.
+
+        A live verification by cax beats every HEARTBEAT_SECONDS; half the stall limit also spares
+        a slow verifier that does not beat (an older cax at the destination), and still comes
+        well before the stalled check would remove the copy.
+        """
+        last = datum.get("heartbeat") or datum.get("creation_time")
+        if last is None:
+            return True
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=timezone.utc)
+        return now() - last >= timedelta(seconds=self.site.stalled_after / 2)
+
+    def resume_push(self, run, datum):
+        """Verify a copy this site pushed that was left ``verifying`` (the daemon stopped during
+        its checksum). The destination may run no cax; without this only the stalled check would
+        heal it, an hour later, by deleting the copy and sending all of it again."""
+        site = self.ctx.config.site(datum["host"])
+        key = {"host": site.name, "type": datum["type"]}
+        if datum.get("pax_version") is not None:
+            key["pax_version"] = datum["pax_version"]
+        location = datum.get("location")
+        try:
+            if site.method == "local":
+                location = paths.check_location(site, location, datum["type"])
+
+                def compute(algo):
+                    return compute_checksum(location, algo, cancel=self.ctx.stop.is_set)
+            else:
+                paths.check_remote_location(site, location, datum["type"])
+                if self.dry_run:
+                    method = None
+                else:
+                    method = self.connections().method(site)
+                    if not getattr(method, "remote_checksum", False):
+                        return  # the destination's own AddChecksum, or the stalled check, will
+
+                def compute(algo):
+                    return method.checksum(location, algo)
+        except paths.UnsafePath as e:
+            self.record_error(run, key, "verifying", str(e))
+            return
+        except TransferError as e:
+            self.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}", datum=key)
+            return
+        if self.dry_run:
+            self.log(logging.INFO, run, f"dry-run: would verify pushed copy {location}", datum=key)
+            return
+        self.log(logging.INFO, run, f"resuming verification of pushed copy {location}", datum=key)
+        with kept_alive(self, run["_id"], key):
+            verify(self, run["_id"], key, compute)
 
 
 class CompareChecksums(Task):
