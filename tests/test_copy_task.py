@@ -11,6 +11,7 @@ import pytest
 from cax import progress
 from cax.daemon import run_pass
 from cax.runsdb import now
+from cax.tasks import checksum as checksum_task
 from cax.tasks import copy as copymod
 from cax.transfer import METHODS
 from cax.transfer.local import LocalMethod
@@ -119,7 +120,7 @@ class SlowLocal(LocalMethod):
 def test_progress_refreshes_the_heartbeat_of_a_slow_copy(tmp_path, monkeypatch,
                                                          heartbeat_seconds, refreshed):
     monkeypatch.setitem(METHODS, "local", "tests.test_copy_task:SlowLocal")
-    monkeypatch.setattr(copymod, "HEARTBEAT_SECONDS", heartbeat_seconds)
+    monkeypatch.setattr(checksum_task, "HEARTBEAT_SECONDS", heartbeat_seconds)
     Probe.db = db = mongomock_db()
     Probe.heartbeats = []
     cfg = sites(tmp_path, max_transfers=1)
@@ -176,7 +177,7 @@ def test_on_a_terminal_bars_know_the_size_of_raw_directories_and_pulls(tmp_path,
     assert statuses(db, 1)[("archive", "raw")] == "transferred"
     assert [(b.total, b.done, b.closed) for b in FakeBar.made] == [(size, size, True)] * 2
     for task in ("CopyPush", "CopyPull"):
-        assert any(f"copy start" in line and f", {size} bytes" in line
+        assert any("copy start" in line and f", {size} bytes" in line
                    for line in copy_lines(caplog, task)), copy_lines(caplog, task)
 
 

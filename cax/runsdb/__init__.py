@@ -34,6 +34,17 @@ def now() -> datetime:
     return t.replace(microsecond=t.microsecond // 1000 * 1000)
 
 
+def as_utc(t: Optional[datetime]) -> Optional[datetime]:
+    """A datetime read back from a store that returns naive UTC (mongomock, old documents) made
+    comparable with :func:`now`."""
+    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def last_beat(datum: dict) -> Optional[datetime]:
+    """When a copy last showed progress: its heartbeat, or its creation for legacy datums."""
+    return as_utc(datum.get("heartbeat") or datum.get("creation_time"))
+
+
 def datum_key(datum: dict) -> dict:
     """The identity of a datum: (host, type[, pax_version])."""
     key = {"host": datum["host"], "type": datum["type"]}

@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from datetime import timedelta, timezone
+from datetime import timedelta
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.runsdb import expected_checksum, now, reference
+from cax.deletion import key_of
+from cax.runsdb import expected_checksum, last_beat, now, reference
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError
 
@@ -167,9 +168,7 @@ class AddChecksum(Task):
         if not (status == "verifying" or (status == "transferred" and not datum.get("checksum")
                                           and not datum.get("source"))):
             return
-        key = {"host": self.host, "type": datum["type"]}
-        if datum.get("pax_version") is not None:
-            key["pax_version"] = datum["pax_version"]
+        key = key_of(datum)
         try:
             location = paths.check_location(self.site, datum.get("location"), datum["type"])
         except paths.UnsafePath as e:
@@ -184,7 +183,6 @@ class AddChecksum(Task):
                lambda algo: compute_checksum(location, algo, cancel=self.ctx.stop.is_set,
                                              progress=beat), status)
 
-
     def _silent(self, datum) -> bool:
         """Nobody is verifying ``datum`` now: no heartbeat for half of ``stalled_after``.
 
@@ -192,48 +190,42 @@ class AddChecksum(Task):
         a slow verifier that does not beat (an older cax at the destination), and still comes
         well before the stalled check would remove the copy.
         """
-        last = datum.get("heartbeat") or datum.get("creation_time")
-        if last is None:
-            return True
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=timezone.utc)
-        return now() - last >= timedelta(seconds=self.site.stalled_after / 2)
+        last = last_beat(datum)
+        return last is None or now() - last >= timedelta(seconds=self.site.stalled_after / 2)
 
     def resume_push(self, run, datum):
         """Verify a copy this site pushed that was left ``verifying`` (the daemon stopped during
         its checksum). The destination may run no cax; without this only the stalled check would
         heal it, an hour later, by deleting the copy and sending all of it again."""
         site = self.ctx.config.site(datum["host"])
-        key = {"host": site.name, "type": datum["type"]}
-        if datum.get("pax_version") is not None:
-            key["pax_version"] = datum["pax_version"]
+        key = key_of(datum)
         location = datum.get("location")
         try:
             if site.method == "local":
                 location = paths.check_location(site, location, datum["type"])
-
-                def compute(algo):
-                    return compute_checksum(location, algo, cancel=self.ctx.stop.is_set)
             else:
                 paths.check_remote_location(site, location, datum["type"])
-                if self.dry_run:
-                    method = None
-                else:
-                    method = self.connections().method(site)
-                    if not getattr(method, "remote_checksum", False):
-                        return  # the destination's own AddChecksum, or the stalled check, will
-
-                def compute(algo):
-                    return method.checksum(location, algo)
         except paths.UnsafePath as e:
             self.record_error(run, key, "verifying", str(e))
-            return
-        except TransferError as e:
-            self.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}", datum=key)
             return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would verify pushed copy {location}", datum=key)
             return
+        if site.method == "local":
+            def compute(algo):
+                return compute_checksum(location, algo, cancel=self.ctx.stop.is_set)
+        else:
+            try:
+                method = self.connections().method(site)
+            except TransferError as e:
+                self.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}",
+                         datum=key)
+                return
+            if not getattr(method, "remote_checksum", False):
+                return  # the destination's own AddChecksum, or the stalled check, will
+
+            def compute(algo):
+                return method.checksum(location, algo)
         self.log(logging.INFO, run, f"resuming verification of pushed copy {location}", datum=key)
         with kept_alive(self, run["_id"], key):
             verify(self, run["_id"], key, compute)
@@ -263,9 +255,7 @@ class CompareChecksums(Task):
             return
         if datum.get("checksum_type", "sha512") != ref.get("checksum_type", "sha512"):
             return  # compare like with like only
-        key = {"host": self.host, "type": datum["type"]}
-        if datum.get("pax_version") is not None:
-            key["pax_version"] = datum["pax_version"]
+        key = key_of(datum)
         own_origin = datum["type"] == "processed" and not datum.get("source")  # see verify
         if datum["checksum"] == ref["checksum"] or own_origin:
             self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",

@@ -21,8 +21,6 @@ from cax.tasks.checksum import heartbeat, kept_alive, verify
 from cax.transfer import Interrupted, TransferError
 from cax.transfer.ssh import local_tree_size
 
-HEARTBEAT_SECONDS = 30.0
-
 
 class _Copy(Task):
     """Shared logic; subclasses say which (source, destination) pairs they serve."""
@@ -219,15 +217,13 @@ class _Copy(Task):
 
     def _progress(self, run, key, moved, bar):
         """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
-        last = [time.monotonic()]
+        beat = heartbeat(self, run["_id"], key, "transferring")
 
         def progress(n):
             moved[0] += n
             if bar is not None:
                 bar.update(n)
-            if time.monotonic() - last[0] >= HEARTBEAT_SECONDS:
-                last[0] = time.monotonic()
-                self.db.update_datum(run["_id"], key, "transferring", {"heartbeat": now()})
+            beat(n)
         return progress
 
     def method(self, remote):

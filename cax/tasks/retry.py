@@ -11,7 +11,8 @@ import logging
 from datetime import timedelta
 
 from cax import paths
-from cax.runsdb import now, reference
+from cax.deletion import key_of
+from cax.runsdb import as_utc, last_beat, now, reference
 from cax.tasks.base import Task
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
 from cax.transfer.local import LocalMethod
@@ -27,18 +28,6 @@ def _landed(datum) -> bool:
     kind = datum.get("error_kind")
     return kind not in ("failed", "interrupted") or (
         kind == "failed" and str(datum.get("error") or "").startswith(_LANDED_REASONS))
-
-
-def _key(datum):
-    key = {"host": datum["host"], "type": datum["type"]}
-    if datum.get("pax_version") is not None:
-        key["pax_version"] = datum["pax_version"]
-    return key
-
-
-def _aware(t):
-    from datetime import timezone
-    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 class _Heal(Task):
@@ -78,7 +67,7 @@ class _Heal(Task):
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""
-        key = _key(datum)
+        key = key_of(datum)
         limit = self.site.max_retries
         if (run.get("retries") or 0) >= limit:
             self.log(logging.WARNING, run, f"not retried: {run.get('retries')} retries reached "
@@ -94,7 +83,7 @@ class _Heal(Task):
         self.finish_retry(run, datum, why)
 
     def finish_retry(self, run, datum, why: str) -> None:
-        key = _key(datum)
+        key = key_of(datum)
         try:
             # a failed or interrupted copy never reached its final name, and whatever is there
             # now is not ours to delete; only its partial copy may be left (lost connection)
@@ -132,7 +121,7 @@ class RetryStalledTransfer(_Heal):
         index = run["data"].index(datum)
         status = datum.get("status")
         if status in ("transferring", "verifying"):
-            last = _aware(datum.get("heartbeat") or datum.get("creation_time"))
+            last = last_beat(datum)
             if last is None or now() - last < timedelta(seconds=self.site.stalled_after):
                 return
             if self.dry_run:
@@ -147,14 +136,14 @@ class RetryStalledTransfer(_Heal):
                 return
             self.log(logging.WARNING, run, reason, datum=datum)
             run = self.db.run(run["_id"], self.projection)
-            datum = next(d for d in run["data"] if _key(d) == _key(datum))
+            datum = next(d for d in run["data"] if key_of(d) == key_of(datum))
             index = run["data"].index(datum)
             status = "error"
         if status == "error" and datum.get("error_kind") in HEALABLE:
             if datum.get("error_kind") != "stalled":
                 # back off: a site that is down for an hour must not use up every retry
                 wait = self.site.retry_delay * 2 ** (run.get("retries") or 0)
-                failed_at = _aware(datum.get("error_time"))
+                failed_at = as_utc(datum.get("error_time"))
                 if failed_at is not None and now() - failed_at < timedelta(seconds=wait):
                     return
             self.retry(run, datum, index, datum.get("error_kind"))
@@ -193,7 +182,7 @@ class RetryBadChecksumTransfer(_Heal):
             self.log(logging.ERROR, run, "corrupt copy is the only copy: left in place, "
                      "flagged for a human", datum=datum)
             if datum.get("status") == "transferred" and not self.dry_run:
-                self.record_error(run, _key(datum), "transferred",
+                self.record_error(run, key_of(datum), "transferred",
                                   "checksum differs from reference and no good copy exists "
                                   "elsewhere", kind="checksum")
             return
