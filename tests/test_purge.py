@@ -373,7 +373,9 @@ def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
     assert sorted(os.listdir(run2)) == before
 
 
-def test_processed_location_must_be_in_its_version_directory(tmp_path):
+def retired_v1_site(tmp_path, third_version):
+    """buffer retires v1 (keeps v2): run 1 (v1) is also at archive, run 2 (v1) only at buffer,
+    run 3 (``third_version``) at both."""
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}},
                        extra={"buffer": {"pax_versions": ["v2"]}})
     db = fresh_db()
@@ -381,7 +383,12 @@ def test_processed_location_must_be_in_its_version_directory(tmp_path):
             dtype="processed", version="v1")
     add_run(db, tmp_path, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
     add_run(db, tmp_path, 3, {"buffer": "transferred", "archive": "transferred"},
-            dtype="processed", version="v1")
+            dtype="processed", version=third_version)
+    return cfg, db
+
+
+def test_processed_location_must_be_in_its_version_directory(tmp_path):
+    cfg, db = retired_v1_site(tmp_path, "v1")
     # run 1 names the whole version directory; run 3 names its copy under the wrong version
     os.makedirs(tmp_path / "buffer" / "v2")
     os.rename(tmp_path / "buffer" / "v1" / "160303_1200", tmp_path / "buffer" / "v2" / "160303_1200")
@@ -447,14 +454,7 @@ def test_one_bad_run_does_not_stop_others(tmp_path):
 
 # ---- PurgeProcessed --------------------------------------------------------------------------
 def test_purge_processed_retired_version(tmp_path, caplog):
-    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}},
-                       extra={"buffer": {"pax_versions": ["v2"]}})
-    db = fresh_db()
-    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
-            dtype="processed", version="v1")
-    add_run(db, tmp_path, 2, {"buffer": "transferred"}, dtype="processed", version="v1")
-    add_run(db, tmp_path, 3, {"buffer": "transferred", "archive": "transferred"},
-            dtype="processed", version="v2")
+    cfg, db = retired_v1_site(tmp_path, "v2")
     with caplog.at_level(logging.WARNING):
         PurgeProcessed(ctx(cfg, "buffer", db)).go()
     assert copies(db, 1, "processed") == {"archive": "transferred"}
