@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from cax import paths
 from cax.config import same_machine
-from cax.runsdb import key_str, now, reference, reference_problem
+from cax.runsdb import datum_key, key_str, now, reference, reference_problem
 
 log = logging.getLogger("cax.deletion")
 
@@ -44,11 +44,7 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def key_of(datum: dict) -> dict:
-    key = {"host": datum["host"], "type": datum["type"]}
-    if datum.get("pax_version") is not None:
-        key["pax_version"] = datum["pax_version"]
-    return key
+key_of = datum_key  # the name this module's callers know
 
 
 def matches(datum: dict, key: dict) -> bool:

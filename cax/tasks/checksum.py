@@ -15,8 +15,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.deletion import key_of
-from cax.runsdb import expected_checksum, last_beat, now, reference
+from cax.runsdb import datum_key, expected_checksum, last_beat, now, reference
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError
 
@@ -168,7 +167,7 @@ class AddChecksum(Task):
         if not (status == "verifying" or (status == "transferred" and not datum.get("checksum")
                                           and not datum.get("source"))):
             return
-        key = key_of(datum)
+        key = datum_key(datum)
         try:
             location = paths.check_location(self.site, datum.get("location"), datum["type"])
         except paths.UnsafePath as e:
@@ -198,7 +197,7 @@ class AddChecksum(Task):
         its checksum). The destination may run no cax; without this only the stalled check would
         heal it, an hour later, by deleting the copy and sending all of it again."""
         site = self.ctx.config.site(datum["host"])
-        key = key_of(datum)
+        key = datum_key(datum)
         location = datum.get("location")
         try:
             if site.method == "local":
@@ -255,7 +254,7 @@ class CompareChecksums(Task):
             return
         if datum.get("checksum_type", "sha512") != ref.get("checksum_type", "sha512"):
             return  # compare like with like only
-        key = key_of(datum)
+        key = datum_key(datum)
         own_origin = datum["type"] == "processed" and not datum.get("source")  # see verify
         if datum["checksum"] == ref["checksum"] or own_origin:
             self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",

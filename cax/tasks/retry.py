@@ -11,8 +11,7 @@ import logging
 from datetime import timedelta
 
 from cax import paths
-from cax.deletion import key_of
-from cax.runsdb import as_utc, last_beat, now, reference
+from cax.runsdb import as_utc, datum_key, last_beat, now, reference
 from cax.tasks.base import Task
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
 from cax.transfer.local import LocalMethod
@@ -67,7 +66,7 @@ class _Heal(Task):
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""
-        key = key_of(datum)
+        key = datum_key(datum)
         limit = self.site.max_retries
         if (run.get("retries") or 0) >= limit:
             self.log(logging.WARNING, run, f"not retried: {run.get('retries')} retries reached "
@@ -83,7 +82,7 @@ class _Heal(Task):
         self.finish_retry(run, datum, why)
 
     def finish_retry(self, run, datum, why: str) -> None:
-        key = key_of(datum)
+        key = datum_key(datum)
         try:
             # a failed or interrupted copy never reached its final name, and whatever is there
             # now is not ours to delete; only its partial copy may be left (lost connection)
@@ -136,7 +135,7 @@ class RetryStalledTransfer(_Heal):
                 return
             self.log(logging.WARNING, run, reason, datum=datum)
             run = self.db.run(run["_id"], self.projection)
-            datum = next(d for d in run["data"] if key_of(d) == key_of(datum))
+            datum = next(d for d in run["data"] if datum_key(d) == datum_key(datum))
             index = run["data"].index(datum)
             status = "error"
         if status == "error" and datum.get("error_kind") in HEALABLE:
@@ -182,7 +181,7 @@ class RetryBadChecksumTransfer(_Heal):
             self.log(logging.ERROR, run, "corrupt copy is the only copy: left in place, "
                      "flagged for a human", datum=datum)
             if datum.get("status") == "transferred" and not self.dry_run:
-                self.record_error(run, key_of(datum), "transferred",
+                self.record_error(run, datum_key(datum), "transferred",
                                   "checksum differs from reference and no good copy exists "
                                   "elsewhere", kind="checksum")
             return
