@@ -207,14 +207,15 @@ def runs():
 
 
 def _utc(value, what):
+    from cax.runsdb import as_utc
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return as_utc(value)
     if isinstance(value, str):
         try:
             t = datetime.fromisoformat(value)
         except ValueError:
             raise ValueError(f"{what} {value!r} is not an ISO-8601 date-time")
-        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        return as_utc(t).astimezone(timezone.utc)
     raise ValueError(f"{what} must be an ISO-8601 string, not {type(value).__name__}")
 
 

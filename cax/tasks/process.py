@@ -20,12 +20,11 @@ import os
 import shlex
 import string
 import sys
-from datetime import timezone
 from typing import Optional
 
 from cax import paths
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
-from cax.runsdb import now
+from cax.runsdb import as_utc, now
 from cax.tasks.base import Task
 from cax.transfer.base import partial_path  # noqa: F401 (cax.processing uses it too)
 
@@ -307,10 +306,8 @@ class ProcessBatchQueue(Task):
                      f"(max_retries {self.p['max_retries']}); stays error", datum=key)
             return False
         wait = self.site.retry_delay * 2 ** done
-        failed_at = datum.get("error_time")
+        failed_at = as_utc(datum.get("error_time"))
         if failed_at is not None:
-            if failed_at.tzinfo is None:
-                failed_at = failed_at.replace(tzinfo=timezone.utc)
             if (now() - failed_at).total_seconds() < wait:
                 self.log(logging.DEBUG, run, f"retry waits {wait:.0f} s after the failure at "
                          f"{failed_at.isoformat(timespec='seconds')}", datum=key)

@@ -12,7 +12,7 @@ import shutil
 from datetime import timedelta
 
 from cax import deletion
-from cax.runsdb import now
+from cax.runsdb import as_utc, now
 from cax.tasks.base import Task
 
 
@@ -84,10 +84,7 @@ class _Purge(Task):
         start = run.get("start")
         if start is None:
             return False
-        if start.tzinfo is None:
-            from datetime import timezone
-            start = start.replace(tzinfo=timezone.utc)
-        return start < now() - timedelta(days=days)
+        return as_utc(start) < now() - timedelta(days=days)
 
     # -- the work ---------------------------------------------------------------------------
     def each_location(self, run, datum):
