@@ -3,10 +3,12 @@ import os
 import stat
 
 import mongomock
+import pytest
 
 from cax.runsdb import RunsDB
 from cax.tasks.permission import SetPermission, dir_mode
 from cax.tasks.size import AddSize, measure
+from tests.helpers import make_raw
 from tests.purge_helpers import add_run, ctx, sites_config
 
 
@@ -89,3 +91,15 @@ def test_set_permission_failure_recorded_on_datum(tmp_path):
     d = datum(db, 1, "daq")
     assert d["status"] == "transferred" and "unknown group" in d["permissions_error"]
     assert "permissions_set" not in d
+
+
+def test_local_method_tree_counts_regular_files_only(tmp_path):
+    from cax.transfer.base import SourceNotFound
+    from cax.transfer.local import LocalMethod
+    d = make_raw(str(tmp_path), "run1", nfiles=3, size=1000)
+    os.symlink("/etc/passwd", os.path.join(d, "link"))
+    m = LocalMethod(None)
+    assert m.tree(d) == (1000 + 1001 + 1002 + 1, 4)
+    assert m.tree(os.path.join(d, "f0.bin")) == (1000, 1)
+    with pytest.raises(SourceNotFound):
+        m.tree(str(tmp_path / "nope"))

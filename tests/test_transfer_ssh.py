@@ -16,6 +16,7 @@ from cax.transfer.base import (
     TransferError,
     TransferFailed,
     is_partial_name,
+    local_tree,
 )
 from cax.transfer.ssh import BadPath, HostKeyChanged, HostKeyUnknown
 # The lead registers the plugin with pytest_plugins = ["tests.sshd"] in tests/conftest.py; the
@@ -107,6 +108,12 @@ def test_put_get_tree_identical_and_checksums_agree(method, ssh_site, tmp_path):
         assert m.checksum(final) == want
         assert m.exists(final) and not m.exists(final + "-nope")
         assert m.size(final) == total
+        assert m.tree(final) == (total, 5) == local_tree(src)
+        os.symlink("/etc/passwd", os.path.join(final, "sub", "link"))
+        assert m.tree(final) == (total, 5), "a symlink counts as nothing"
+        os.unlink(os.path.join(final, "sub", "link"))
+        with pytest.raises(SourceNotFound):
+            m.tree(final + "-nope")
 
         back = str(tmp_path / "back" / "run_000001")
         m.get(final, back)

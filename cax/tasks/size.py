@@ -6,28 +6,15 @@ the cheapest sign of a truncated or padded copy, found without re-reading the da
 from __future__ import annotations
 
 import logging
-import os
 
 from cax import paths
 from cax.deletion import find_datum, is_good, key_of
 from cax.runsdb import expected_checksum, now
 from cax.tasks.base import Task
+from cax.transfer.base import local_tree
 
 
-def measure(location: str):
-    """(bytes, regular files) under ``location``; symlinks are counted as nothing, never followed."""
-    st = os.lstat(location)
-    if not os.path.isdir(location) or os.path.islink(location):
-        return (st.st_size, 1) if os.path.isfile(location) and not os.path.islink(location) \
-            else (0, 0)
-    total = files = 0
-    for dirpath, _dirs, names in os.walk(location, followlinks=False):
-        for name in names:
-            s = os.lstat(os.path.join(dirpath, name))
-            if not os.path.islink(os.path.join(dirpath, name)):
-                total += s.st_size
-                files += 1
-    return total, files
+measure = local_tree  # (bytes, regular files); symlinks count as nothing
 
 
 def reference_size(run: dict, datum: dict):

@@ -72,6 +72,28 @@ def local_leftovers(final: str) -> tuple:
     return partial, partial + HOLDER_SUFFIX
 
 
+def local_tree(location: str) -> tuple:
+    """(bytes, regular files) under a local ``location``: what a copy must reproduce exactly.
+
+    Symlinks count as nothing and are never followed, so a link pointing out of the data cannot
+    make a copy look complete; the remote helper (``tree`` in :mod:`cax.transfer.remote_hash`)
+    counts the same way, so local and remote summaries compare like with like.
+    """
+    if os.path.islink(location) or not os.path.isdir(location):
+        st = os.lstat(location)
+        return (st.st_size, 1) if os.path.isfile(location) and not os.path.islink(location) \
+            else (0, 0)
+    total = files = 0
+    for dirpath, _dirs, names in os.walk(location, followlinks=False):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if not os.path.islink(full):
+                total += st.st_size
+                files += 1
+    return total, files
+
+
 def is_partial_name(name: str) -> bool:
     return name.startswith(".") and PARTIAL_MARK in name
 
@@ -124,6 +146,12 @@ class TransferMethod:
 
     def size(self, path: str) -> int:
         """Total bytes of a file, or of all files below a directory."""
+        raise NotImplementedError
+
+    def tree(self, path: str) -> tuple:
+        """(bytes, regular files) at ``path`` on the site, counted as :func:`local_tree` counts:
+        the cheap check that a copy is whole (before a rename into place, before a purge trusts
+        it). Raises ``SourceNotFound`` when nothing is there."""
         raise NotImplementedError
 
     def remove(self, path: str) -> None:

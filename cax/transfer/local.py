@@ -12,6 +12,7 @@ from cax.transfer.base import (
     SourceNotFound,
     TransferFailed,
     TransferMethod,
+    local_tree,
     partial_path,
 )
 
@@ -32,6 +33,12 @@ class LocalMethod(TransferMethod):
         for root, _dirs, files in os.walk(path):
             total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
         return total
+
+    def tree(self, path):
+        try:
+            return local_tree(path)
+        except FileNotFoundError:
+            raise SourceNotFound(f"{path}: No such file or directory")
 
     def remove(self, path):
         if os.path.isdir(path) and not os.path.islink(path):

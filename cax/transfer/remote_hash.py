@@ -49,6 +49,19 @@ def total_size(p):
         return os.path.getsize(p)
     return sum(os.path.getsize(f) for f in files_below(p))
 
+def tree(p):
+    if os.path.islink(p) or not os.path.isdir(p):
+        st = os.lstat(p)
+        return (st.st_size, 1) if stat.S_ISREG(st.st_mode) else (0, 0)
+    total = files = 0
+    for root, dirs, names in os.walk(p):
+        for n in names:
+            st = os.lstat(os.path.join(root, n))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                files += 1
+    return total, files
+
 def need(p):
     if not os.path.lexists(p):
         sys.stderr.write("%s: No such file or directory\n" % p)
@@ -58,6 +71,9 @@ def main(op, args):
     if op == "stat":
         need(args[0])
         print("%s %d" % ("d" if os.path.isdir(args[0]) else "f", total_size(args[0])))
+    elif op == "tree":
+        need(args[0])
+        print("%d %d" % tree(args[0]))
     elif op == "exists":
         sys.exit(0 if os.path.lexists(args[0]) else 3)
     elif op == "size":

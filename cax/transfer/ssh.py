@@ -475,6 +475,10 @@ class SshMethod(TransferMethod):
     def size(self, path: str) -> int:
         return int(self._helper("size", path))
 
+    def tree(self, path: str) -> tuple:
+        total, files = self._helper("tree", path).split()
+        return int(total), int(files)
+
     def remove(self, path: str) -> None:
         self._shell_op("remove", path)
 
