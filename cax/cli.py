@@ -2,7 +2,8 @@
 
 ``cax`` alone runs the daemon loop for this host; subcommands inspect and feed the Runs DB. Exit
 status: 0 when cax ran (failures of single runs are recorded in the Runs DB, not in the exit status),
-1 when the Runs DB cannot be used or another daemon holds the site, 2 for config and usage errors.
+1 when the Runs DB cannot be used (or was lost during a ``--once`` pass) or another daemon holds the
+site, 2 for config and usage errors.
 """
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
                  " (dry run: nothing will change)" if dry_run else "")
-        run_loop(context, once=once, interval=config.interval if interval is None else interval)
+        if not run_loop(context, once=once,
+                        interval=config.interval if interval is None else interval):
+            ctx.exit(1)  # the Runs DB was lost mid-pass; run_loop logged it in one line
     finally:
         if db is not None:
             db.close()
