@@ -408,7 +408,12 @@ def demo(directory, nruns):
 
 
 def main():
-    cli(prog_name="cax")
+    from cax.runsdb import RunsDBError
+    try:
+        cli(prog_name="cax")
+    except RunsDBError as e:  # lost during a command (the daemon loop handles its own)
+        click.echo(f"cax: error: {e}", err=True)
+        sys.exit(1)
 
 
 def _register_subcommands():

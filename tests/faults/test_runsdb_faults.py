@@ -217,3 +217,53 @@ def test_daemon_killed_mid_verify_and_back_after_stalled_after_reverifies(tmp_pa
     assert d["checksum"] == run["data"][0]["checksum"]
     assert not run.get("retries") and "copy start" not in err, err
     assert (os.stat(fifo).st_ino, os.stat(fifo).st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+
+
+# ---- the embedded store -----------------------------------------------------------------------
+
+def test_embedded_store_locked_mid_pass_ends_the_pass_in_one_line(tmp_path, caplog):
+    """The embedded store's "database is locked" (another process holding it past the busy
+    timeout) is a lost Runs DB too: the pass stops at the first write, in one line."""
+    import logging
+    import sqlite3
+
+    from cax.daemon import run_loop, run_pass
+    from cax.runsdb import RunsDB, RunsDBLost
+    from cax.runsdb.embedded import EmbeddedClient
+    from tests.helpers import context, make_raw
+
+    cfg = three_sites(tmp_path)
+    store = str(tmp_path / "test.runsdb")
+    client = EmbeddedClient(store, timeout=0.2)
+    db = RunsDB(client["run"]["runs_new"], description=store)
+    db.ensure_indexes()
+    loc = make_raw(str(tmp_path / "daq"), NAME)
+    doc = run_doc(1, NAME, loc, status="transferred")
+    doc["data"][0]["checksum"] = checksum(loc)
+    db.insert_run(doc)
+    other = sqlite3.connect(store, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # e.g. an admin's sqlite3 shell left in a transaction
+    try:
+        with pytest.raises(RunsDBLost) as lost:
+            run_pass(context(cfg, "daq", db))
+        assert str(lost.value).startswith(f"Runs DB {store} lost: OperationalError: ")
+        assert "locked" in str(lost.value) and "\n" not in str(lost.value)
+        caplog.clear()
+        handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        try:
+            with caplog.at_level(logging.INFO):
+                assert run_loop(context(cfg, "daq", db), once=True, interval=60) is False
+        finally:
+            signal.signal(signal.SIGTERM, handlers[0])
+            signal.signal(signal.SIGINT, handlers[1])
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "Runs DB" in errors[0].getMessage(), errors
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not os.path.exists(tmp_path / "buffer" / NAME)  # nothing was claimed, nothing moved
+    for _ in range(2):
+        run_pass(context(cfg, "daq", db))
+    buffer = next(d for d in db.run_by(number=1)["data"] if d["host"] == "buffer")
+    assert buffer["status"] == "transferred", buffer
+    client.close()
