@@ -151,6 +151,25 @@ def test_daemon_waits_for_lost_runs_db_and_resumes(tmp_path, wire_daemon):
     _check_kept(tmp_path, wire_daemon, (st.st_ino, st.st_mtime_ns))
 
 
+def test_daemon_waiting_for_lost_runs_db_stops_on_sigterm(tmp_path, wire_daemon):
+    cfg = three_sites(tmp_path, runs_db=wire_daemon.uri)
+    daemon = cax("--config", cfg, "--host", "daq", "--interval", "0.2")
+    try:
+        wait_for(lambda: "pass 1 end" in _drain(daemon), what="a first pass")
+        wire_daemon.kill()  # between passes: the next pass finds it gone
+        wait_for(lambda: _lines(_drain(daemon), "ERROR"), timeout=60, what="the loss noticed")
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate(timeout=60)
+    err = _stderr_seen.get(daemon.pid, "") + err
+    assert daemon.returncode == 0, err
+    _check_one_db_error(err, wire_daemon)
+    assert "stopped cleanly" in err
+
+
 # ---- a daemon killed mid-verify, back after stalled_after ---------------------------------------
 
 STALLED_AFTER = 600
