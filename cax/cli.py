@@ -306,7 +306,7 @@ def validate_run(doc, config=None) -> dict:
 @click.pass_context
 def runs_add(ctx, config_path, host, source):
     """Insert run documents from a JSON FILE (one object or a list; '-' reads stdin)."""
-    from cax.runsdb import DuplicateKeyError
+    from cax.runsdb import DuplicateKeyError, RunsDBLost
     config_path, _ = _settings(ctx, config_path, host)
     config = load_config(config_path)
     try:
@@ -339,6 +339,8 @@ def runs_add(ctx, config_path, host, source):
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
                        f"already exists", err=True)
+        except RunsDBLost:
+            raise  # no later document can be added either: one line (main), exit 1
         except Exception as e:  # anything else the Runs DB refuses: still one line, go on
             failed += 1
             msg = " ".join(str(e).split())[:300]

@@ -135,7 +135,8 @@ def wait_for_runs_db(ctx: Context, interval: float) -> bool:
 
 
 def run_loop(ctx: Context, *, once: bool, interval: float) -> bool:
-    """Passes until stopped (or one with ``once``); False when the Runs DB was lost with ``once``."""
+    """Passes until stopped (or one pass with ``once``); False when ``once``'s pass lost the
+    Runs DB."""
     install_signal_handlers(ctx.stop)
     waker = None
     n = 0
