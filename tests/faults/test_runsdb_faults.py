@@ -44,11 +44,11 @@ def _buffer_datum(coll):
     return next(d for d in coll.find_one({"number": 1})["data"] if d["host"] == "buffer")
 
 
-def _push_held_mid_copy(tmp_path, wire_daemon, **top):
+def _push_held_mid_copy(tmp_path, wire_daemon):
     """daq pushes a run to buffer; its one file is a FIFO, so the copy is held mid-way.
 
     Returns (config, the FIFO)."""
-    cfg = three_sites(tmp_path, runs_db=wire_daemon.uri, **top)
+    cfg = three_sites(tmp_path, runs_db=wire_daemon.uri)
     src = tmp_path / "daq" / NAME
     src.mkdir()
     fifo = src / "stream.bin"
@@ -62,7 +62,7 @@ def _push_held_mid_copy(tmp_path, wire_daemon, **top):
     return cfg, fifo
 
 
-def _lose_db_mid_copy(tmp_path, wire_daemon, proc):
+def _lose_db_mid_copy(tmp_path, wire_daemon):
     fifo = tmp_path / "daq" / NAME / "stream.bin"
     fd = _open_fifo_writer(fifo, "the copy reading its source")
     os.write(fd, PAYLOAD[:len(PAYLOAD) // 2])
@@ -107,7 +107,7 @@ def test_wire_server_killed_mid_pass_stops_once_with_exit_1_and_keeps_the_copy(
         tmp_path, wire_daemon):
     cfg, fifo = _push_held_mid_copy(tmp_path, wire_daemon)
     proc = cax("--config", cfg, "--once", "--host", "daq")
-    _lose_db_mid_copy(tmp_path, wire_daemon, proc)
+    _lose_db_mid_copy(tmp_path, wire_daemon)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     _check_one_db_error(err, wire_daemon)
@@ -128,7 +128,7 @@ def test_daemon_waits_for_lost_runs_db_and_resumes(tmp_path, wire_daemon):
     cfg, fifo = _push_held_mid_copy(tmp_path, wire_daemon)
     daemon = cax("--config", cfg, "--host", "daq", "--interval", "3600")
     try:
-        _lose_db_mid_copy(tmp_path, wire_daemon, daemon)
+        _lose_db_mid_copy(tmp_path, wire_daemon)
         wait_for(lambda: "Runs DB" in _drain(daemon) and _lines(_drain(daemon), "ERROR"),
                  timeout=60, what="the daemon noticing the lost Runs DB")
         landed = tmp_path / "buffer" / NAME / "stream.bin"
