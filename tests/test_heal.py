@@ -397,3 +397,21 @@ def test_retry_never_removes_another_runs_data(tmp_path):
     assert d["status"] == "error" and d["error_kind"] == "retry-failed", d
     assert "not run 160101_0000's raw data" in d["error"]
     assert sorted(p.name for p in victim.rglob("*")) == before
+
+
+def test_stalled_copy_whose_source_is_gone_is_verified_not_deleted(tmp_path):
+    """The DAQ purged its copy meanwhile: the stalled copy may be the only one left. Nothing can
+    measure it against the source any more, so its checksum against the reference decides."""
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    loc = setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    run = db.collection.find_one({"number": 1})
+    assert run["references"]  # the DAQ's checksum outlives its copy
+    db.collection.update_one({"number": 1}, {"$pull": {"data": {"host": "daq"}}})
+    shutil.rmtree(loc)
+    stall(db, "buffer", "verifying")
+    run_pass(context(cfg, "daq", db))
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred" and not run.get("retries"), d
+    assert os.path.isdir(tmp_path / "buffer" / "160101_0000")
