@@ -291,6 +291,29 @@ def test_stalled_whole_push_is_verified_in_place_over_ssh(tmp_path, live_sshd, s
     assert (after.st_ino, after.st_mtime_ns) == (landed.st_ino, landed.st_mtime_ns)
 
 
+def test_stalled_push_to_a_site_that_is_down_waits_then_is_verified(tmp_path, live_sshd, setup):
+    """Whether a stalled copy is whole cannot be seen while its site is down: nothing is decided
+    (nor removed) until the site is back, and then the whole copy is verified and kept."""
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, "sftp")
+    passes(cfg, db, hosts=("daq",))
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.$.status": "verifying",
+                                       "data.$.heartbeat": now() - timedelta(hours=2)},
+                              "$unset": {"data.$.checksum": "", "data.$.reference_checked": ""}})
+    landed = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    live_sshd.kill()
+    passes(cfg, db, hosts=("daq",), n=1)
+    assert buffer_datum(db)["status"] == "verifying"
+    live_sshd.start()
+    passes(cfg, db, hosts=("daq",), n=1)
+    d = buffer_datum(db)
+    assert d["status"] == "transferred" and d["checksum"] == dirhash(src, "sha512"), d
+    assert not db.collection.find_one({"number": 1}).get("retries")
+    after = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    assert (after.st_ino, after.st_mtime_ns) == (landed.st_ino, landed.st_mtime_ns)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_corrupt_pulled_copy_refetched_only_when_good_copy_exists(tmp_path, live_sshd, setup,
                                                                   method):
