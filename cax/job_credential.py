@@ -27,6 +27,7 @@ import os
 import secrets
 import stat
 from typing import Optional
+from urllib.parse import urlsplit
 
 log = logging.getLogger("cax.job_credential")
 
@@ -38,15 +39,24 @@ class CredentialError(Exception):
     """The credential file cannot be used; ``str()`` is one line for the job's log."""
 
 
+def needs_password(runs_db: str) -> bool:
+    """Whether opening ``runs_db`` takes the password variable (as cax.runsdb.connect does)."""
+    if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
+        return False
+    parts = urlsplit(runs_db)
+    return parts.username is not None and parts.password is None
+
+
 def path_for(log_dir: str, job_name: str) -> str:
     return os.path.join(log_dir, SUBDIR, job_name + ".cred")
 
 
 def for_job(config, log_dir: str, job_name: str) -> dict:
-    """The job's ``env`` entry naming a fresh credential file, or ``{}`` when this cax has no
-    password to pass on (the variable is unset)."""
+    """The job's ``env`` entry naming a fresh credential file, or ``{}`` when the job needs no
+    password (the Runs DB URI names no user, or carries its password) or this cax has none to pass
+    on (the variable is unset)."""
     password = os.environ.get(config.password_env)
-    if password is None:
+    if password is None or not needs_password(config.runs_db):
         return {}
     path = path_for(log_dir, job_name)
     directory = os.path.dirname(path)

@@ -388,3 +388,32 @@ def test_master_started_by_a_worker_thread_lives_until_closed_then_leaves_nothin
         master.close()
     wait_for(lambda: not pid_alive(pid), 30, "the master to end on close")
     assert not os.path.exists(os.path.dirname(control)), os.listdir(short_tmp)
+
+
+def test_job_credential_is_private_read_once_and_refused_when_readable_by_others(tmp_path,
+                                                                                 monkeypatch):
+    from types import SimpleNamespace
+
+    from cax import job_credential
+    monkeypatch.setenv(SECRET_VAR, "pw")
+    embedded = SimpleNamespace(password_env=SECRET_VAR, runs_db=str(tmp_path / "x.runsdb"))
+    assert job_credential.for_job(embedded, str(tmp_path / "logs"), "j") == {}  # needs none
+    config = SimpleNamespace(password_env=SECRET_VAR, runs_db="mongodb://cax@db.example:27017/")
+    env = job_credential.for_job(config, str(tmp_path / "logs"), "j")
+    path = env[job_credential.ENV]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+    monkeypatch.delenv(SECRET_VAR)
+    monkeypatch.setenv(job_credential.ENV, path)
+    job_credential.adopt(SECRET_VAR)
+    assert os.environ[SECRET_VAR] == "pw" and not os.path.exists(path)
+    assert job_credential.ENV not in os.environ  # not passed on to the job's own children
+    monkeypatch.setenv(job_credential.ENV, path)  # a second start (a requeued job)
+    with pytest.raises(job_credential.CredentialError, match="is gone"):
+        job_credential.adopt(SECRET_VAR)
+    env = job_credential.for_job(config, str(tmp_path / "logs"), "k")
+    os.chmod(env[job_credential.ENV], 0o644)
+    monkeypatch.setenv(job_credential.ENV, env[job_credential.ENV])
+    with pytest.raises(job_credential.CredentialError, match="not private"):
+        job_credential.adopt("OTHER_SECRET")
+    assert "OTHER_SECRET" not in os.environ
