@@ -98,12 +98,15 @@ def sshd_connections(sshd) -> int:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything below it at once (as an OOM kill or a power cut would)."""
-    for p in [pid] + _children(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL ``pid`` and everything below it at once (as an OOM kill of the group would): all
+    are stopped first, so none sees another die and acts on it."""
+    victims = [pid] + _children(pid)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in victims:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
 
 
 # ---------------------------------------------------------------------- a cax held mid-pass
@@ -261,9 +264,9 @@ def test_next_start_removes_a_dead_runs_control_dir_and_keeps_a_live_one(tmp_pat
     quiet = tmp_path / "quiet"
     (quiet / "data").mkdir(parents=True)
     cfg = quiet / "cax.json"
-    cfg.write_text(json.dumps({"runs_db": str(quiet / "x.runsdb"),
+    cfg.write_text(json.dumps({"runs_db": live.uri, "password_env": SECRET_VAR,
+                               "collection": "runs_" + uuid.uuid4().hex[:8],
                                "sites": [{"name": "q", "directory": str(quiet / "data")}]}))
-    connect(cfgmod.load(str(cfg))).close()  # the store exists: cax opens it
     r = subprocess.run([CAX, "--config", str(cfg), "--host", "q", "--once"], env=live.env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
