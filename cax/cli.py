@@ -119,6 +119,11 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     from cax.tasks.base import Context, run_filter
 
     config = load_config(config_path)
+    try:  # a massive-cax job gets the Runs DB password in a file, never in its environment
+        from cax import job_credential
+        job_credential.adopt(config.password_env)
+    except job_credential.CredentialError as e:
+        raise Fatal(str(e), 1)
     host = resolve_host(config, host)
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)

@@ -546,6 +546,8 @@ def parse(text: str, path: str) -> Config:
     if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
         runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
                                                 os.path.expanduser(runs_db)))
+    from cax import children
+    children.hide(doc.get("password_env", "MONGO_PASSWORD"))  # no child of cax inherits it
     return Config(
         path=path,
         sites=sites,

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
+from cax import children
+
 SITES = ("daq", "buffer", "archive")
 
 #: the demo's "processor": summarises a raw run into one small JSON file, as a stand-in for pax
@@ -76,7 +78,7 @@ def make_runs(root: str, nruns: int) -> str:
 def cax(*args) -> int:
     shown = " ".join(["cax", *args])
     print(f"$ {shown}", flush=True)
-    return subprocess.call([sys.executable, "-m", "cax", *args])
+    return subprocess.call([sys.executable, "-m", "cax", *args], env=children.environment())
 
 
 def main(directory: str, nruns: int = 3) -> int:
@@ -109,7 +111,8 @@ def main(directory: str, nruns: int = 3) -> int:
 
 def complete(config: str) -> bool:
     out = subprocess.run([sys.executable, "-m", "cax", "--config", config, "status", "--json"],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True,
+                         env=children.environment()).stdout
     for run in json.loads(out):
         sums = {d["host"]: (d["status"], d["checksum"]) for d in run["data"] if d["type"] == "raw"}
         if set(sums) != set(SITES) or any(s != "transferred" for s, _ in sums.values()) \
