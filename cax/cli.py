@@ -78,10 +78,10 @@ def resolve_host(config, host):
     return host
 
 
-def open_db(config, dry_run=False):
+def open_db(config, dry_run=False, create=False, missing_ok=False):
     from cax.runsdb import RunsDBError, connect
     try:
-        return connect(config, dry_run=dry_run)
+        return connect(config, dry_run=dry_run, create=create, missing_ok=missing_ok)
     except RunsDBError as e:
         raise Fatal(str(e), 1)
 
@@ -129,7 +129,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         raise Fatal(str(e), 1)
     db = None
     try:
-        db = open_db(config, dry_run)
+        # a dry run of a new config may start from no store; a real pass never does
+        db = open_db(config, dry_run, missing_ok=True)
         rf = run_filter(run_number, run_name, config.datasets_for(host))
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
@@ -316,7 +317,7 @@ def runs_add(ctx, config_path, host, source):
                     f"line {line}", 2)
     docs = docs if isinstance(docs, list) else [docs]
     dry_run = ctx.find_root().obj.get("dry_run")
-    db = open_db(config, dry_run)
+    db = open_db(config, dry_run, create=True, missing_ok=True)
     added = failed = 0
     for i, doc in enumerate(docs):
         label = f"run #{i + 1}"
@@ -378,6 +379,47 @@ def config_check(ctx, config_path, host):
     else:
         click.echo(f"this host: {host} is not a site in the config (use --host); "
                    f"known: {', '.join(config.sites)}")
+
+
+# ---- db -------------------------------------------------------------------------------------
+@cli.group("db")
+def db_group():
+    """Create the embedded Runs DB (a MongoDB Runs DB is set up on its server).
+
+    cax opens an embedded store only if it exists and is a cax store: a missing file (a typo in
+    runs_db) or an emptied one is an error, never a new empty Runs DB, in which every copy at a
+    site would look like a stray to `cax stray --delete`. A new installation starts with
+    `cax db init`; `cax runs add` also creates the store when there is none.
+    """
+
+
+@db_group.command("init")
+@_common
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.pass_context
+def db_init(ctx, config_path, host, path):
+    """Create an empty Runs DB at PATH (default: the config's runs_db).
+
+    Refuses (exit 2) when anything exists at that path: an existing store is never replaced. For
+    the packaged config the store is $XDG_STATE_HOME/cax/cax.runsdb, and that directory is
+    created; any other missing directory is reported (it is more likely a typo than a wish).
+    """
+    from cax.runsdb import RunsDBError, StoreExists, init_embedded
+    config = None
+    if path is None:
+        config_path, _ = _settings(ctx, config_path, host)
+        config = load_config(config_path)
+        if config.is_uri():
+            from cax.runsdb import redact_uri
+            raise Fatal(f"runs_db of {config.path} is the MongoDB URI {redact_uri(config.runs_db)}; "
+                        f"cax db init makes embedded stores only (give a PATH)", 2)
+    try:
+        target = init_embedded(config, os.path.abspath(path) if path else None)
+    except StoreExists as e:
+        raise Fatal(str(e), 2)
+    except RunsDBError as e:
+        raise Fatal(str(e), 1)
+    click.echo(f"created an empty Runs DB at {target}")
 
 
 # ---- checksum -------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from tests.purge_helpers import add_run, copies, sites_config
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, tmp_path_factory, monkeypatch):
+    # stray sightings live in the state directory: outside the tree the tests snapshot
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     coll = mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
     monkeypatch.setattr(cli_mod, "open_db", lambda config, dry_run=False: RunsDB(coll, dry_run=dry_run))
     cfg = sites_config(tmp_path, purge={"buffer": 2},
@@ -185,11 +187,22 @@ def aged(monkeypatch):
     return lambda path, days=3: old.add(str(path))
 
 
+def seen_days_ago(days, site="buffer"):
+    """Move every recorded first sighting of ``site``'s strays ``days`` into the past: what an
+    earlier `cax stray` run that many days ago would have left."""
+    import glob
+    import json
+    [path] = glob.glob(os.path.join(os.environ["XDG_STATE_HOME"], "cax", f"strays-{site}-*.json"))
+    doc = json.load(open(path))
+    doc["first_seen"] = {p: t - days * 86400 for p, t in doc["first_seen"].items()}
+    json.dump(doc, open(path, "w"))
+
+
 def test_stray_finds_and_deletes_only_old_strays(env, aged):
     tmp, cfg, db = env
     _age = aged
-    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
-    add_run(db, tmp, 2, {"daq": "transferred", "buffer": "transferred"})
+    for n in (1, 2, 3, 4):  # strays are not more than half of the buffer's entries
+        add_run(db, tmp, n, {"daq": "transferred", "buffer": "transferred"})
     import shutil
     shutil.rmtree(tmp / "buffer" / "160302_1200")   # datum with missing files
     (tmp / "buffer" / "old_stray").mkdir()
@@ -207,6 +220,12 @@ def test_stray_finds_and_deletes_only_old_strays(env, aged):
         assert "missing: run 160302_1200 datum raw@buffer" in r.output
         assert "160301_1200 " not in r.output.replace("missing: run 160302", "")
         assert snapshot(db, tmp) == before
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    # seen by the listing run above, but just now: nothing goes before stray_grace_days (1 d)
+    assert r.output.count("less than stray_grace_days=1") == 2, r.output
+    assert snapshot(db, tmp)[1] == before[1]
+    seen_days_ago(2)
     r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
     assert r.exit_code == 0, r.output
     assert not os.path.exists(tmp / "buffer" / "old_stray")
@@ -233,11 +252,14 @@ def test_stray_lists_copies_being_deleted(env):
 def test_stray_age_is_ctime_not_a_copied_mtime(env):
     """rsync -t / cp -p give files being copied their source's old mtime; only ctime is honest."""
     tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
     (tmp / "buffer" / "incoming").mkdir()
     (tmp / "buffer" / "incoming" / "f").write_text("x")
     t = time.time() - 30 * 86400
     for p in (tmp / "buffer" / "incoming" / "f", tmp / "buffer" / "incoming"):
         os.utime(p, (t, t))
+    invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    seen_days_ago(30)
     r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
     assert r.exit_code == 0 and "kept, younger than" in r.output, r.output
     assert (tmp / "buffer" / "incoming" / "f").exists()
@@ -247,8 +269,11 @@ def test_stray_delete_rechecks_the_runs_db(env, aged, monkeypatch):
     """A copy claimed after the listing began is no stray any more."""
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred"})
+    add_run(db, tmp, 2, {"buffer": "transferred"})
     (tmp / "buffer" / "160301_1200").mkdir()
     aged(tmp / "buffer" / "160301_1200")
+    invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    seen_days_ago(3)
     real = admin.find_strays
 
     def listing_then_claim(*a, **kw):

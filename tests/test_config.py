@@ -147,15 +147,25 @@ def test_packaged_config_keeps_its_store_in_the_user_state_dir(tmp_path, monkeyp
 
 
 def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeypatch):
+    """Without a store, status is an error naming it and `cax db init`, and creates nothing;
+    `db init` then makes it in the state directory, never beside the packaged config."""
     import cax
     package_dir = os.path.dirname(cax.__file__)
     before = sorted(os.listdir(package_dir))
     monkeypatch.chdir(tmp_path)  # no ./cax.json here
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    store = tmp_path / "state" / "cax" / "cax.runsdb"
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(store) in lines[0] and "cax db init" in lines[0], lines
+    assert not (tmp_path / "state").exists()
+    result = CliRunner().invoke(cli, ["db", "init"])
+    assert result.exit_code == 0 and str(store) in result.output, result.output
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 0, result.output
     assert "(no runs)" in result.output
-    assert (tmp_path / "state" / "cax" / "cax.runsdb").is_file()
+    assert store.is_file()
     assert sorted(os.listdir(package_dir)) == before
     help_text = CliRunner().invoke(cli, ["--help"]).output
     assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text
