@@ -366,3 +366,55 @@ def test_rm_force_without_terminal_needs_explicit_flag(env):
                "--yes-i-know-this-deletes-data", "--location", loc)
     assert r.exit_code == 0, r.output
     assert not os.path.exists(loc) and copies(db, 1) == {}
+
+
+# ---- status and stray on odd Runs DB contents -----------------------------------------------
+def test_status_shows_runs_whose_data_hold_non_objects(env):
+    """Any tool may write a Runs DB: one bad entry must not hide every run (it crashed status)."""
+    import json
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp, 2, {"daq": "transferred"})
+    db.collection.update_one({"number": 2}, {"$push": {"data": {"$each": ["junk", 5, None]},
+                                                       "references": "x"}})
+    db.collection.insert_one({"number": 3, "name": "160303_1200", "data": "not a list"})
+    for args in ([], ["--json"]):
+        r = CliRunner().invoke(cli_mod.status, ["--config", cfg, *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        warnings = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(warnings) == 2, warnings
+        assert warnings[0] == ("cax: warning: run 160302_1200: data[1], data[2], data[3], "
+                               "references[1] are not objects; skipped"), warnings
+        assert "run 160303_1200: data is not a list" in warnings[1], warnings
+        if args:
+            out = {r_["number"]: r_ for r_ in json.loads(r.stdout)}
+            assert [d["host"] for d in out[2]["data"]] == ["daq"] and out[3]["data"] == []
+            assert len(out[1]["data"]) == 2
+        else:
+            rows = r.stdout.splitlines()
+            assert rows[1].split()[:2] == ["1", "160301_1200"] and "160302_1200" in rows[2]
+            assert "all equal (1)" in rows[2] and "160303_1200" in rows[3]
+
+
+def test_stray_and_status_escape_names_from_the_runs_db(env):
+    """A crafted run name (or file name) must not fake output lines."""
+    tmp, cfg, db = env
+    for n in (1, 2, 3):
+        add_run(db, tmp, n, {"daq": "transferred", "buffer": "transferred"})
+    fake = "stray: /etc/passwd (age 99.0 d): deleted"
+    db.collection.update_one({"number": 1}, {"$set": {"name": f"160301_1200\n{fake}"}})
+    import shutil
+    shutil.rmtree(tmp / "buffer" / "160301_1200")       # its datum is reported as missing
+    db.collection.update_one({"number": 2}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.error": f"x\r\n{fake}"}})
+    (tmp / "buffer" / "junk\nstray: forged").write_text("x")  # a file name with a newline
+    r = CliRunner().invoke(admin.stray, ["--config", cfg, "--host", "buffer"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert not any(ln.startswith(("stray: /etc", "stray: forged")) for ln in r.output.splitlines())
+    assert "missing: run 160301_1200\\nstray: /etc/passwd" in r.output
+    assert "(x\\r\\nstray: /etc/passwd" in r.output
+    assert f"stray: {tmp / 'buffer' / 'junk'}\\nstray: forged" in r.output
+    r = CliRunner().invoke(cli_mod.status, ["--config", cfg], catch_exceptions=False)
+    assert r.exit_code == 0 and "160301_1200\\nstray: /etc/passwd" in r.output, r.output
+    assert not any(ln.startswith("stray: /etc") for ln in r.output.splitlines()), r.output
