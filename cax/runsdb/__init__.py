@@ -355,17 +355,20 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000, create: b
 
     parent = os.path.dirname(target)
     where, exists = target, os.path.lexists(target)
+    if not exists and parent and not os.path.isdir(parent) \
+            and not getattr(config, "runs_db_in_state_dir", False):
+        raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist; "
+                          f"fix 'runs_db' in {config.path}")
     if not exists and dry_run and missing_ok:
         log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created (a real run "
                     "needs 'cax db init' or 'cax runs add' first)", target)
         where = ":memory:"
     elif not exists and create and not dry_run:
-        init_embedded(config, announce=True)
+        try:
+            init_embedded(config, announce=True)
+        except StoreExists:
+            pass  # another cax made it meanwhile: opened (and checked) below like any store
     elif not exists:
-        if parent and not os.path.isdir(parent) and not getattr(config, "runs_db_in_state_dir",
-                                                                False):
-            raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist; "
-                              f"fix 'runs_db' in {config.path}")
         raise RunsDBError(f"cannot use Runs DB {target}: it does not exist; run 'cax db init' "
                           f"to create an empty one, or fix 'runs_db' in {config.path}")
     elif not os.path.isfile(target):
