@@ -391,8 +391,9 @@ def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
                 claimed.add(os.path.normpath(d["moving_to"]))
             if any(loc == r or loc.startswith(r.rstrip(os.sep) + os.sep) for r in absent):
                 continue
-            if os.path.lexists(loc):
-                present.add(os.path.realpath(loc))
+            real = os.path.realpath(loc)
+            if os.path.lexists(loc) and any(paths.inside(real, r) for r in roots):
+                present.add(real)  # an entry of the data directories that is no stray
             if d.get("status") == "deleting":
                 deleting.append((run, d))
             elif d.get("moving_to"):
