@@ -418,3 +418,29 @@ def test_stray_and_status_escape_names_from_the_runs_db(env):
     r = CliRunner().invoke(cli_mod.status, ["--config", cfg], catch_exceptions=False)
     assert r.exit_code == 0 and "160301_1200\\nstray: /etc/passwd" in r.output, r.output
     assert not any(ln.startswith("stray: /etc") for ln in r.output.splitlines()), r.output
+
+
+def test_stray_force_passes_the_refusal_but_not_the_grace(env, aged):
+    """--force says "these really are strays"; it does not make a first sighting old."""
+    import glob
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred"})   # no datum at the buffer
+    for name in ("a", "b"):
+        (tmp / "buffer" / name).mkdir()
+        aged(tmp / "buffer" / name)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    assert r.exit_code == 0 and "holds no datum of site buffer" in r.output, r.output
+    state = os.path.join(os.environ["XDG_STATE_HOME"], "cax")
+    assert not glob.glob(os.path.join(state, "strays-*"))  # a suspect listing starts no clock
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force")
+    assert r.exit_code == 0 and r.output.count("kept, first seen now") == 2, r.output
+    [path] = glob.glob(os.path.join(state, "strays-buffer-*.json"))
+    open(path, "w").write("{not json")
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force")
+    assert "unreadable" in r.output and r.output.count("kept, first seen now") == 2, r.output
+    seen_days_ago(2)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force",
+               "--max-delete", "1")
+    assert r.exit_code == 0 and r.output.count(": deleted") == 1, r.output
+    assert sum((tmp / "buffer" / n).exists() for n in ("a", "b")) == 1
+    assert os.path.isdir(tmp / "daq" / "160301_1200")
