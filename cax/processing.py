@@ -29,7 +29,7 @@ import time
 
 import click
 
-from cax import children, job_credential, logs, paths
+from cax import children, job_credential, logs, paths, python_m
 from cax import config as cfgmod
 from cax.batch import BatchError, Job, safe_job_name
 from cax.runsdb import RunsDBError, connect, now
@@ -273,7 +273,7 @@ def massive_job(config, host, p, run) -> Job:
     number = int(run["number"])
     log_dir = p["log_dir"]
     return Job(name=MASSIVE_PREFIX + safe_job_name(host, number),
-               argv=[sys.executable, "-m", "cax", "--config", config.path, "--host", host,
+               argv=[*python_m("cax"), "--config", config.path, "--host", host,
                      "--once", "--run", str(number)],
                env_setup=p["env_setup"], ncpus=p["ncpus"], mem_per_cpu=p.get("mem_per_cpu"),
                walltime=p.get("walltime"), partition=p.get("partition"), account=p.get("account"),

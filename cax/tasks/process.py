@@ -19,10 +19,9 @@ import logging
 import os
 import shlex
 import string
-import sys
 from typing import Optional
 
-from cax import job_credential, paths
+from cax import job_credential, paths, python_m
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
 from cax.runsdb import as_utc, now
 from cax.tasks.base import Task
@@ -389,6 +388,6 @@ class ProcessBatchQueue(Task):
 
     def job_argv(self, run, version) -> list:
         """The job runs cax-process for this run; run fields only ever appear as single arguments."""
-        return [sys.executable, "-m", "cax.processing", "--config", self.ctx.config.path,
+        return [*python_m("cax.processing"), "--config", self.ctx.config.path,
                 "--host", self.host, "--run", str(int(run["number"])), "--version", version]
 
