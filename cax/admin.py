@@ -8,6 +8,8 @@ directories, and ``rm`` deletes only under the same invariant and protocol as th
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
@@ -19,7 +21,7 @@ import uuid
 import click
 
 from cax import deletion, logs, paths
-from cax.runsdb import key_str, now
+from cax.runsdb import key_str, now, redact_uri
 
 log = logging.getLogger("cax.admin")
 
@@ -261,7 +263,7 @@ def find_strays(roots, claimed, keep=()):
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
-            click.echo(f"cannot list {d}: {e}", err=True)
+            click.echo(f"cannot list {logs.printable(d)}: {e.strerror or e}", err=True)
             return
         for e in entries:
             if e.path in claimed:
@@ -283,30 +285,105 @@ def _parent_inside(p, roots) -> bool:
     return any(parent == r or paths.inside(parent, r) for r in roots)
 
 
+#: strays deleted at most per ``cax stray --delete`` run: a site normally has a handful (copies
+#: abandoned by hand, leftovers of old layouts); many more at once is a reason to look first
+STRAY_MAX_DELETE = 20
+
+
+class StraySightings:
+    """When ``cax stray`` first saw each stray of a site: the grace period counts from there.
+
+    A stray has no datum to carry the date, and its ctime alone is not enough: every copy a Runs DB
+    forgot (a store emptied or replaced, a wrong collection) has an old ctime, so the first run
+    that looks at such a site would delete them all. With sightings, a path goes only after an
+    earlier run saw it stray ``stray_grace_days`` before, which gives the admin those days to
+    notice the strays listed and fix the Runs DB.
+
+    One small JSON file per (site, Runs DB) in the user state directory
+    (``$XDG_STATE_HOME/cax/strays-<site>-<hash>.json``): local to the machine that sees the files,
+    outside the data directories (where it would be a stray itself), and per Runs DB because a
+    sighting means "claimed by no datum of *this* Runs DB". Each run rewrites it with exactly the
+    strays it saw, so a path that was claimed in between starts again from zero. An unreadable file
+    is taken as empty: the clock restarts, which delays deletions and never hastens one.
+    """
+
+    def __init__(self, config, host):
+        from cax import config as cfgmod
+        db = (os.path.realpath(config.runs_db) if not config.is_uri()
+              else f"{redact_uri(config.runs_db)}\0{config.database}\0{config.collection}")
+        ident = hashlib.sha1(f"{host}\0{db}".encode()).hexdigest()[:16]
+        self.path = os.path.join(cfgmod.state_dir(), f"strays-{host}-{ident}.json")
+        self.host, self.runs_db = host, redact_uri(config.runs_db)
+
+    def load(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                seen = json.load(f)["first_seen"]
+            return {str(p): float(t) for p, t in seen.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            click.echo(f"note: stray sightings {self.path} unreadable ({type(e).__name__}); "
+                       f"every stray counts as first seen now", err=True)
+            return {}
+
+    def save(self, first_seen: dict) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"site": self.host, "runs_db": self.runs_db, "first_seen": first_seen}, f,
+                      indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} d"
+
+
 @click.command("stray")
 @_common
 @click.option("--delete", is_flag=True,
-              help="Delete strays older than the site's stray_grace_days and mark datums whose "
+              help="Delete strays that an earlier cax stray run saw at least the site's "
+                   "stray_grace_days ago (and whose files are that old), and mark datums whose "
                    "files are missing 'error'.")
+@click.option("--force", is_flag=True,
+              help="With --delete: go on although the Runs DB holds no datum of this site, or "
+                   "more than half of the site's entries would be strays (what a Runs DB that "
+                   "lost its records looks like).")
+@click.option("--max-delete", type=click.IntRange(0), default=STRAY_MAX_DELETE, show_default=True,
+              help="Delete at most this many strays in one run.")
 @click.pass_context
-def stray(ctx, config_path, host, dry_run, delete):
-    """List files no datum claims, and datums of this site whose files are missing."""
+def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
+    """List files no datum claims, and datums of this site whose files are missing.
+
+    Every run remembers when it first saw each stray; --delete removes a stray only once an
+    earlier run saw it stray_grace_days before, and refuses (exit 2) when the Runs DB looks as if
+    it lost this site's records, unless --force.
+    """
     a = Admin(ctx, config_path, host, dry_run)
+    show = logs.printable  # paths and names come from disks and the Runs DB: one line each
     roots, absent = [], []
     for conf in dict.fromkeys(a.site.dirs.values()):
         if not os.path.isdir(conf):
             # an unmounted disk would make every datum in it look missing: judge nothing there
-            click.echo(f"note: data directory {conf} of site {a.host} does not exist (not "
+            click.echo(f"note: data directory {show(conf)} of site {a.host} does not exist (not "
                        f"mounted?); skipped, and its datums are not checked", err=True)
             absent += [os.path.normpath(conf), os.path.realpath(conf)]
     for d in sorted({os.path.realpath(d) for d in a.site.dirs.values()}):
         if os.path.isdir(d) and not any(paths.inside(d, r) for r in roots):
             roots.append(d)
     claimed, missing, deleting, moving = set(), [], [], []
+    ndatums, present = 0, set()
     q = {"data": {"$elemMatch": {"host": a.host}}}
     for run in a.db.find_runs(q, deletion.PROJECTION):
-        for d in run.get("data") or []:
-            if d.get("host") != a.host or not isinstance(d.get("location"), str):
+        data = run.get("data")
+        for d in data if isinstance(data, list) else []:
+            if not isinstance(d, dict) or d.get("host") != a.host:
+                continue
+            ndatums += 1
+            if not isinstance(d.get("location"), str):
                 continue
             loc = os.path.normpath(d["location"])
             claimed.update({loc, os.path.realpath(loc)})
@@ -314,6 +391,9 @@ def stray(ctx, config_path, host, dry_run, delete):
                 claimed.add(os.path.normpath(d["moving_to"]))
             if any(loc == r or loc.startswith(r.rstrip(os.sep) + os.sep) for r in absent):
                 continue
+            real = os.path.realpath(loc)
+            if os.path.lexists(loc) and any(paths.inside(real, r) for r in roots):
+                present.add(real)  # an entry of the data directories that is no stray
             if d.get("status") == "deleting":
                 deleting.append((run, d))
             elif d.get("moving_to"):
@@ -327,29 +407,74 @@ def stray(ctx, config_path, host, dry_run, delete):
         keep.append(os.path.realpath(a.config.lock_dir))
     keep = [os.path.normpath(k) for k in keep]
     strays = find_strays(roots, claimed, keep)
-    grace = a.site.stray_grace_days * 86400
+    # A Runs DB that lost this site's records (emptied, replaced by an old backup, the wrong
+    # collection) makes the site's data strays: judged by numbers, before anything is touched.
+    suspect = ""
+    entries = len(strays) + len(present)
+    if strays and not ndatums:
+        suspect = (f"the Runs DB {a.db.description} holds no datum of site {a.host}, so every "
+                   f"entry of its data directories ({len(strays)}) would be a stray")
+    elif 2 * len(strays) > entries:
+        suspect = (f"{len(strays)} of the {entries} entries in the data directories of site "
+                   f"{a.host} would be strays (more than half) for the Runs DB {a.db.description}")
+    if suspect and delete and not force:
+        raise _cli.Fatal(f"refusing to delete strays: {suspect}; a Runs DB that lost its records "
+                         f"looks like this: check runs_db, or use --force if they really are "
+                         f"strays", 2)
+    if suspect:
+        click.echo(f"note: {suspect}; sightings not recorded" if not force else f"note: {suspect}",
+                   err=True)
+    record = not a.dry_run and (not suspect or force)
+    sightings = StraySightings(a.config, a.host)
+    prior = sightings.load()
+    grace_days = a.site.stray_grace_days
+    grace = grace_days * 86400
     t = time.time()
+    first_seen, ndeleted = {}, 0
     for p in strays:
         age = t - _newest_change(p)
-        line = f"stray: {p} (age {age / 86400:.1f} d)"
+        first = prior.get(p)
+        line = f"stray: {show(p)} (age {_days(age)})"
+        if first is None:
+            first_seen[p] = t
+        else:
+            first_seen[p] = first
         if not delete:
             click.echo(line)
         elif age < grace:
-            click.echo(f"{line}: kept, younger than stray_grace_days={a.site.stray_grace_days:g}")
+            click.echo(f"{line}: kept, younger than stray_grace_days={grace_days:g}")
+        elif first is None:
+            click.echo(f"{line}: kept, first seen now; deleted by a run stray_grace_days="
+                       f"{grace_days:g} from now at the earliest")
+        elif t - first < grace:
+            click.echo(f"{line}: kept, first seen {_days(t - first)} ago, less than "
+                       f"stray_grace_days={grace_days:g}")
         elif not _parent_inside(p, roots):
             click.echo(f"{line}: kept, not inside the data directories")
+        elif ndeleted >= max_delete:
+            click.echo(f"{line}: kept, --max-delete {max_delete} reached")
         elif a.dry_run:
+            ndeleted += 1
             click.echo(f"{line}: dry-run: would delete")
         elif _claimed_now(a, p):
             click.echo(f"{line}: kept, a datum of this site names it now")
         else:
             deletion.remove_path(p)
-            log.debug("task=stray site=%s deleted stray %s", a.host, p)
+            ndeleted += 1
+            del first_seen[p]
+            log.debug("task=stray site=%s deleted stray %s", a.host, show(p))
             click.echo(f"{line}: deleted")
+    if record:
+        try:
+            sightings.save(first_seen)
+        except OSError as e:
+            click.echo(f"note: cannot record stray sightings in {sightings.path}: "
+                       f"{e.strerror or e}; later runs will count them as first seen then",
+                       err=True)
     for run, d in missing:
         key = deletion.key_of(d)
-        line = (f"missing: run {run.get('name')} datum {key_str(key)} ({d.get('status')}): "
-                f"{d['location']} does not exist")
+        line = (f"missing: run {show(run.get('name'))} datum {show(key_str(key))} "
+                f"({show(d.get('status'))}): {show(d['location'])} does not exist")
         if delete and d.get("status") in ("transferred", "verifying"):
             if a.dry_run:
                 line += ": dry-run: would mark it error"
@@ -360,16 +485,18 @@ def stray(ctx, config_path, host, dry_run, delete):
     for run, d in moving:
         key = key_str(deletion.key_of(d))
         where = [x for x in (d["location"], d["moving_to"]) if os.path.lexists(x)]
-        click.echo(f"interrupted move: run {run.get('name')} datum {key}: {d['location']} -> "
-                   f"{d['moving_to']} (files at {', '.join(where) or 'neither'}); finish it with "
-                   f"cax mv, or unset moving_to")
+        click.echo(f"interrupted move: run {show(run.get('name'))} datum {show(key)}: "
+                   f"{show(d['location'])} -> {show(d['moving_to'])} (files at "
+                   f"{show(', '.join(where)) or 'neither'}); finish it with cax mv, or unset "
+                   f"moving_to")
     for run, d in deleting:
         # half-deleted copies are never good copies: the admin should know they are pending
         since = d.get("deleting_time")
         when = f"marked {since:%Y-%m-%d %H:%M} UTC; " if hasattr(since, "strftime") else ""
-        click.echo(f"deleting: run {run.get('name')} datum {key_str(deletion.key_of(d))}: "
-                   f"{d['location']} ({when}{d.get('error') or 'not finished yet'}); the next "
-                   f"BufferPurger pass or cax rm finishes it")
+        click.echo(f"deleting: run {show(run.get('name'))} datum "
+                   f"{show(key_str(deletion.key_of(d)))}: {show(d['location'])} ({when}"
+                   f"{show(d.get('error') or 'not finished yet')}); the next BufferPurger pass "
+                   f"or cax rm finishes it")
     click.echo(f"{len(strays)} stray(s), {len(missing)} datum(s) with missing files"
                + (f", {len(deleting)} copy(ies) being deleted" if deleting else "")
                + (f", {len(moving)} interrupted move(s)" if moving else ""))

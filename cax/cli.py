@@ -79,10 +79,10 @@ def resolve_host(config, host):
     return host
 
 
-def open_db(config, dry_run=False):
+def open_db(config, dry_run=False, create=False, missing_ok=False):
     from cax.runsdb import RunsDBError, connect
     try:
-        return connect(config, dry_run=dry_run)
+        return connect(config, dry_run=dry_run, create=create, missing_ok=missing_ok)
     except RunsDBError as e:
         raise Fatal(str(e), 1)
 
@@ -120,6 +120,11 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     from cax.tasks.base import Context, run_filter
 
     config = load_config(config_path)
+    try:  # a massive-cax job gets the Runs DB password in a file, never in its environment
+        from cax import job_credential
+        job_credential.adopt(config.password_env)
+    except job_credential.CredentialError as e:
+        raise Fatal(str(e), 1)
     host = resolve_host(config, host)
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
@@ -130,7 +135,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         raise Fatal(str(e), 1)
     db = None
     try:
-        db = open_db(config, dry_run)
+        # a dry run of a new config may start from no store; a real pass never does
+        db = open_db(config, dry_run, missing_ok=True)
         rf = run_filter(run_number, run_name, config.datasets_for(host))
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
@@ -152,9 +158,31 @@ def _cell(data, host):
         return "-"
     parts = []
     for d in sorted(here, key=lambda d: (d.get("type") != "raw", str(d.get("pax_version")))):
-        label = "" if d.get("type") == "raw" else f"{d.get('type')}{'@' + d['pax_version'] if d.get('pax_version') else ''}:"
+        version = f"@{d['pax_version']}" if d.get("pax_version") else ""
+        label = "" if d.get("type") == "raw" else f"{d.get('type')}{version}:"
         parts.append(label + str(d.get("status")))
-    return ",".join(parts)
+    return logs.printable(",".join(parts))
+
+
+def _readable(run: dict) -> dict:
+    """The run with only the ``data`` and ``references`` entries status can show (objects), and
+    one warning line naming the others: any tool may write the Runs DB, and one odd entry must
+    neither crash the table nor hide the other runs."""
+    lists, items, out = [], [], dict(run)
+    for field in ("data", "references"):
+        value = run.get(field)
+        if value is not None and not isinstance(value, list):
+            lists.append(f"{field} is not a list")
+        items += [f"{field}[{i}]" for i, d in enumerate(value if isinstance(value, list) else [])
+                  if not isinstance(d, dict)]
+        out[field] = [d for d in value if isinstance(d, dict)] if isinstance(value, list) else []
+    if items:
+        verb = "is not an object" if len(items) == 1 else "are not objects"
+        lists.append(f"{', '.join(items)} {verb}")
+    if lists:
+        click.echo(f"cax: warning: run {logs.printable(run.get('name'))}: {', '.join(lists)}; "
+                   f"skipped", err=True)
+    return out
 
 
 @cli.command()
@@ -163,39 +191,40 @@ def _cell(data, host):
 @click.pass_context
 def status(ctx, config_path, host, as_json):
     """Show every run and the status of its copies at each site."""
+    from cax.runsdb import reference
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     db = open_db(config)
-    runs = list(db.find_runs({}, {"number": 1, "name": 1, "data": 1, "references": 1}))
+    runs = [_readable(r) for r in db.find_runs({}, {"number": 1, "name": 1, "data": 1,
+                                                     "references": 1})]
     if as_json:
         fields = ("host", "type", "status", "location", "checksum", "checksum_type", "size",
                   "pax_version", "error")
         out = [{"number": r.get("number"), "name": r.get("name"),
                 "data": [{k: d.get(k) for k in fields if k in d or k in fields[:7]}
-                         for d in r.get("data") or []]} for r in runs]
+                         for d in r["data"]]} for r in runs]
         click.echo(json.dumps(out, indent=1, default=str))
         return
     hosts = list(config.sites)
     for r in runs:
-        for d in r.get("data") or []:
+        for d in r["data"]:
             if d.get("host") not in hosts:
                 hosts.append(d.get("host"))
-    header = ["number", "name"] + hosts + ["raw checksum"]
+    header = ["number", "name"] + [logs.printable(h) for h in hosts] + ["raw checksum"]
     rows = []
     for r in runs:
-        data = r.get("data") or []
-        from cax.runsdb import reference
+        data = r["data"]
         ref = reference(r, "raw")
         if ref:
             good = [d for d in data if d.get("type") == "raw" and d.get("status") == "transferred"]
-            same = all(d.get("checksum") == ref["checksum"] for d in good)
+            same = all(d.get("checksum") == ref.get("checksum") for d in good)
             verdict = ("no transferred copy" if not good
                        else f"{'all equal' if same else 'MISMATCH'} ({len(good)})")
-            summary = f"{ref['checksum'][:12]} {verdict}"
+            summary = f"{logs.printable(str(ref.get('checksum'))[:12])} {verdict}"
         else:
             summary = "-"
-        rows.append([str(r.get("number")), str(r.get("name"))] + [_cell(data, h) for h in hosts]
-                    + [summary])
+        rows.append([logs.printable(r.get("number")), logs.printable(r.get("name"))]
+                    + [_cell(data, h) for h in hosts] + [summary])
     widths = [max(len(x) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for line in [header] + rows:
         click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
@@ -302,7 +331,7 @@ def validate_run(doc, config=None) -> dict:
 
 @runs.command("add")
 @_common
-@click.argument("source", type=click.File("r"))
+@click.argument("source", type=click.File("rb"))
 @click.pass_context
 def runs_add(ctx, config_path, host, source):
     """Insert run documents from a JSON FILE (one object or a list; '-' reads stdin)."""
@@ -310,7 +339,11 @@ def runs_add(ctx, config_path, host, source):
     config_path, _ = _settings(ctx, config_path, host)
     config = load_config(config_path)
     try:
-        docs = cfgmod.strict_json(source.read())
+        docs = cfgmod.strict_json(cfgmod.utf8_text(source.read(), source.name))
+    except cfgmod.ConfigError as e:
+        raise Fatal(str(e), 2)
+    except RecursionError:
+        raise Fatal(f"{source.name}: {cfgmod.TOO_DEEP}", 2)
     except json.JSONDecodeError as e:
         raise Fatal(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", 2)
     except cfgmod.DuplicateKey as e:
@@ -319,7 +352,7 @@ def runs_add(ctx, config_path, host, source):
                     f"line {line}", 2)
     docs = docs if isinstance(docs, list) else [docs]
     dry_run = ctx.find_root().obj.get("dry_run")
-    db = open_db(config, dry_run)
+    db = open_db(config, dry_run, create=True, missing_ok=True)
     added = failed = 0
     for i, doc in enumerate(docs):
         label = f"run #{i + 1}"
@@ -383,6 +416,47 @@ def config_check(ctx, config_path, host):
     else:
         click.echo(f"this host: {host} is not a site in the config (use --host); "
                    f"known: {', '.join(config.sites)}")
+
+
+# ---- db -------------------------------------------------------------------------------------
+@cli.group("db")
+def db_group():
+    """Create the embedded Runs DB (a MongoDB Runs DB is set up on its server).
+
+    cax opens an embedded store only if it exists and is a cax store: a missing file (a typo in
+    runs_db) or an emptied one is an error, never a new empty Runs DB, in which every copy at a
+    site would look like a stray to `cax stray --delete`. A new installation starts with
+    `cax db init`; `cax runs add` also creates the store when there is none.
+    """
+
+
+@db_group.command("init")
+@_common
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.pass_context
+def db_init(ctx, config_path, host, path):
+    """Create an empty Runs DB at PATH (default: the config's runs_db).
+
+    Refuses (exit 2) when anything exists at that path: an existing store is never replaced. For
+    the packaged config the store is $XDG_STATE_HOME/cax/cax.runsdb, and that directory is
+    created; any other missing directory is reported (it is more likely a typo than a wish).
+    """
+    from cax.runsdb import RunsDBError, StoreExists, init_embedded
+    config = None
+    if path is None:
+        config_path, _ = _settings(ctx, config_path, host)
+        config = load_config(config_path)
+        if config.is_uri():
+            from cax.runsdb import redact_uri
+            raise Fatal(f"runs_db of {config.path} is the MongoDB URI {redact_uri(config.runs_db)}; "
+                        f"cax db init makes embedded stores only (give a PATH)", 2)
+    try:
+        target = init_embedded(config, os.path.abspath(path) if path else None)
+    except StoreExists as e:
+        raise Fatal(str(e), 2)
+    except RunsDBError as e:
+        raise Fatal(str(e), 1)
+    click.echo(f"created an empty Runs DB at {target}")
 
 
 # ---- checksum -------------------------------------------------------------------------------

@@ -492,6 +492,53 @@ def _check_shared_directories(path: str, sites: list) -> None:
 def parse(text: str, path: str) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message."""
     try:
+        return _parse(text, path)
+    except RecursionError:
+        # the JSON scanner, the schema and cax's own walks all recurse per level
+        raise ConfigError(f"{path}: {TOO_DEEP}")
+
+
+#: what a JSON document nested beyond Python's recursion limit is told (config and runs add)
+TOO_DEEP = "nested too deeply (lists or objects inside each other beyond Python's recursion limit)"
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8 (what JSON must be), or one ConfigError line naming the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8")
+
+
+def uri_problem(uri: str) -> str:
+    """Why a ``mongodb://`` URI cannot be used, in one line without its password; '' if it can.
+
+    Checked at load so a typo is a config error (exit 2) before anything runs, not a traceback
+    from the driver. ``mongodb+srv://`` URIs are only split: resolving them is a DNS query.
+    """
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (raises on a bad port)
+        password = parts.password
+        if not parts.hostname:
+            return "no host"
+        if uri.startswith("mongodb://"):
+            from pymongo import uri_parser
+            uri_parser.parse_uri(uri, warn=True)
+    except Exception as e:  # ValueError, InvalidURI, ConfigurationError: all one line here
+        msg = " ".join(str(e).split())[:200]
+        try:
+            password = urlsplit(uri).password
+        except ValueError:
+            password = None
+        return msg.replace(password, "***") if password else msg
+    return ""
+
+
+def _parse(text: str, path: str) -> Config:
+    try:
         doc = strict_json(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
@@ -546,9 +593,17 @@ def parse(text: str, path: str) -> Config:
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
     packaged = os.path.abspath(path) == packaged_config_path()
-    if not runs_db.startswith(("mongodb://", "mongodb+srv://")):
+    if runs_db.startswith(("mongodb://", "mongodb+srv://")):
+        problem = uri_problem(runs_db)
+        if problem:
+            from cax.runsdb import redact_uri
+            raise ConfigError(f"{_where(path, None, 'runs_db')}: not a valid MongoDB URI "
+                              f"{redact_uri(runs_db)}: {problem}")
+    else:
         runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
                                                 os.path.expanduser(runs_db)))
+    from cax import children
+    children.hide(doc.get("password_env", "MONGO_PASSWORD"))  # no child of cax inherits it
     return Config(
         path=path,
         sites=sites,
@@ -569,8 +624,8 @@ def parse(text: str, path: str) -> Config:
 def load(path: Optional[str] = None) -> Config:
     path = os.path.abspath(path or default_config_path())
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}")
-    return parse(text, path)
+    return parse(utf8_text(data, path), path)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
+from cax import children, python_m
+
 SITES = ("daq", "buffer", "archive")
 
 #: the demo's "processor": summarises a raw run into one small JSON file, as a stand-in for pax
@@ -37,7 +39,8 @@ def write_config(root: str) -> str:
              "download_options": ["buffer"], "data_type": ["raw", "processed"],
              "processing": {
                  "backend": "local", "versions": ["v1.0"], "max_queued": 4,
-                 "command": [sys.executable, "-c", PROCESSOR, "{input}", "{output}", "{version}"],
+                 "command": [sys.executable, "-P", "-c", PROCESSOR, "{input}", "{output}",
+                             "{version}"],
                  "state_dir": "batch", "log_dir": "logs"}},
         ],
     }
@@ -76,7 +79,7 @@ def make_runs(root: str, nruns: int) -> str:
 def cax(*args) -> int:
     shown = " ".join(["cax", *args])
     print(f"$ {shown}", flush=True)
-    return subprocess.call([sys.executable, "-m", "cax", *args])
+    return subprocess.call([*python_m("cax"), *args], env=children.environment())
 
 
 def main(directory: str, nruns: int = 3) -> int:
@@ -108,8 +111,9 @@ def main(directory: str, nruns: int = 3) -> int:
 
 
 def complete(config: str) -> bool:
-    out = subprocess.run([sys.executable, "-m", "cax", "--config", config, "status", "--json"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([*python_m("cax"), "--config", config, "status", "--json"],
+                         check=True, capture_output=True, text=True,
+                         env=children.environment()).stdout
     for run in json.loads(out):
         sums = {d["host"]: (d["status"], d["checksum"]) for d in run["data"] if d["type"] == "raw"}
         if set(sums) != set(SITES) or any(s != "transferred" for s, _ in sums.values()) \

@@ -29,8 +29,8 @@ import time
 
 import click
 
+from cax import children, job_credential, logs, paths, python_m
 from cax import config as cfgmod
-from cax import logs, paths
 from cax.batch import BatchError, Job, safe_job_name
 from cax.runsdb import RunsDBError, connect, now
 from cax.tasks.base import Context, Task
@@ -77,7 +77,7 @@ def _run_command(argv, beat=None) -> tuple:
     tell the daemon it died, only the heartbeat going stale."""
     tail = collections.deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env=children.environment())
     done = threading.Event()
 
     def heartbeat():
@@ -235,6 +235,11 @@ def process_cmd(config_path, host, number, version, log_level):
     except cfgmod.ConfigError as e:
         click.echo(f"cax-process: error: {e}", err=True)
         sys.exit(2)
+    try:  # a batch job gets the Runs DB password in a file, never in its environment
+        job_credential.adopt(config.password_env)
+    except job_credential.CredentialError as e:
+        click.echo(f"cax-process: error: {e}", err=True)
+        sys.exit(1)
     try:
         sys.exit(process(config, host, number, version))
     except RunsDBError as e:
@@ -268,7 +273,7 @@ def massive_job(config, host, p, run) -> Job:
     number = int(run["number"])
     log_dir = p["log_dir"]
     return Job(name=MASSIVE_PREFIX + safe_job_name(host, number),
-               argv=[sys.executable, "-m", "cax", "--config", config.path, "--host", host,
+               argv=[*python_m("cax"), "--config", config.path, "--host", host,
                      "--once", "--run", str(number)],
                env_setup=p["env_setup"], ncpus=p["ncpus"], mem_per_cpu=p.get("mem_per_cpu"),
                walltime=p.get("walltime"), partition=p.get("partition"), account=p.get("account"),
@@ -311,8 +316,10 @@ def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interv
                 echo(f"{job.name}: already queued, skipped")
                 continue
             try:
+                job.env.update(job_credential.for_job(config, p["log_dir"], job.name))
                 job_id = backend.submit(job)
-            except BatchError as e:
+            except (BatchError, OSError) as e:
+                job_credential.discard(p["log_dir"], job.name)
                 echo(f"{job.name}: submit failed: {e}")
                 failed += 1
                 continue

@@ -12,8 +12,18 @@ from cax.runsdb import RunsDB
 from cax.tasks.base import Context
 
 
+def init_store(runs_db: str) -> None:
+    """Create the embedded store the way an admin does (``cax db init``), where there is none and
+    its directory exists: cax never creates one by merely opening it. URIs are left alone."""
+    if not runs_db.startswith("mongodb") and not os.path.lexists(runs_db) \
+            and os.path.isdir(os.path.dirname(runs_db) or "."):
+        from cax.runsdb import init_embedded
+        init_embedded(path=runs_db)
+
+
 def three_sites(tmp_path, runs_db=None, **extra_top):
-    """daq -> buffer (push) -> archive (pull), all local; returns the config path."""
+    """daq -> buffer (push) -> archive (pull), all local; returns the config path (its embedded
+    store made as by ``cax db init``)."""
     doc = {
         "runs_db": runs_db or str(tmp_path / "test.runsdb"),
         "sites": [
@@ -29,6 +39,7 @@ def three_sites(tmp_path, runs_db=None, **extra_top):
         os.makedirs(s["directory"], exist_ok=True)
     path = tmp_path / "cax.json"
     path.write_text(json.dumps(doc))
+    init_store(doc["runs_db"])
     return str(path)
 
 

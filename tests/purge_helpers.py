@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from cax import config as cfgmod
 from cax.checksum import checksum
 from cax.tasks.base import Context
-from tests.helpers import make_raw
+from tests.helpers import init_store, make_raw
 
 SITES = ("daq", "buffer", "archive", "tape", "cloud")
 
@@ -28,6 +28,7 @@ def sites_config(tmp_path, names=SITES, purge=None, runs_db=None, extra=None):
         doc["sites"].append(site)
     path = tmp_path / "cax.json"
     path.write_text(json.dumps(doc))
+    init_store(doc["runs_db"])
     return str(path)
 
 

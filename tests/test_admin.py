@@ -14,7 +14,9 @@ from tests.purge_helpers import add_run, copies, sites_config
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, tmp_path_factory, monkeypatch):
+    # stray sightings live in the state directory: outside the tree the tests snapshot
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     coll = mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
     monkeypatch.setattr(cli_mod, "open_db", lambda config, dry_run=False: RunsDB(coll, dry_run=dry_run))
     cfg = sites_config(tmp_path, purge={"buffer": 2},
@@ -185,11 +187,22 @@ def aged(monkeypatch):
     return lambda path, days=3: old.add(str(path))
 
 
+def seen_days_ago(days, site="buffer"):
+    """Move every recorded first sighting of ``site``'s strays ``days`` into the past: what an
+    earlier `cax stray` run that many days ago would have left."""
+    import glob
+    import json
+    [path] = glob.glob(os.path.join(os.environ["XDG_STATE_HOME"], "cax", f"strays-{site}-*.json"))
+    doc = json.load(open(path))
+    doc["first_seen"] = {p: t - days * 86400 for p, t in doc["first_seen"].items()}
+    json.dump(doc, open(path, "w"))
+
+
 def test_stray_finds_and_deletes_only_old_strays(env, aged):
     tmp, cfg, db = env
     _age = aged
-    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
-    add_run(db, tmp, 2, {"daq": "transferred", "buffer": "transferred"})
+    for n in (1, 2, 3, 4):  # strays are not more than half of the buffer's entries
+        add_run(db, tmp, n, {"daq": "transferred", "buffer": "transferred"})
     import shutil
     shutil.rmtree(tmp / "buffer" / "160302_1200")   # datum with missing files
     (tmp / "buffer" / "old_stray").mkdir()
@@ -207,6 +220,12 @@ def test_stray_finds_and_deletes_only_old_strays(env, aged):
         assert "missing: run 160302_1200 datum raw@buffer" in r.output
         assert "160301_1200 " not in r.output.replace("missing: run 160302", "")
         assert snapshot(db, tmp) == before
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
+    assert r.exit_code == 0, r.output
+    # seen by the listing run above, but just now: nothing goes before stray_grace_days (1 d)
+    assert r.output.count("less than stray_grace_days=1") == 2, r.output
+    assert snapshot(db, tmp)[1] == before[1]
+    seen_days_ago(2)
     r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
     assert r.exit_code == 0, r.output
     assert not os.path.exists(tmp / "buffer" / "old_stray")
@@ -233,11 +252,14 @@ def test_stray_lists_copies_being_deleted(env):
 def test_stray_age_is_ctime_not_a_copied_mtime(env):
     """rsync -t / cp -p give files being copied their source's old mtime; only ctime is honest."""
     tmp, cfg, db = env
+    add_run(db, tmp, 1, {"buffer": "transferred"})
     (tmp / "buffer" / "incoming").mkdir()
     (tmp / "buffer" / "incoming" / "f").write_text("x")
     t = time.time() - 30 * 86400
     for p in (tmp / "buffer" / "incoming" / "f", tmp / "buffer" / "incoming"):
         os.utime(p, (t, t))
+    invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    seen_days_ago(30)
     r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete")
     assert r.exit_code == 0 and "kept, younger than" in r.output, r.output
     assert (tmp / "buffer" / "incoming" / "f").exists()
@@ -247,8 +269,11 @@ def test_stray_delete_rechecks_the_runs_db(env, aged, monkeypatch):
     """A copy claimed after the listing began is no stray any more."""
     tmp, cfg, db = env
     add_run(db, tmp, 1, {"daq": "transferred"})
+    add_run(db, tmp, 2, {"buffer": "transferred"})
     (tmp / "buffer" / "160301_1200").mkdir()
     aged(tmp / "buffer" / "160301_1200")
+    invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    seen_days_ago(3)
     real = admin.find_strays
 
     def listing_then_claim(*a, **kw):
@@ -341,3 +366,81 @@ def test_rm_force_without_terminal_needs_explicit_flag(env):
                "--yes-i-know-this-deletes-data", "--location", loc)
     assert r.exit_code == 0, r.output
     assert not os.path.exists(loc) and copies(db, 1) == {}
+
+
+# ---- status and stray on odd Runs DB contents -----------------------------------------------
+def test_status_shows_runs_whose_data_hold_non_objects(env):
+    """Any tool may write a Runs DB: one bad entry must not hide every run (it crashed status)."""
+    import json
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred", "buffer": "transferred"})
+    add_run(db, tmp, 2, {"daq": "transferred"})
+    db.collection.update_one({"number": 2}, {"$push": {"data": {"$each": ["junk", 5, None]},
+                                                       "references": "x"}})
+    db.collection.insert_one({"number": 3, "name": "160303_1200", "data": "not a list"})
+    for args in ([], ["--json"]):
+        r = CliRunner().invoke(cli_mod.status, ["--config", cfg, *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        warnings = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(warnings) == 2, warnings
+        assert warnings[0] == ("cax: warning: run 160302_1200: data[1], data[2], data[3], "
+                               "references[1] are not objects; skipped"), warnings
+        assert "run 160303_1200: data is not a list" in warnings[1], warnings
+        if args:
+            out = {r_["number"]: r_ for r_ in json.loads(r.stdout)}
+            assert [d["host"] for d in out[2]["data"]] == ["daq"] and out[3]["data"] == []
+            assert len(out[1]["data"]) == 2
+        else:
+            rows = r.stdout.splitlines()
+            assert rows[1].split()[:2] == ["1", "160301_1200"] and "160302_1200" in rows[2]
+            assert "all equal (1)" in rows[2] and "160303_1200" in rows[3]
+
+
+def test_stray_and_status_escape_names_from_the_runs_db(env):
+    """A crafted run name (or file name) must not fake output lines."""
+    tmp, cfg, db = env
+    for n in (1, 2, 3):
+        add_run(db, tmp, n, {"daq": "transferred", "buffer": "transferred"})
+    fake = "stray: /etc/passwd (age 99.0 d): deleted"
+    db.collection.update_one({"number": 1}, {"$set": {"name": f"160301_1200\n{fake}"}})
+    import shutil
+    shutil.rmtree(tmp / "buffer" / "160301_1200")       # its datum is reported as missing
+    db.collection.update_one({"number": 2}, {"$set": {"data.1.status": "deleting",
+                                                      "data.1.error": f"x\r\n{fake}"}})
+    (tmp / "buffer" / "junk\nstray: forged").write_text("x")  # a file name with a newline
+    r = CliRunner().invoke(admin.stray, ["--config", cfg, "--host", "buffer"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert not any(ln.startswith(("stray: /etc", "stray: forged")) for ln in r.output.splitlines())
+    assert "missing: run 160301_1200\\nstray: /etc/passwd" in r.output
+    assert "(x\\r\\nstray: /etc/passwd" in r.output
+    assert f"stray: {tmp / 'buffer' / 'junk'}\\nstray: forged" in r.output
+    r = CliRunner().invoke(cli_mod.status, ["--config", cfg], catch_exceptions=False)
+    assert r.exit_code == 0 and "160301_1200\\nstray: /etc/passwd" in r.output, r.output
+    assert not any(ln.startswith("stray: /etc") for ln in r.output.splitlines()), r.output
+
+
+def test_stray_force_passes_the_refusal_but_not_the_grace(env, aged):
+    """--force says "these really are strays"; it does not make a first sighting old."""
+    import glob
+    tmp, cfg, db = env
+    add_run(db, tmp, 1, {"daq": "transferred"})   # no datum at the buffer
+    for name in ("a", "b"):
+        (tmp / "buffer" / name).mkdir()
+        aged(tmp / "buffer" / name)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer")
+    assert r.exit_code == 0 and "holds no datum of site buffer" in r.output, r.output
+    state = os.path.join(os.environ["XDG_STATE_HOME"], "cax")
+    assert not glob.glob(os.path.join(state, "strays-*"))  # a suspect listing starts no clock
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force")
+    assert r.exit_code == 0 and r.output.count("kept, first seen now") == 2, r.output
+    [path] = glob.glob(os.path.join(state, "strays-buffer-*.json"))
+    open(path, "w").write("{not json")
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force")
+    assert "unreadable" in r.output and r.output.count("kept, first seen now") == 2, r.output
+    seen_days_ago(2)
+    r = invoke(admin.stray, "--config", cfg, "--host", "buffer", "--delete", "--force",
+               "--max-delete", "1")
+    assert r.exit_code == 0 and r.output.count(": deleted") == 1, r.output
+    assert sum((tmp / "buffer" / n).exists() for n in ("a", "b")) == 1
+    assert os.path.isdir(tmp / "daq" / "160301_1200")

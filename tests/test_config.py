@@ -147,15 +147,25 @@ def test_packaged_config_keeps_its_store_in_the_user_state_dir(tmp_path, monkeyp
 
 
 def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeypatch):
+    """Without a store, status is an error naming it and `cax db init`, and creates nothing;
+    `db init` then makes it in the state directory, never beside the packaged config."""
     import cax
     package_dir = os.path.dirname(cax.__file__)
     before = sorted(os.listdir(package_dir))
     monkeypatch.chdir(tmp_path)  # no ./cax.json here
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    store = tmp_path / "state" / "cax" / "cax.runsdb"
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(store) in lines[0] and "cax db init" in lines[0], lines
+    assert not (tmp_path / "state").exists()
+    result = CliRunner().invoke(cli, ["db", "init"])
+    assert result.exit_code == 0 and str(store) in result.output, result.output
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 0, result.output
     assert "(no runs)" in result.output
-    assert (tmp_path / "state" / "cax" / "cax.runsdb").is_file()
+    assert store.is_file()
     assert sorted(os.listdir(package_dir)) == before
     help_text = CliRunner().invoke(cli, ["--help"]).output
     assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text
@@ -252,3 +262,44 @@ def test_two_sites_over_one_directory_on_one_host_refused(tmp_path):
            {"name": "archive", "directory": "/data", "method": "rsync", "hostname": "b.example.org"},
            {"name": "daq", "directory": str(tmp_path / "daq")}]
     cfgmod.load(write(tmp_path, doc))
+
+
+def test_non_utf8_config_is_one_line_exit_2(tmp_path):
+    (tmp_path / "cax.json").write_bytes(b'[{"name": "d\xffq", "directory": "/tmp/d"}]')
+    result = CliRunner().invoke(cli, ["--config", str(tmp_path / "cax.json"), "config", "check"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not UTF-8" in lines[0] and "offset 12" in lines[0], lines
+    assert str(tmp_path / "cax.json") in lines[0]
+
+
+def test_deeply_nested_config_is_one_line_exit_2(tmp_path):
+    for depth in (100000, 5000):
+        line = check_error(tmp_path, "[" * depth + "]" * depth, "nested too deeply")
+        assert "Traceback" not in line
+    obj = '{"sites": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}"
+    check_error(tmp_path, obj, "nested too deeply")
+
+
+def test_runs_add_of_deep_or_non_utf8_input_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path, GOOD)
+    for name, data in (("deep.json", b"[" * 100000 + b"]" * 100000),
+                       ("latin1.json", b'{"name": "caf\xe9"}')):
+        (tmp_path / name).write_bytes(data)
+        result = CliRunner().invoke(cli, ["--config", path, "runs", "add", str(tmp_path / name)])
+        assert result.exit_code == 2, (name, result.output)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"cax: error: {tmp_path / name}: "), lines
+    assert not (tmp_path / "cax.runsdb").exists()
+
+
+def test_unparseable_mongodb_uri_is_a_config_error(tmp_path):
+    for uri in ("mongodb://[::1", "mongodb://cax:pw@[::1/run", "mongodb://h:99999/run",
+                "mongodb+srv://[x"):
+        doc = {"runs_db": uri, "sites": GOOD}
+        line = check_error(tmp_path, doc, "key 'runs_db'", "not a valid MongoDB URI")
+        assert "pw" not in line
+        for args in (["status"], ["--host", "daq", "--once"]):
+            result = CliRunner().invoke(cli, ["--config", str(tmp_path / "cax.json"), *args])
+            assert result.exit_code == 2, (uri, args, result.output)
+            assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1

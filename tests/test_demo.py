@@ -18,3 +18,19 @@ def test_demo_moves_every_run_to_every_site(tmp_path):
     again = subprocess.run([sys.executable, "-m", "cax", "demo", str(tmp_path / "demo")], env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already holds a demo" in again.stderr
+
+
+def test_demo_and_its_jobs_run_beside_a_folder_named_cax(tmp_path):
+    """The working directory (and a job's) may hold a folder named cax, e.g. a checkout or a
+    backup: the commands cax starts must still run this cax, not that folder."""
+    work = tmp_path / "work"
+    for where in (work, work / "demo" / "logs"):  # the demo's jobs run in its log_dir
+        (where / "cax").mkdir(parents=True)
+        (where / "cax" / "__init__.py").write_text("raise ImportError('the wrong cax')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, XDG_STATE_HOME=str(tmp_path / "state"))
+    # -P for the first command, as a console script (.venv/bin/cax) has it; the rest is cax's
+    proc = subprocess.run([sys.executable, "-P", "-m", "cax", "demo", "demo", "--runs", "1"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the wrong cax" not in proc.stdout + proc.stderr
+    assert proc.stdout.split("$ cax --config")[-1].count("processed@v1.0:transferred") == 1

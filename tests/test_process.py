@@ -397,12 +397,12 @@ def test_hostile_run_fields_cannot_change_the_command_line(site, tmp_path):
     assert len(site.jobs()) == 3
     if site.backend_name == "local":
         for _id, _name, job_argv in site.jobs():
-            assert job_argv[:4] == [PY, "-m", "cax.processing", "--config"]
-            assert job_argv[4:8] == [site.cfg, "--host", site.host, "--run"]
-            assert job_argv[8] in ("10", "11", "12") and job_argv[9:] == ["--version", VERSION]
+            assert job_argv[:5] == [PY, "-P", "-m", "cax.processing", "--config"]
+            assert job_argv[5:9] == [site.cfg, "--host", site.host, "--run"]
+            assert job_argv[9] in ("10", "11", "12") and job_argv[10:] == ["--version", VERSION]
     else:  # the scripts sbatch got: only trusted values and the run number, each quoted
         lines = {p.read_text().splitlines()[-1] for p in (tmp_path / "scripts").glob("*.sh")}
-        assert lines == {"exec " + shlex.join([PY, "-m", "cax.processing", "--config", site.cfg,
+        assert lines == {"exec " + shlex.join([PY, "-P", "-m", "cax.processing", "--config", site.cfg,
                                                "--host", site.host, "--run", str(n),
                                                "--version", VERSION]) for n in (10, 11, 12)}
     assert not any(c.exists() for c in canaries)
@@ -690,7 +690,7 @@ def test_massive_dry_run_and_throttle(local_site):
     assert len(massive_jobs) == 3
     backend = get_backend("local", state_dir=str(s.tmp / "state"))
     for job_id, argv in massive_jobs:
-        assert argv[1:3] == ["-m", "cax"] and "--once" in argv
+        assert argv[1:4] == ["-P", "-m", "cax"] and "--once" in argv
         wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the massive job")
         assert backend.exit_code(job_id) == 0
 

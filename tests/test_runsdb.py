@@ -171,3 +171,112 @@ def test_wire_server_down_is_exit_1_and_back_up_works(tmp_path, wire_daemon):
     assert r.returncode == 1 and "cannot use Runs DB" in r.stderr
     wire_daemon.start()
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+
+
+# ---- opening the embedded store: only an existing, valid one --------------------------------
+def _config_at(tmp_path, store):
+    """A config whose runs_db is ``store``, without creating it (three_sites would)."""
+    cfg = three_sites(tmp_path, runs_db="mongodb://unused/run")
+    doc = json.loads(open(cfg).read())
+    doc["runs_db"] = str(store)
+    open(cfg, "w").write(json.dumps(doc))
+    return load(cfg)
+
+
+def test_connect_refuses_missing_empty_and_foreign_files(tmp_path):
+    import sqlite3
+
+    from cax.runsdb import RunsDBError
+    store = tmp_path / "cax.runsdb"
+    config = _config_at(tmp_path, store)
+    with pytest.raises(RunsDBError, match="does not exist; run 'cax db init'"):
+        connect(config)
+    assert not store.exists()
+    store.write_bytes(b"")
+    for content, why in ((b"", "empty"), (b"not sqlite at all\n" * 300, "not a cax Runs DB"),
+                         (None, "without the cax tables")):
+        if content is None:
+            store.unlink()
+            with sqlite3.connect(store) as c:
+                c.execute("CREATE TABLE other (x)")
+        else:
+            store.write_bytes(content)
+        before = store.read_bytes()
+        for kw in ({}, {"create": True}, {"dry_run": True}, {"dry_run": True, "missing_ok": True}):
+            with pytest.raises(RunsDBError, match=why) as e:
+                connect(config, **kw)
+            assert str(store) in str(e.value) and "cax db init" in str(e.value), kw
+            assert store.read_bytes() == before, kw  # never "repaired" into an empty store
+    store.unlink()
+    store.mkdir()
+    with pytest.raises(RunsDBError, match="not a file"):
+        connect(config)
+
+
+def test_store_is_created_only_on_request(tmp_path):
+    from cax.runsdb import RunsDBError, StoreExists, init_embedded
+    store = tmp_path / "cax.runsdb"
+    config = _config_at(tmp_path, store)
+    db = connect(config, dry_run=True, missing_ok=True)  # the daemon's dry run of a new config
+    assert db.count({}) == 0 and not store.exists()
+    db = connect(config, create=True)                    # cax runs add
+    db.insert_run(run_doc(1, "r1", "/data/daq/r"))
+    db.close()
+    with pytest.raises(StoreExists):
+        init_embedded(config)
+    assert connect(config).count({}) == 1               # untouched
+    other = tmp_path / "sub" / "x.runsdb"
+    with pytest.raises(RunsDBError, match="directory .* does not exist"):
+        init_embedded(path=str(other))
+    (tmp_path / "sub").mkdir()
+    assert init_embedded(path=str(other)) == str(other)
+    db = connect(_config_at(tmp_path, other))
+    assert db.count({}) == 0
+    db.close()
+    assert sorted(os.listdir(tmp_path / "sub")) == ["x.runsdb"]  # no temporary left behind
+
+
+def test_db_init_command(tmp_path):
+    from click.testing import CliRunner
+
+    from cax.cli import cli
+    store = tmp_path / "cax.runsdb"
+    config = _config_at(tmp_path, store)
+    r = CliRunner().invoke(cli, ["--config", config.path, "db", "init"])
+    assert r.exit_code == 0 and f"created an empty Runs DB at {store}" in r.output, r.output
+    r = CliRunner().invoke(cli, ["--config", config.path, "db", "init"])
+    assert r.exit_code == 2 and "already exists" in r.stderr, r.output
+    r = CliRunner().invoke(cli, ["db", "init", str(tmp_path / "elsewhere.runsdb")])
+    assert r.exit_code == 0 and (tmp_path / "elsewhere.runsdb").is_file(), r.output
+    (tmp_path / "m").mkdir()
+    uri_cfg = three_sites(tmp_path / "m", runs_db="mongodb://db.example.org/run")
+    r = CliRunner().invoke(cli, ["--config", uri_cfg, "db", "init"])
+    assert r.exit_code == 2 and "MongoDB URI" in r.stderr, r.output
+    r = CliRunner().invoke(cli, ["db", "--help"])
+    assert "cax db init" in r.output and "stray" in r.output
+
+
+def test_runs_add_creates_a_missing_store_but_not_over_an_empty_file(tmp_path):
+    from click.testing import CliRunner
+
+    from cax.cli import cli
+    store = tmp_path / "cax.runsdb"
+    config = _config_at(tmp_path, store)
+    doc = run_doc(1, "160101_0000", str(tmp_path / "daq" / "160101_0000"))
+    doc["start"] = doc["start"].isoformat()
+    doc["data"][0]["creation_time"] = doc["data"][0]["creation_time"].isoformat()
+    (tmp_path / "runs.json").write_text(json.dumps(doc))
+    r = CliRunner().invoke(cli, ["--config", config.path, "--dry-run", "runs", "add",
+                                 str(tmp_path / "runs.json")])
+    assert r.exit_code == 0 and "would add 1 run(s)" in r.output and not store.exists(), r.output
+    r = CliRunner().invoke(cli, ["--config", config.path, "runs", "add",
+                                 str(tmp_path / "runs.json")])
+    assert r.exit_code == 0 and "added 1 run(s)" in r.output, r.output
+    assert f"created a new, empty Runs DB {store}" in r.stderr
+    db = connect(config)
+    assert db.count({}) == 1
+    db.close()
+    store.write_bytes(b"")  # : > cax.runsdb
+    r = CliRunner().invoke(cli, ["--config", config.path, "runs", "add",
+                                 str(tmp_path / "runs.json")])
+    assert r.exit_code == 1 and "empty" in r.stderr and store.read_bytes() == b"", r.output

@@ -2,10 +2,11 @@
 
 A task describes a job with :class:`Job` and hands it to a backend from :func:`cax.batch.get_backend`.
 The backend writes the job script itself (:func:`render_script`): ``#!/bin/bash``,
-``set -euo pipefail``, the site's ``env_setup`` lines (under ``set +u``), then the command with every argument quoted
-by :func:`shlex.quote`. Arguments come from run documents in a shared database and are treated as
-hostile: a run name such as ``x; rm -rf ~`` or ``$(touch /tmp/pwned)`` reaches the command as one
-literal argument. No backend ever uses ``shell=True``; every subprocess call takes an argument list.
+``set -euo pipefail``, the job's own ``env`` as quoted ``export`` lines, the site's ``env_setup``
+lines (under ``set +u``), then the command with every argument quoted by :func:`shlex.quote`.
+Arguments come from run documents in a shared database and are treated as hostile: a run name such
+as ``x; rm -rf ~`` or ``$(touch /tmp/pwned)`` reaches the command as one literal argument. No
+backend ever uses ``shell=True``; every subprocess call takes an argument list.
 
 Status strings (``BatchBackend.status``):
 
@@ -23,7 +24,7 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 PENDING = "PENDING"
 RUNNING = "RUNNING"
@@ -41,6 +42,7 @@ FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, GONE})
 # a conservative character set. Use ``safe_job_name`` to build one from untrusted parts.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+=@,][A-Za-z0-9_.:+=@,-]{0,199}$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.:+=@,-]")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class BatchError(Exception):
@@ -115,6 +117,9 @@ class Job:
     ``walltime``: minutes (int) or a Slurm time string (``"1:00:00"``, ``"2-00:00:00"``).
     ``log_path``: file receiving the job's stdout and stderr (truncated at start).
     ``workdir``: the job's working directory (default: the submitting process's).
+    ``env``: variables the job needs from cax (exported by the script itself, so they reach the
+    job whatever the batch system's export policy); never a secret: the script is stored by the
+    batch system and readable by its operators. The job does not inherit the Runs DB password.
     """
 
     name: str
@@ -128,6 +133,7 @@ class Job:
     qos: Optional[str] = None
     log_path: Optional[str] = None
     workdir: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -141,6 +147,10 @@ class Job:
         if isinstance(self.env_setup, str):
             self.env_setup = [self.env_setup]
         self.env_setup = [str(line) for line in self.env_setup]
+        for k, v in self.env.items():
+            if not isinstance(k, str) or not _ENV_NAME.match(k) or not isinstance(v, str) \
+                    or "\0" in v:
+                raise ValueError(f"Job.env: invalid variable {k!r}")
         if not isinstance(self.ncpus, int) or self.ncpus < 1:
             raise ValueError(f"Job.ncpus must be a positive int, not {self.ncpus!r}")
         for attr in RESOURCE_KEYS:
@@ -201,8 +211,10 @@ def slurm_time(walltime) -> Optional[str]:
 
 
 def render_script(job: Job) -> str:
-    """The job script text: shebang, strict mode, env_setup lines, the quoted command."""
+    """The job script text: shebang, strict mode, the job's variables, env_setup lines, the quoted
+    command."""
     lines = ["#!/bin/bash", "set -euo pipefail"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items())]
     if job.env_setup:
         # site setup scripts (modules, conda, CVMFS) routinely read unset variables, e.g.
         # `export LD_LIBRARY_PATH=/x:$LD_LIBRARY_PATH`; under -u that kills the job before cax-process

@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+from cax import children
 from cax.batch.base import (
     CANCELLED,
     COMPLETED,
@@ -60,23 +61,6 @@ SLOT_POLL = 0.2
 def default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "cax", "batch-local")
-
-
-def _proc_starttime(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]  # field 22 of stat(5); fields[0] is field 3
-
-
-def _alive(ident: Optional[Tuple[int, str]]) -> bool:
-    return ident is not None and _proc_starttime(ident[0]) == ident[1]
 
 
 def _read(path: str) -> Optional[str]:
@@ -167,8 +151,10 @@ class LocalBackend(BatchBackend):
         except OSError as e:
             raise BackendUnavailable(f"local batch state directory {self.state_dir}: {e}")
         try:
+            # the wrapper and the job inherit this environment: never the Runs DB password
             proc = subprocess.run([sys.executable, "-c", _BOOT, _PACKAGE_ROOT, "launch", d],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  env=children.environment(), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True,
                                   timeout=self.launch_timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise SubmitError(f"cannot launch local job: {e}")
@@ -189,7 +175,7 @@ class LocalBackend(BatchBackend):
                 if info.get("timeout"):
                     return TIMEOUT
                 return COMPLETED if info.get("code") == 0 else FAILED
-            if _alive(_read_ident(os.path.join(d, "wrapper.pid"))):
+            if children.alive(_read_ident(os.path.join(d, "wrapper.pid"))):
                 return RUNNING if os.path.exists(os.path.join(d, "started")) else PENDING
             # the wrapper is gone: look once more for exit.json (it may have finished just now)
         return CANCELLED if os.path.exists(os.path.join(d, "cancelled")) else FAILED
@@ -207,7 +193,7 @@ class LocalBackend(BatchBackend):
             return
         _write_atomic(os.path.join(d, "cancelled"), str(time.time()))
         ident = _read_ident(os.path.join(d, "wrapper.pid"))
-        if _alive(ident):
+        if children.alive(ident):
             try:
                 os.kill(ident[0], signal.SIGTERM)
             except ProcessLookupError:
@@ -260,7 +246,7 @@ def _main(argv: List[str]) -> None:
     pid = os.fork()
     if pid:
         # launcher: record the wrapper's identity, then leave (the wrapper is re-parented)
-        start = _proc_starttime(pid)  # /proc/PID exists as soon as fork returns
+        start = children.start_time(pid)  # /proc/PID exists as soon as fork returns
         if start is None:
             os.waitpid(pid, 0)
             if _read(os.path.join(d, "exit.json")) is None:
@@ -315,11 +301,12 @@ def _wrap(d: str) -> None:
         if state["cancel"] or os.path.exists(os.path.join(d, "cancelled")):
             raise _Cancel()
         with open(meta["log_path"], "wb") as log:
-            env = dict(os.environ, CAX_JOB_ID=os.path.basename(d), CAX_JOB_NAME=meta["name"])
+            env = children.environment({"CAX_JOB_ID": os.path.basename(d),
+                                        "CAX_JOB_NAME": meta["name"]})
             child = subprocess.Popen(["/bin/bash", os.path.join(d, "job.sh")], cwd=meta["workdir"],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      env=env, process_group=0)
-        _write_atomic(os.path.join(d, "started"), f"{child.pid} {_proc_starttime(child.pid)}\n")
+        _write_atomic(os.path.join(d, "started"), f"{child.pid} {children.start_time(child.pid)}\n")
         try:
             state["interruptible"] = True
             if state["cancel"]:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from cax import children
 from cax.batch.base import (
     CANCELLED,
     COMPLETED,
@@ -105,9 +106,10 @@ class SlurmBackend(BatchBackend):
 
     # -- plumbing -------------------------------------------------------------------------------
     def _env(self):
-        if self.slurm_conf is None:
-            return None  # inherit os.environ as it is now, SLURM_CONF included
-        return dict(os.environ, SLURM_CONF=self.slurm_conf)
+        # os.environ as it is now (SLURM_CONF included) without the Runs DB password: sbatch
+        # exports its own environment to the job by default (--export=ALL)
+        return children.environment(None if self.slurm_conf is None
+                                    else {"SLURM_CONF": self.slurm_conf})
 
     def _run(self, argv: List[str]) -> subprocess.CompletedProcess:
         try:

@@ -60,6 +60,10 @@ def failure_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300] or 'no reason given'}"
 
 
+class StoreExists(RunsDBError):
+    """``cax db init`` was asked for a store where a file already is; nothing was changed."""
+
+
 #: every datum status of the state machine (DESIGN.md), including processing at a batch site
 STATUSES = ("transferring", "verifying", "transferred", "error", "retrying", "deleting",
             "processing")
@@ -411,11 +415,17 @@ def _uri_with_password(uri: str, password_env: str) -> str:
 SOCKET_TIMEOUT_MS = 60_000
 
 
-def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None) -> RunsDB:
+def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
+            create: bool = False, missing_ok: bool = False) -> RunsDB:
     """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
 
-    A dry run promises to change nothing, so it creates no index and opens the embedded store
-    read-only; a missing store is taken as empty (in memory) rather than created.
+    An embedded store is opened only if it exists and is a cax store: a missing path (a typo in
+    ``runs_db``) or an emptied file would otherwise be a fresh, empty Runs DB in which every copy
+    at the site is a stray and no copy is known anywhere. ``create`` (``cax runs add``) makes a
+    missing store; an existing file that is not a store is an error even then. A dry run
+    promises to change nothing, so it creates no index and opens the store read-only; with
+    ``missing_ok`` (the daemon's dry run of a new config, ``runs add --dry-run``) a missing store
+    is taken as empty, in memory. ``cax db init`` (:func:`init_embedded`) makes an empty store.
 
     ``timeout_ms`` (default: the config's ``runs_db_timeout``) bounds how long pymongo looks for
     a server before an operation fails: a lost Runs DB must end the pass in seconds, not after
@@ -442,30 +452,73 @@ def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None) 
             msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), str(e))
             raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {msg.splitlines()[0][:300]}")
         return db
-    from cax.runsdb.embedded import open_collection
+    from cax.runsdb.embedded import NotAStore, open_collection
 
     parent = os.path.dirname(target)
-    if getattr(config, "runs_db_in_state_dir", False) and not dry_run:
-        try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise RunsDBError(f"cannot use Runs DB {target}: cannot create {parent}: {e.strerror}")
-    if parent and not os.path.isdir(parent):
-        raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist")
-    where = target
-    if dry_run and not os.path.exists(target):
-        log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created", target)
+    where, exists = target, os.path.lexists(target)
+    if not exists and parent and not os.path.isdir(parent) \
+            and not getattr(config, "runs_db_in_state_dir", False):
+        raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist; "
+                          f"fix 'runs_db' in {config.path}")
+    if not exists and dry_run and missing_ok:
+        log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created (a real run "
+                    "needs 'cax db init' or 'cax runs add' first)", target)
         where = ":memory:"
+    elif not exists and create and not dry_run:
+        try:
+            init_embedded(config, announce=True)
+        except StoreExists:
+            pass  # another cax made it meanwhile: opened (and checked) below like any store
+    elif not exists:
+        raise RunsDBError(f"cannot use Runs DB {target}: it does not exist; run 'cax db init' "
+                          f"to create an empty one, or fix 'runs_db' in {config.path}")
+    elif not os.path.isfile(target):
+        raise RunsDBError(f"cannot use Runs DB {target}: it is not a file; fix 'runs_db' in "
+                          f"{config.path}")
     try:
         coll = open_collection(where, database=config.database, collection=config.collection,
-                               readonly=dry_run and where != ":memory:")
+                               readonly=dry_run and where != ":memory:", create=where == ":memory:")
         db = RunsDB(coll, dry_run=dry_run, description=target)
         if not dry_run:
             db.ensure_indexes()
     except RunsDBLost as e:
         raise RunsDBError(f"cannot use Runs DB {target}: {e.reason}")
+    except NotAStore as e:
+        raise RunsDBError(f"cannot use Runs DB {target}: {e}; restore it from a backup, or move it "
+                          f"away and run 'cax db init' for an empty one")
     except (OSError, PyMongoError) as e:
         raise RunsDBError(f"cannot use Runs DB {target}: {e}")
     except Exception as e:  # sqlite3 errors and the like: still one clear line
         raise RunsDBError(f"cannot use Runs DB {target}: {type(e).__name__}: {e}")
     return db
+
+
+def init_embedded(config=None, path: Optional[str] = None, announce: bool = False) -> str:
+    """Make an empty embedded store at ``path`` (else ``config.runs_db``); returns its path.
+
+    The one way cax creates a store (``cax db init``, and ``cax runs add`` on a missing one). The
+    state directory of the packaged config is made on demand; any other missing directory is a
+    mistake in the path, reported rather than created. An existing file is never replaced.
+    """
+    from cax.runsdb.embedded import init_store
+
+    target = path or config.runs_db
+    parent = os.path.dirname(os.path.abspath(target))
+    if path is None and getattr(config, "runs_db_in_state_dir", False):
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise RunsDBError(f"cannot create Runs DB {target}: cannot create {parent}: "
+                              f"{e.strerror}")
+    if not os.path.isdir(parent):
+        raise RunsDBError(f"cannot create Runs DB {target}: directory {parent} does not exist")
+    try:
+        init_store(target)
+    except FileExistsError:
+        raise StoreExists(f"cannot create Runs DB {target}: it already exists; nothing changed "
+                          f"(move it away first to start an empty one)")
+    except Exception as e:
+        raise RunsDBError(f"cannot create Runs DB {target}: {type(e).__name__}: {e}")
+    if announce:
+        log.warning("created a new, empty Runs DB %s", target)
+    return target

@@ -42,8 +42,8 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 from pymongo.results import DeleteResult, InsertManyResult, InsertOneResult, UpdateResult
 
-__all__ = ["open_collection", "EmbeddedClient", "EmbeddedDatabase", "EmbeddedCollection",
-           "EmbeddedCursor"]
+__all__ = ["open_collection", "init_store", "NotAStore", "EmbeddedClient", "EmbeddedDatabase",
+           "EmbeddedCollection", "EmbeddedCursor"]
 
 # The cache reaches into mongomock (its _id-keyed store, its unique-index check) for O(1) access by
 # _id; verified against mongomock 4.3. Fail at import, not with wrong answers, if that moves.
@@ -95,23 +95,67 @@ def _cache_key(_id):
     return mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
 
 
-class EmbeddedClient:
-    """One SQLite connection shared by the collections of one file in this process (thread-safe)."""
+class NotAStore(ValueError):
+    """A file that exists but is no cax Runs DB: empty, another format, or an SQLite file without
+    the cax tables. ``str()`` says which, without the path (the caller names it)."""
 
-    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, readonly: bool = False):
+
+#: the tables every cax store has; a file without them is not one, whatever else it holds
+_TABLES = {"docs", "indexes", "counter"}
+
+
+def _check_store(conn: sqlite3.Connection, path: str) -> None:
+    """Raise NotAStore unless ``path`` (opened as ``conn``) is a cax store, changing nothing.
+
+    Why it matters: SQLite takes an empty file for an empty database and would happily create the
+    schema in it, so an emptied store (``: > cax.runsdb``) reopened for writing becomes a valid,
+    empty Runs DB, and every copy at the site a stray.
+    """
+    if os.path.getsize(path) == 0:
+        raise NotAStore("the file is empty (0 bytes), not a Runs DB")
+    try:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise NotAStore(f"not a cax Runs DB file ({e})")
+    if not _TABLES <= tables:
+        raise NotAStore("an SQLite file without the cax tables, not a cax Runs DB file")
+
+
+class EmbeddedClient:
+    """One SQLite connection shared by the collections of one file in this process (thread-safe).
+
+    ``create=False`` opens only an existing, valid store (FileNotFoundError, NotAStore otherwise)
+    and never creates or changes the file's schema: that is how cax opens its Runs DB, so a missing
+    or emptied file is an error, never a fresh empty store. ``create=True`` (the library default,
+    used by :func:`init_store` and the store's own tests) makes the file and schema when missing.
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout: float = 60.0, readonly: bool = False,
+                 create: bool = True):
         self.path = os.fspath(path)
         self._lock = threading.RLock()
         self._collections: dict[str, EmbeddedCollection] = {}
         if readonly:
             self._open_readonly(timeout)
             return
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves (BEGIN IMMEDIATE for writes).
-        self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
-                                     check_same_thread=False)
+        if create:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (BEGIN IMMEDIATE for writes).
+            self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                         check_same_thread=False)
+        else:
+            self._conn = self._connect_existing(timeout)
+            try:
+                _check_store(self._conn, self.path)
+            except BaseException:
+                self._conn.close()
+                raise
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a claim acknowledged to the caller survives a power cut, not only a process crash.
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        if not create:
+            return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             for stmt in _SCHEMA.split(";"):
@@ -122,26 +166,30 @@ class EmbeddedClient:
             self._conn.execute("ROLLBACK")
             raise
 
+    def _connect_existing(self, timeout: float) -> sqlite3.Connection:
+        """``mode=rw``: SQLite refuses to create the file (a plain connect would make it)."""
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(2, "No such file", self.path)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+        return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+
     def _open_readonly(self, timeout: float) -> None:
         """For dry runs: never create the file, the schema or anything else; a write would fail.
 
         ``mode=rw`` (not ``ro``) plus ``query_only``: SQLite refuses every change, yet the last
         connection to close may still remove the ``-wal``/``-shm`` files it had to create, which a
         ``mode=ro`` connection leaves behind. Raises FileNotFoundError when the file does not
-        exist, ValueError when it is not a cax store.
+        exist, NotAStore when it is not a cax store.
         """
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(2, "No such file", self.path)
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
-        self._conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
-                                     check_same_thread=False)
+        self._conn = self._connect_existing(timeout)
         self._conn.execute("PRAGMA query_only=ON")
         self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        tables = {r[0] for r in self._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"docs", "indexes", "counter"} <= tables:
+        try:
+            _check_store(self._conn, self.path)
+        except BaseException:
             self._conn.close()
-            raise ValueError(f"{self.path} is not a cax Runs DB file")
+            raise
 
     def __getitem__(self, name: str) -> "EmbeddedDatabase":
         return EmbeddedDatabase(self, name)
@@ -188,10 +236,42 @@ class EmbeddedDatabase:
 
 
 def open_collection(path: str | os.PathLike, database: str = "run",
-                    collection: str = "runs_new", readonly: bool = False) -> "EmbeddedCollection":
+                    collection: str = "runs_new", readonly: bool = False,
+                    create: bool = True) -> "EmbeddedCollection":
     """The collection ``database.collection`` in the SQLite file ``path`` (created if missing,
-    unless ``readonly``: then the file must exist and is never written)."""
-    return EmbeddedClient(path, readonly=readonly)[database][collection]
+    unless ``readonly`` or not ``create``: then the file must exist and be a cax store)."""
+    return EmbeddedClient(path, readonly=readonly, create=create)[database][collection]
+
+
+def init_store(path: str | os.PathLike) -> None:
+    """Make an empty, valid store at ``path``; FileExistsError if anything is there already.
+
+    The store is built under a temporary name and hard-linked into place: the link fails if the
+    name was taken meanwhile (no store is ever overwritten), and no other process can see a
+    half-made file under the real name. Where the filesystem has no hard links, the name is
+    reserved with ``O_EXCL`` and filled in place.
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        raise FileExistsError(17, "File exists", path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.init-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        EmbeddedClient(tmp).close()
+        EmbeddedClient(tmp, create=False).close()  # complete on its own (WAL folded) before linking
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            EmbeddedClient(path).close()
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.unlink(tmp + suffix)
+            except FileNotFoundError:
+                pass
 
 
 class EmbeddedCollection:

@@ -19,10 +19,9 @@ import logging
 import os
 import shlex
 import string
-import sys
 from typing import Optional
 
-from cax import paths
+from cax import job_credential, paths, python_m
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
 from cax.runsdb import as_utc, now
 from cax.tasks.base import Task
@@ -284,6 +283,9 @@ class ProcessBatchQueue(Task):
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would mark error: {reason}", datum=key)
             return False
+        # a job that never started never read (and removed) its Runs DB password
+        job_credential.discard(self.p["log_dir"], job_name(self.host, run["number"],
+                                                           key["pax_version"]))
         self.record_error(run, key, "processing", reason)
         return True
 
@@ -360,7 +362,9 @@ class ProcessBatchQueue(Task):
             return
         try:
             os.makedirs(self.p["log_dir"], exist_ok=True)
-            job = Job(name=name, argv=self.job_argv(run, version), env_setup=self.p["env_setup"],
+            env = job_credential.for_job(self.ctx.config, self.p["log_dir"], name)
+            job = Job(name=name, argv=self.job_argv(run, version), env=env,
+                      env_setup=self.p["env_setup"],
                       ncpus=self.p["ncpus"], mem_per_cpu=self.p.get("mem_per_cpu"),
                       walltime=self.p.get("walltime"), partition=self.p.get("partition"),
                       account=self.p.get("account"), qos=self.p.get("qos"),
@@ -368,10 +372,12 @@ class ProcessBatchQueue(Task):
                       workdir=self.p["log_dir"])
             job_id = self.backend().submit(job)
         except BackendUnavailable as e:
+            job_credential.discard(self.p["log_dir"], name)
             self.record_error(run, key, "processing", f"batch system unavailable: {e}",
                               kind="submit")
             raise
         except (BatchError, OSError, ValueError, TypeError) as e:
+            job_credential.discard(self.p["log_dir"], name)
             self.record_error(run, key, "processing", f"submit failed: {e}", kind="submit")
             return
         self._submitted += 1
@@ -382,6 +388,6 @@ class ProcessBatchQueue(Task):
 
     def job_argv(self, run, version) -> list:
         """The job runs cax-process for this run; run fields only ever appear as single arguments."""
-        return [sys.executable, "-m", "cax.processing", "--config", self.ctx.config.path,
+        return [*python_m("cax.processing"), "--config", self.ctx.config.path,
                 "--host", self.host, "--run", str(int(run["number"])), "--version", version]
 

@@ -6,6 +6,10 @@ verification and a few healed runs must not log in once per thread or per run. E
 own method object (its own SFTP session, progress and cancel callbacks) but all of a site's method
 objects share the connection of the first one (paramiko channels on one transport; OpenSSH clients
 multiplexed on one ControlMaster socket).
+
+A pool is where a pass starts using connections, so it first removes what killed cax processes
+left behind (:func:`cax.transfer.ssh.clean_leftovers`: their ControlMaster directories, never a
+live one).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ log = logging.getLogger("cax.transfer.pool")
 
 class ConnectionPool:
     def __init__(self, cancel: Optional[Callable[[], bool]] = None):
+        from cax.transfer.ssh import clean_leftovers
+        clean_leftovers()
         self._cancel = cancel
         self._lock = threading.Lock()
         self._owners: dict = {}  # site name -> the method object owning the site's connection

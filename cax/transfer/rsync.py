@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 
+from cax import children
 from cax.transfer.base import HOLDER_SUFFIX, Interrupted
 from cax.transfer.ssh import (
     SH_OPS,
@@ -97,8 +98,8 @@ class RsyncMethod(SshMethod):
 
     def _run(self, cmd: list, what: str) -> None:
         self.check_cancel()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=children.environment())
         state = {"bytes": 0, "err": b"", "sent": False}
         ended = threading.Event()  # rsync closed its stdout: it is exiting
 

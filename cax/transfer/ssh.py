@@ -3,7 +3,9 @@
 - :class:`ParamikoShell`: one paramiko connection per site per pass (host key verified against the
   site's ``known_hosts``, never auto-added), with large windows and an AES-GCM-first cipher order.
 - :class:`OpenSSHMaster`: one OpenSSH ControlMaster connection per site per pass, its socket in a
-  private (0700) temporary directory, for ``rsync`` and remote commands.
+  private (0700) temporary directory, for ``rsync`` and remote commands. The master ends when cax
+  ends, however it ends (its keeper, :mod:`cax.transfer.master_watch`, holds a pipe from cax), and
+  :func:`clean_leftovers` removes the directories of cax processes that were killed with it.
 - :class:`SshMethod`: the :class:`~cax.transfer.base.TransferMethod` operations done with the small
   remote helper (:mod:`cax.transfer.remote_hash`), and the atomic put/get skeleton: copy into
   ``partial_path(final)``, rename into place, remove the partial copy on any failure.
@@ -19,15 +21,19 @@ import getpass
 import logging
 import os
 import posixpath
+import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from typing import Optional
 
+from cax import children
 from cax.transfer import remote_hash
 from cax.transfer.base import (
     DestinationNotAccessible,
@@ -295,6 +301,57 @@ def classify_ssh_stderr(label: str, status: int, stderr, what: str) -> TransferE
     return TransferFailed(f"{label}: {what} failed (status {status}): {text}")
 
 
+CONTROL_DIR_PREFIX = "cax-ssh-"
+MASTER_WATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "master_watch.py")
+_CONTROL_DIR = re.compile(rf"^{CONTROL_DIR_PREFIX}(\d+)-(\d+)-[A-Za-z0-9_]+$")
+
+
+def _exit_master(ssh: str, control_path: str, destination: str) -> None:
+    """Ask the master listening on ``control_path`` to exit (it closes its connection)."""
+    try:
+        subprocess.run([ssh, "-o", f"ControlPath={control_path}", "-O", "exit", "--", destination],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+                       env=children.environment())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def clean_leftovers(tmpdir: Optional[str] = None) -> list:
+    """Remove the control directories of cax processes that died without removing theirs (killed
+    together with the master's keeper), ending a master still listening in one; returns them.
+
+    Other cax processes (other sites' daemons, massive-cax jobs) keep live directories in the
+    same place: a directory is touched only when it is this user's and the process named in it
+    (pid *and* start time) no longer runs. Directories of older cax versions carry no owner and
+    are left alone.
+    """
+    tmp = tmpdir or tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _CONTROL_DIR.match(name)
+        if not m or children.alive((int(m.group(1)), m.group(2))):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        control = os.path.join(path, "ctl")
+        if os.path.exists(control):
+            _exit_master(shutil.which("ssh") or "ssh", control, "cax-leftover")
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("site=- removed the ssh control directory %s of cax pid %s, which is gone",
+                 path, m.group(1))
+        removed.append(path)
+    return removed
+
+
 class OpenSSHMaster:
     """An OpenSSH ControlMaster connection; every ``ssh``/``rsync`` of the pass multiplexes on it."""
 
@@ -349,15 +406,22 @@ class OpenSSHMaster:
 
     def _connect(self):
         self.close()
-        self.tmpdir = tempfile.mkdtemp(prefix="cax-ssh-")  # mkdtemp makes it 0700
+        # named after its owner (pid and start time): a later cax removes it only once that
+        # owner is provably dead (clean_leftovers); mkdtemp makes it 0700
+        me = children.ident()  # None without /proc: an unnamed directory, never cleaned
+        owner = f"{me[0]}-{me[1]}-" if me else ""
+        self.tmpdir = tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX + owner)
         os.chmod(self.tmpdir, 0o700)
         errlog = os.path.join(self.tmpdir, "master.err")
         opts = [o if o != "ControlMaster=no" else "ControlMaster=yes" for o in self.options()]
-        with open(errlog, "wb") as err:
+        argv = [self.ssh, "-N", *opts, "-o", "ControlPersist=no", "--", self.destination]
+        # the master runs under its keeper (master_watch), whose stdin is a pipe only this
+        # process holds: when cax ends, however it ends, the keeper ends the master
+        with open(errlog, "ab") as err:
             self.proc = subprocess.Popen(
-                [self.ssh, "-N", *opts, "-o", "ControlPersist=no", "--", self.destination],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True)
+                [sys.executable, "-I", "-S", MASTER_WATCH, self.tmpdir, errlog, *argv],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                env=children.environment(), start_new_session=True)
         deadline = time.monotonic() + CONNECT_TIMEOUT + 5
         while not os.path.exists(self.control_path):
             if self.proc.poll() is not None:
@@ -376,11 +440,11 @@ class OpenSSHMaster:
     def close(self):
         if self.proc is not None:
             if self.proc.poll() is None and self.tmpdir and os.path.exists(self.control_path):
-                subprocess.run([self.ssh, "-o", f"ControlPath={self.control_path}", "-O", "exit",
-                                "--", self.destination], stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=10)
-            if self.proc.poll() is None:
-                self.proc.terminate()
+                _exit_master(self.ssh, self.control_path, self.destination)
+            try:
+                self.proc.stdin.close()  # the keeper stops the master and removes the directory
+            except OSError:
+                pass
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -395,7 +459,8 @@ class OpenSSHMaster:
         self.connect()
         try:
             r = subprocess.run([self.ssh, *self.options(), "--", self.destination, command],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                               env=children.environment())
         except subprocess.TimeoutExpired:
             raise ServiceUnavailable(f"{self.label}: remote command took over {timeout:.0f} s")
         if r.returncode == 255:
