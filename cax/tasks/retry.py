@@ -150,16 +150,33 @@ class RetryStalledTransfer(_Heal):
             super().each_location(run, datum)
 
 
+#: a copy found bad where it lies (by a purge's check or the scrub: cax/deletion.py), healed like
+#: a checksum mismatch
+FOUND_BAD = ("lost", "corrupt")
+
+
 class RetryBadChecksumTransfer(_Heal):
-    """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere."""
+    """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere.
+
+    A copy that fails verification twice from the same source makes the source suspect: it was
+    verified once, but its files may have changed since. The source is re-hashed where it lies
+    and flagged ``corrupt`` if it differs, so it is never used as a source again and heals.
+    """
+
+    projection = dict(_Heal.projection, failed_verifications=1)
 
     def query(self):
-        # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error
-        return {"data": {"$elemMatch": {"host": self.host,
-                                        "status": {"$in": ["error", "retrying"]}}}}
+        # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error; a
+        # copy this site made at a site without cax is healed from here when found bad
+        return {"$or": [
+            {"data": {"$elemMatch": {"host": self.host, "status": {"$in": ["error", "retrying"]}}}},
+            {"data": {"$elemMatch": {"creation_place": self.host, "status": "error",
+                                     "error_kind": {"$in": list(FOUND_BAD)}}}}]}
 
     def each_location(self, run, datum):
-        if datum["host"] != self.host:
+        if datum["host"] != self.host and not (
+                self.owner(datum) == self.host and datum.get("source")
+                and datum.get("status") == "error" and datum.get("error_kind") in FOUND_BAD):
             return
         if datum.get("status") == "retrying":
             if self.owner(datum) == self.host or datum.get("error_kind") == "checksum":
@@ -168,12 +185,21 @@ class RetryBadChecksumTransfer(_Heal):
         ref = reference(run, datum["type"], datum.get("pax_version"))
         if ref is None:
             return
-        bad = ((datum.get("status") == "error" and datum.get("error_kind") == "checksum")
+        bad = ((datum.get("status") == "error"
+                and datum.get("error_kind") in ("checksum",) + FOUND_BAD)
                or (datum.get("status") == "transferred" and datum.get("checksum")
                    and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
                    and datum["checksum"] != ref["checksum"]))
         if not bad:
             return
+        if datum.get("error_kind") == "checksum" and datum.get("source") \
+                and self.failed_twice(run, datum):
+            self.recheck_source(run, datum)
+            run = self.db.run(run["_id"], self.projection) or run
+            datum = next((d for d in run.get("data") or [] if isinstance(d, dict)
+                          and datum_key(d) == datum_key(datum)), None)
+            if datum is None or datum.get("status") != "error":
+                return
         good = [d for d in run["data"] if d is not datum and d.get("type") == datum["type"]
                 and d.get("pax_version") == datum.get("pax_version")
                 and d.get("status") == "transferred" and d.get("checksum") == ref["checksum"]]
@@ -187,3 +213,51 @@ class RetryBadChecksumTransfer(_Heal):
             return
         self.retry(run, datum, run["data"].index(datum),
                    f"bad checksum; good copy at {good[0]['host']}")
+
+    def failed_twice(self, run, datum) -> bool:
+        """Record this failed verification on the run (once: it is named by its time) and say
+        whether copies of this datum from its source have failed verification twice or more."""
+        entry = {"host": datum["host"], "type": datum["type"],
+                 "pax_version": datum.get("pax_version"), "source": datum["source"],
+                 "at": str(datum.get("error_time"))}
+        seen = [e for e in run.get("failed_verifications") or [] if isinstance(e, dict)]
+        if entry not in seen and not self.dry_run:
+            self.db.add_run_entry(run["_id"], "failed_verifications", entry)
+            seen.append(entry)
+        same = {e["at"] for e in seen if all(e.get(k) == entry[k]
+                                             for k in ("host", "type", "pax_version", "source"))}
+        return len(same | {entry["at"]}) >= 2
+
+    def recheck_source(self, run, datum) -> None:
+        """Re-hash the source of a copy that failed verification twice, where it lies; flag it
+        ``corrupt`` if it differs from what it was verified as (copies are only made from a
+        source whose recorded checksum is the reference)."""
+        from cax.deletion import CopyChecker
+        src = next((d for d in run.get("data") or [] if isinstance(d, dict)
+                    and d.get("host") == datum["source"] and d.get("type") == datum["type"]
+                    and d.get("pax_version") == datum.get("pax_version")), None)
+        if src is None or src.get("status") != "transferred" or not src.get("checksum"):
+            return
+        ref = {"checksum": src["checksum"], "checksum_type": src.get("checksum_type", "sha512"),
+               "host": src["host"]}
+        checker = CopyChecker(self.site, self.ctx.config.sites, self.connections(),
+                              reverify_days=0, cancel=self.ctx.stop.is_set,
+                              occasion="as the source of copies that failed verification")
+        result = checker.check(run, src, ref, origin=True)
+        key = datum_key(src)
+        if result.ok:
+            self.log(logging.INFO, run, f"source {src['host']} re-hashed after two failed "
+                     f"verifications of its copy: it matches", datum=key)
+            if not self.dry_run:
+                self.db.update_datum(run["_id"], dict(key, checksum=src["checksum"]),
+                                     "transferred", {"checksum_time": now()})
+        elif not result.kind:
+            self.log(logging.WARNING, run, f"source not re-checked: {result.reason}", datum=key)
+        elif self.dry_run:
+            self.log(logging.WARNING, run, f"dry-run: would flag the source {result.kind}: "
+                     f"{result.reason}", datum=key)
+        else:
+            reason = f"{result.reason}; two copies from it failed verification"
+            self.log(logging.ERROR, run, f"error ({result.kind}): {reason}", datum=key)
+            self.db.set_error(run["_id"], key, "transferred", reason, kind=result.kind,
+                              extra_match={"checksum": src["checksum"]})
