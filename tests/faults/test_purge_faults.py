@@ -75,6 +75,26 @@ def test_copy_deleted_by_hand_is_not_counted(tmp_path):
     assert "missing" in lost["error"] and str(tmp_path / "buffer" / NAME) in lost["error"]
 
 
+def test_lost_copy_heals_then_the_purge_goes_ahead(tmp_path):
+    """The flag is not the end: the copy's site heals it (removed, datum pulled), the DAQ sends it
+    again, and only once the new copy is checked does the DAQ's copy go."""
+    cfg = sites_config(tmp_path, names=("daq", "buffer"), purge={"daq": {"min_copies": 1}},
+                       extra={"daq": {"upload_options": ["buffer"]}})
+    db = store(cfg)
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
+    verified(db, cfg, ["daq", "buffer"])
+    original = sorted(os.listdir(tmp_path / "daq" / NAME))
+    shutil.rmtree(tmp_path / "buffer" / NAME)
+    run_pass(ctx(cfg, "daq", db))
+    assert datum(db, "buffer")["error_kind"] == "lost" and datum(db, "daq") is not None
+    run_pass(ctx(cfg, "buffer", db))               # RetryBadChecksumTransfer: removed for retry
+    assert datum(db, "buffer") is None and datum(db, "daq")["status"] == "transferred"
+    run_pass(ctx(cfg, "daq", db))                  # sent again, verified, checked, purged
+    assert datum(db, "buffer")["status"] == "transferred"
+    assert datum(db, "daq") is None
+    assert sorted(os.listdir(tmp_path / "buffer" / NAME)) == original
+
+
 def test_truncated_copy_is_lost(tmp_path):
     """A file cut short (or one missing from the tree) is found by the cheap size check."""
     cfg = sites_config(tmp_path, names=("daq", "buffer"), purge={"daq": {"min_copies": 1}})
@@ -133,11 +153,14 @@ def test_flipped_byte_in_remote_copy_found_over_ssh(tmp_path, live_sshd, method)
     remote = {"method": method, "hostname": s.host, "port": s.port, "username": s.user,
               "key_file": s.key_file, "known_hosts": s.known_hosts}
     cfg = sites_config(tmp_path, names=("daq", "buffer", "archive"),
-                       purge={"daq": {"min_copies": 2}}, extra={"archive": remote})
+                       purge={"daq": {"min_copies": 2}},
+                       extra={"archive": remote, "daq": {"upload_options": ["archive"]}})
     db = store(cfg)
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
                               "archive": "transferred"}, ref_host="daq")
     verified(db, cfg, ["daq", "buffer", "archive"])
+    db.collection.update_one({"number": 1, "data.host": "archive"}, {"$set": {
+        "data.$.source": "daq", "data.$.creation_place": "daq"}})  # pushed; archive runs no cax
     flip_byte(str(tmp_path / "archive" / NAME))
     mark = s.log_mark()
     purge(cfg, "daq", db)
@@ -148,12 +171,12 @@ def test_flipped_byte_in_remote_copy_found_over_ssh(tmp_path, live_sshd, method)
     assert datum(db, "buffer")["status"] == "transferred"
     # checked where it lives, over one connection of the pass
     assert s.logins_since(mark) == 1
-    # the copy repaired: the purge goes ahead, still over SSH for the check
-    shutil.rmtree(tmp_path / "archive" / NAME)
-    shutil.copytree(tmp_path / "buffer" / NAME, tmp_path / "archive" / NAME)
-    db.collection.update_one({"number": 1, "data.host": "archive"}, {"$set": {
-        "data.$.status": "transferred"}, "$unset": {"data.$.error": "", "data.$.error_kind": ""}})
-    purge(cfg, "daq", db)
+    # healed from the DAQ, which pushed it: removed over SSH, pushed again, checked, then purged
+    run_pass(ctx(cfg, "daq", db))
+    assert datum(db, "archive") is None and not os.path.exists(tmp_path / "archive" / NAME)
+    assert datum(db, "daq")["status"] == "transferred"
+    run_pass(ctx(cfg, "daq", db))
+    assert datum(db, "archive")["status"] == "transferred", datum(db, "archive")
     assert datum(db, "daq") is None and not os.path.exists(tmp_path / "daq" / NAME)
 
 
