@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.runsdb import as_utc, datum_key, last_beat, now, reference
+from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
 from cax.transfer.local import LocalMethod
@@ -150,28 +151,30 @@ class RetryStalledTransfer(_Heal):
             super().each_location(run, datum)
 
 
-#: a copy found bad where it lies (by a purge's check or the scrub: cax/deletion.py), healed like
-#: a checksum mismatch
+#: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch
 FOUND_BAD = ("lost", "corrupt")
 
 
 class RetryBadChecksumTransfer(_Heal):
     """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere.
 
-    A copy that fails verification twice from the same source makes the source suspect: it was
-    verified once, but its files may have changed since. The source is re-hashed where it lies
-    and flagged ``corrupt`` if it differs, so it is never used as a source again and heals.
+    When copies from one source failed verification twice, the source is re-hashed where it lies
+    (:func:`cax.tasks.scrub.recheck_source`) before this one is retried.
     """
 
     projection = dict(_Heal.projection, failed_verifications=1)
 
     def query(self):
-        # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error; a
-        # copy this site made at a site without cax is healed from here when found bad
-        return {"$or": [
-            {"data": {"$elemMatch": {"host": self.host, "status": {"$in": ["error", "retrying"]}}}},
-            {"data": {"$elemMatch": {"creation_place": self.host, "status": "error",
-                                     "error_kind": {"$in": list(FOUND_BAD)}}}}]}
+        # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error
+        mine = {"data": {"$elemMatch": {"host": self.host,
+                                        "status": {"$in": ["error", "retrying"]}}}}
+        if not self.site.upload_options:
+            return mine
+        # a copy this site pushed (to a site that may run no cax) is healed from here when found
+        # bad; naming the hosts keeps the query on the data.host index
+        return {"$or": [mine, {"data": {"$elemMatch": {
+            "host": {"$in": list(self.site.upload_options)}, "status": "error",
+            "error_kind": {"$in": list(FOUND_BAD)}, "creation_place": self.host}}}]}
 
     def each_location(self, run, datum):
         if datum["host"] != self.host and not (
@@ -193,8 +196,8 @@ class RetryBadChecksumTransfer(_Heal):
         if not bad:
             return
         if datum.get("error_kind") == "checksum" and datum.get("source") \
-                and self.failed_twice(run, datum):
-            self.recheck_source(run, datum)
+                and scrub.failed_verifications(self, run, datum) >= 2:
+            scrub.recheck_source(self, run, datum)
             run = self.db.run(run["_id"], self.projection) or run
             datum = next((d for d in run.get("data") or [] if isinstance(d, dict)
                           and datum_key(d) == datum_key(datum)), None)
@@ -213,51 +216,3 @@ class RetryBadChecksumTransfer(_Heal):
             return
         self.retry(run, datum, run["data"].index(datum),
                    f"bad checksum; good copy at {good[0]['host']}")
-
-    def failed_twice(self, run, datum) -> bool:
-        """Record this failed verification on the run (once: it is named by its time) and say
-        whether copies of this datum from its source have failed verification twice or more."""
-        entry = {"host": datum["host"], "type": datum["type"],
-                 "pax_version": datum.get("pax_version"), "source": datum["source"],
-                 "at": str(datum.get("error_time"))}
-        seen = [e for e in run.get("failed_verifications") or [] if isinstance(e, dict)]
-        if entry not in seen and not self.dry_run:
-            self.db.add_run_entry(run["_id"], "failed_verifications", entry)
-            seen.append(entry)
-        same = {e["at"] for e in seen if all(e.get(k) == entry[k]
-                                             for k in ("host", "type", "pax_version", "source"))}
-        return len(same | {entry["at"]}) >= 2
-
-    def recheck_source(self, run, datum) -> None:
-        """Re-hash the source of a copy that failed verification twice, where it lies; flag it
-        ``corrupt`` if it differs from what it was verified as (copies are only made from a
-        source whose recorded checksum is the reference)."""
-        from cax.deletion import CopyChecker
-        src = next((d for d in run.get("data") or [] if isinstance(d, dict)
-                    and d.get("host") == datum["source"] and d.get("type") == datum["type"]
-                    and d.get("pax_version") == datum.get("pax_version")), None)
-        if src is None or src.get("status") != "transferred" or not src.get("checksum"):
-            return
-        ref = {"checksum": src["checksum"], "checksum_type": src.get("checksum_type", "sha512"),
-               "host": src["host"]}
-        checker = CopyChecker(self.site, self.ctx.config.sites, self.connections(),
-                              reverify_days=0, cancel=self.ctx.stop.is_set,
-                              occasion="as the source of copies that failed verification")
-        result = checker.check(run, src, ref, origin=True)
-        key = datum_key(src)
-        if result.ok:
-            self.log(logging.INFO, run, f"source {src['host']} re-hashed after two failed "
-                     f"verifications of its copy: it matches", datum=key)
-            if not self.dry_run:
-                self.db.update_datum(run["_id"], dict(key, checksum=src["checksum"]),
-                                     "transferred", {"checksum_time": now()})
-        elif not result.kind:
-            self.log(logging.WARNING, run, f"source not re-checked: {result.reason}", datum=key)
-        elif self.dry_run:
-            self.log(logging.WARNING, run, f"dry-run: would flag the source {result.kind}: "
-                     f"{result.reason}", datum=key)
-        else:
-            reason = f"{result.reason}; two copies from it failed verification"
-            self.log(logging.ERROR, run, f"error ({result.kind}): {reason}", datum=key)
-            self.db.set_error(run["_id"], key, "transferred", reason, kind=result.kind,
-                              extra_match={"checksum": src["checksum"]})

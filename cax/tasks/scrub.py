@@ -7,6 +7,13 @@ last verification (``checksum_time``) is older than ``scrub.every_days``, the ol
 that matches gets a fresh ``checksum_time``; one whose files are gone or whose bytes or file count
 differ from the recorded ones is marked ``error`` kind ``lost``, one whose checksum differs
 ``corrupt``; both then heal (RetryBadChecksumTransfer) and stop counting as good copies.
+
+The same re-hash where the data lie serves a source suspected by its copies: a source that looks
+right in the Runs DB but went bad on disk after its verification makes every copy of it fail, and
+would be pulled again on every retry. After two failed verifications of copies from one source
+(:func:`failed_verifications`), RetryBadChecksumTransfer re-hashes it (:func:`recheck_source`) and
+flags it ``corrupt`` if it differs, so it is no source again (copies come only from ``transferred``
+datums) and heals itself.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.deletion import CORRUPT, LOST, REFUSED_KIND, find_datum
+from cax.deletion import CORRUPT, LOST, REFUSED_KIND, CopyChecker, find_datum
 from cax.runsdb import as_utc, datum_key, now
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
@@ -100,10 +107,6 @@ class VerifyCopies(Task):
         size = have[0]
         if size > left and not first:
             return None
-        if self.dry_run:
-            self.log(logging.INFO, run, f"dry-run: would re-hash {location} ({size} bytes)",
-                     datum=key)
-            return size
         algorithm = datum.get("checksum_type") or "sha512"
         try:
             digest = compute_checksum(location, algorithm, cancel=self.ctx.stop.is_set)
@@ -117,8 +120,9 @@ class VerifyCopies(Task):
                                             f"differs from its verified "
                                             f"{datum['checksum'][:16]}... (found by the scrub)")
             return size
-        self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",
-                             {"checksum_time": now()})
+        if not self.dry_run:  # a dry run reads and reports, and writes nothing
+            self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",
+                                 {"checksum_time": now()})
         self.log(logging.DEBUG, run, f"scrubbed {location}: {algorithm} matches", datum=key)
         return size
 
@@ -130,3 +134,54 @@ class VerifyCopies(Task):
         self.log(logging.ERROR, run, f"error ({kind}): {reason}", datum=key)
         self.db.set_error(run["_id"], key, "transferred", reason, kind=kind,
                           extra_match={"checksum": datum["checksum"]})
+
+
+# ---- a source suspected by the copies made from it (RetryBadChecksumTransfer) ----------------
+def failed_verifications(task, run, datum) -> int:
+    """Record the failed verification of copy ``datum`` on the run (once: it is named by its
+    time; the datum itself is pulled by the retry) and return how many copies of it from the
+    same source have failed verification so far."""
+    entry = {"host": datum["host"], "type": datum["type"],
+             "pax_version": datum.get("pax_version"), "source": datum["source"],
+             "at": str(datum.get("error_time"))}
+    seen = [e for e in run.get("failed_verifications") or [] if isinstance(e, dict)]
+    if entry not in seen and not task.dry_run:
+        task.db.add_run_entry(run["_id"], "failed_verifications", entry)
+        seen.append(entry)
+    same = {e["at"] for e in seen if all(e.get(k) == entry[k]
+                                         for k in ("host", "type", "pax_version", "source"))}
+    return len(same | {entry["at"]})
+
+
+def recheck_source(task, run, datum) -> None:
+    """Re-hash the source of a copy that failed verification twice, where it lies; flag it
+    ``corrupt`` if it differs from what it was verified as (copies are only made from a
+    source whose recorded checksum is the reference)."""
+    src = next((d for d in run.get("data") or [] if isinstance(d, dict)
+                and d.get("host") == datum["source"] and d.get("type") == datum["type"]
+                and d.get("pax_version") == datum.get("pax_version")), None)
+    if src is None or src.get("status") != "transferred" or not src.get("checksum"):
+        return
+    ref = {"checksum": src["checksum"], "checksum_type": src.get("checksum_type", "sha512"),
+           "host": src["host"]}
+    checker = CopyChecker(task.site, task.ctx.config.sites, task.connections(),
+                          reverify_days=0, cancel=task.ctx.stop.is_set,
+                          occasion="as the source of copies that failed verification")
+    result = checker.check(run, src, ref, origin=True)
+    key = datum_key(src)
+    if result.ok:
+        task.log(logging.INFO, run, f"source {src['host']} re-hashed after two failed "
+                 f"verifications of its copy: it matches", datum=key)
+        if not task.dry_run:
+            task.db.update_datum(run["_id"], dict(key, checksum=src["checksum"]),
+                                 "transferred", {"checksum_time": now()})
+    elif not result.kind:
+        task.log(logging.WARNING, run, f"source not re-checked: {result.reason}", datum=key)
+    elif task.dry_run:
+        task.log(logging.WARNING, run, f"dry-run: would flag the source {result.kind}: "
+                 f"{result.reason}", datum=key)
+    else:
+        reason = f"{result.reason}; two copies from it failed verification"
+        task.log(logging.ERROR, run, f"error ({result.kind}): {reason}", datum=key)
+        task.db.set_error(run["_id"], key, "transferred", reason, kind=result.kind,
+                          extra_match={"checksum": src["checksum"]})

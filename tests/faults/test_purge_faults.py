@@ -4,7 +4,6 @@ Real components: the embedded store (cax's default Runs DB), real files, the rea
 ``cax rm``; the remote copies of (c) live behind the private OpenSSH sshd (tests/sshd.py) and are
 checked through scp, sftp and rsync sites.
 """
-import json
 import os
 import shutil
 from datetime import timedelta
@@ -18,7 +17,7 @@ from cax.runsdb import connect, now
 from cax.tasks.purge import BufferPurger
 from cax.tasks.size import AddSize
 from tests.purge_helpers import add_run, ctx, sites_config
-from tests.sshd import live_sshd, ssh_site, sshd  # noqa: F401
+from tests.sshd import live_sshd, sshd  # noqa: F401
 
 NAME = "160301_1200"
 
