@@ -84,3 +84,26 @@ def test_idle_pass_is_one_query(tmp_path):
     db.queries = 0
     VerifyCopies(ctx(cfg, "buffer", db)).go()
     assert db.queries == 3
+
+
+def test_failed_verifications_recorded_once_each_on_every_backend(collection):
+    """The run-level list the source re-check counts: an event seen on several passes (the same
+    datum, the same error_time) is recorded once; the scrub's query selects on every backend."""
+    db = RunsDB(collection)
+    t = now()
+    collection.insert_one({"_id": 1, "number": 1, "name": "r", "data": [
+        {"host": "b", "type": "raw", "status": "transferred", "checksum": "X",
+         "checksum_time": t - timedelta(days=3)},
+        {"host": "b", "type": "processed", "pax_version": "v1", "status": "transferred",
+         "checksum": "Y", "checksum_time": t}]})
+    e1 = {"host": "a", "type": "raw", "pax_version": None, "source": "b", "at": "1"}
+    assert db.add_run_entry(1, "failed_verifications", e1)
+    assert not db.add_run_entry(1, "failed_verifications", dict(e1))
+    assert db.add_run_entry(1, "failed_verifications", dict(e1, at="2"))
+    assert [e["at"] for e in collection.find_one({"_id": 1})["failed_verifications"]] == ["1", "2"]
+    due = {"data": {"$elemMatch": {
+        "host": "b", "status": "transferred", "checksum": {"$ne": None},
+        "$or": [{"checksum_time": None}, {"checksum_time": {"$lt": t - timedelta(days=1)}}]}}}
+    assert [r["_id"] for r in db.find_runs(due)] == [1]
+    collection.update_one({"_id": 1}, {"$set": {"data.0.checksum_time": t}})
+    assert list(db.find_runs(due)) == []
