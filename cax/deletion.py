@@ -240,12 +240,16 @@ class CopyChecker:
             return Check(True)
         algorithm = _ctype(ref)
         try:
-            digest = method.checksum(location, algorithm) \
-                if getattr(method, "remote_checksum", False) else None
+            if method.name == "local":  # here: hashed with the stop request honoured
+                from cax.checksum import checksum
+                digest = checksum(location, algorithm, cancel=self.cancel)
+            else:
+                digest = method.checksum(location, algorithm) \
+                    if getattr(method, "remote_checksum", False) else None
         except (SourceNotFound, FileNotFoundError):
             return Check(False, LOST, f"copy missing at {host}:{location} (checked "
                                       f"{self.occasion})")
-        except (TransferError, OSError, InterruptedError) as e:
+        except (TransferError, OSError, InterruptedError, ValueError) as e:
             return Check(False, reason=f"cannot re-hash the copy at {host}: {e}")
         if digest is None:
             return Check(False, reason=f"the copy at {host} cannot be re-hashed where it is "
@@ -348,7 +352,7 @@ def remove_path(location: str) -> bool:
 def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
                  own_statuses=("transferred",), force: bool = False, dry_run: bool = False,
                  say: Say = _default_say, attempts: int = 3, sites: Optional[dict] = None,
-                 connections=None, reverify_days: Optional[float] = None):
+                 connections=None, reverify_days: Optional[float] = None, cancel=None):
     """Delete this site's copy ``key`` of run ``run_id`` under the invariant (generator).
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
@@ -358,14 +362,15 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
     Site, the config's) says how to reach the counted copies to check them (a copy of a site not
     in it is not counted), and lets a copy of another site name on this machine at the same path
     be recognised as this very copy. ``connections`` is the pass's connection pool (one
-    connection per remote site); ``reverify_days`` the site's ``purge.reverify_days``.
+    connection per remote site); ``reverify_days`` the site's ``purge.reverify_days``;
+    ``cancel`` (the daemon's stop request) cuts a local re-hash short (the deletion then waits).
     ``min_copies`` below 1 without ``force`` is a caller's bug (it would let the last good copy go
     without the admin's typed confirmation), so it raises.
     """
     if min_copies < 1 and not force:
         raise ValueError(f"min_copies={min_copies} without force: refusing to allow deleting the "
                          f"last good copy")
-    checker = CopyChecker(site, sites, connections, reverify_days)
+    checker = CopyChecker(site, sites, connections, reverify_days, cancel=cancel)
     try:
         outcome = yield from _delete_steps(db, site, run_id, key, min_copies=min_copies,
                                            own_statuses=own_statuses, force=force,

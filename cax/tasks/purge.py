@@ -109,7 +109,8 @@ class _Purge(Task):
                                        min_copies=self.min_copies, dry_run=self.dry_run, say=say,
                                        sites=self.ctx.config.sites,
                                        connections=self.connections(),
-                                       reverify_days=self.settings.get("reverify_days"))
+                                       reverify_days=self.settings.get("reverify_days"),
+                                       cancel=self.ctx.stop.is_set)
         if outcome.action == "would-delete":
             self._would_free[datum["type"]] = (self._would_free.get(datum["type"], 0)
                                                + _size_of(datum))
