@@ -691,3 +691,15 @@ def test_purge_and_scrub_settings_in_the_config(tmp_path):
         with pytest.raises(cfgmod.ConfigError) as e:
             cfgmod.parse(json.dumps(d), "c.json")
         assert key in str(e.value)
+
+
+def test_purge_processed_checks_the_copies_it_counts(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    _flip(str(tmp_path / "archive" / "v1" / "160301_1200"))
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert copies(db, 1, "processed") == {"buffer": "transferred", "archive": "error"}
+    run = db.collection.find_one({"number": 1})
+    assert run["data"][1]["error_kind"] == "corrupt"
