@@ -216,9 +216,16 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
             raise _cli.Fatal("--force needs a typed confirmation and stdin is not a terminal; "
                              "add --yes-i-know-this-deletes-data to delete anyway", 2)
     say = lambda level, msg: _echo_say(level, f"run={run.get('name')} datum={key_str(key)} {msg}")  # noqa: E731
-    outcome = deletion.delete_copy(a.db, a.site, run["_id"], key, min_copies=min_copies,
-                                   own_statuses=("transferred", "error"), force=force,
-                                   dry_run=a.dry_run, say=say, sites=a.config.sites)
+    from cax.transfer.pool import ConnectionPool
+    pool = ConnectionPool()  # one connection per remote site whose copy is checked
+    try:
+        outcome = deletion.delete_copy(a.db, a.site, run["_id"], key, min_copies=min_copies,
+                                       own_statuses=("transferred", "error"), force=force,
+                                       dry_run=a.dry_run, say=say, sites=a.config.sites,
+                                       connections=pool,
+                                       reverify_days=(a.site.purge or {}).get("reverify_days"))
+    finally:
+        pool.close()
     if outcome.action in ("deleted", "would-delete"):
         return
     if outcome.action == "unsafe":

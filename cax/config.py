@@ -33,6 +33,7 @@ DEFAULT_TASKS = (
     "AddChecksum",
     "AddSize",
     "SetPermission",
+    "VerifyCopies",
     "ProcessBatchQueue",
     "PurgeProcessed",
     "BufferPurger",
@@ -57,9 +58,24 @@ PURGE_SCHEMA = {
         "versions": {"type": "array", "items": {"type": "string"}},
         "old_versions": {"type": "boolean"},
         "enabled": {"type": "boolean"},
+        # null: re-hash every counted copy before an origin goes, others after 30 days
+        "reverify_days": {"anyOf": [{"type": "null"}, _pos_num]},
     },
     "additionalProperties": False,
 }
+
+SCRUB_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "bytes_per_pass": {"type": "integer", "minimum": 1},
+        "every_days": _pos_num,
+        "enabled": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+
+#: what ``"scrub": true`` means: re-hash up to 10 GiB a pass of copies last verified 30 days ago
+SCRUB_DEFAULTS = {"bytes_per_pass": 10 * 2 ** 30, "every_days": 30.0}
 
 PROCESSING_SCHEMA = {
     "type": "object",
@@ -108,6 +124,7 @@ SITE_SCHEMA = {
         "download_options": _str_list_or_null,
         "data_type": {"type": "array", "items": {"enum": list(DATA_TYPES)}},
         "purge": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 1}, PURGE_SCHEMA]},
+        "scrub": {"anyOf": [{"type": "boolean"}, SCRUB_SCHEMA]},
         "pax_versions": {"type": "array", "items": {"type": "string"}},
         "task_list": {"type": "array", "items": {"type": "string"}},
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
@@ -167,6 +184,7 @@ class Site:
     download_options: list = field(default_factory=list)
     data_type: list = field(default_factory=lambda: ["raw", "processed"])
     purge: Optional[dict] = None  # None: this site never purges
+    scrub: Optional[dict] = None  # None: VerifyCopies does nothing here
     pax_versions: list = field(default_factory=list)
     task_list: Optional[list] = None
     dataset_list: Optional[list] = None
@@ -319,9 +337,15 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         purge = {"min_copies": purge}
     if purge is not None:
         purge = {"min_copies": 2, "older_than_days": 0, "min_free_fraction": 0.0,
-                 "types": ["raw"], **purge}
+                 "types": ["raw"], "reverify_days": None, **purge}
         if purge.get("enabled") is False:
             purge = None
+
+    scrub = raw.get("scrub")
+    scrub = None if scrub in (None, False) else dict(SCRUB_DEFAULTS, **(scrub if isinstance(
+        scrub, dict) else {}))
+    if scrub is not None and scrub.get("enabled") is False:
+        scrub = None
 
     processing = raw.get("processing")
     if processing is not None:
@@ -378,6 +402,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         download_options=list(raw.get("download_options") or []),
         data_type=list(data_type),
         purge=purge,
+        scrub=scrub,
         pax_versions=list(raw.get("pax_versions") or []),
         task_list=raw.get("task_list"),
         dataset_list=raw.get("dataset_list"),

@@ -9,6 +9,13 @@ site marked it ``deleting``, a checksum task flagged it ``error``) the mark fail
 deleted. Good copies only ever leave the good set through such a mark, so the number of good copies
 never drops below ``min_copies`` (or below what it was, if fewer).
 
+Before a copy is deleted, every copy that is counted for it is checked where it lives
+(:class:`CopyChecker`, through its site's transfer method): its files exist and their bytes and
+file count are what was recorded, and, when its last verification is old (always, by default, before
+an origin such as the DAQ buffer's copy goes), it is re-hashed. A copy that fails is marked
+``error`` (``error_kind`` ``lost`` or ``corrupt``) so it heals, is not counted, and the deletion
+waits: the Runs DB records what the copies were, and only the files say what they are.
+
 Protocol: mark ``deleting`` -> remove files -> pull the datum. A crash after any step leaves either a
 ``transferred`` datum with its files (nothing happened) or a ``deleting`` datum of this host, which the
 next pass finishes (files removed if still present, datum pulled). A ``deleting`` datum is never
@@ -24,11 +31,13 @@ import os
 import shutil
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable, Optional
 
 from cax import paths
 from cax.config import same_machine
-from cax.runsdb import datum_key, key_str, now, reference, reference_problem
+from cax.runsdb import as_utc, datum_key, key_str, now, reference, reference_problem
+from cax.transfer.base import SourceNotFound, TransferError
 
 log = logging.getLogger("cax.deletion")
 
@@ -104,6 +113,152 @@ def good_spec(datum: dict, ref: dict) -> dict:
     return {"host": datum["host"], "type": datum["type"], "pax_version": datum.get("pax_version"),
             "status": "transferred", "checksum": ref["checksum"],
             "checksum_type": {"$in": [ctype, None]} if ctype == "sha512" else ctype}
+
+
+#: ``error_kind`` of a copy whose files are gone, or whose bytes or file count are not what was
+#: recorded, and of one whose re-computed checksum differs from the reference: both heal
+#: (RetryBadChecksumTransfer) and neither is counted as a good copy
+LOST, CORRUPT = "lost", "corrupt"
+
+#: days after which a counted copy is re-hashed before a copy that is not an origin is deleted,
+#: when the site sets no ``purge.reverify_days`` (before an origin goes, every counted copy is)
+DEFAULT_REVERIFY_DAYS = 30.0
+
+
+@dataclass
+class Check:
+    """What checking one counted copy found. ``kind`` is LOST or CORRUPT for a bad copy, '' when
+    it could not be checked (site unreachable, not in the config): not counted, not flagged."""
+
+    ok: bool
+    kind: str = ""
+    reason: str = ""
+    rehashed: bool = False
+
+
+def is_origin(datum: dict, ref: Optional[dict]) -> bool:
+    """The copy data were first verified in (the DAQ buffer for raw data): no ``source``, or
+    the reference's site. Deleting it is where a silent fault elsewhere would cost the run."""
+    return not datum.get("source") or (ref is not None and datum.get("host") == ref.get("host"))
+
+
+def recorded_tree(run: dict, datum: dict, ref: Optional[dict]):
+    """((bytes, files), whose) the copy must have: its own ``size``/``files`` (AddSize), else the
+    reference site's copy's; (None, '') when neither is recorded."""
+    def of(d):
+        size, files = d.get("size"), d.get("files")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (size, files))
+        return (size, files) if ok else None
+    if of(datum):
+        return of(datum), "recorded"
+    if ref is not None and ref.get("host") and ref["host"] != datum.get("host"):
+        _, d = find_datum(run, datum_key(dict(datum, host=ref["host"])))
+        if d is not None and is_good(d, ref) and of(d):
+            return of(d), f"recorded for the reference copy at {ref['host']}"
+    return None, ""
+
+
+class CopyChecker:
+    """Checks a counted copy where it lives, through its site's transfer method.
+
+    ``sites`` (name -> Site, the config's) says how to reach each site; this site's own copies
+    are read from this filesystem. Remote sites are reached through ``pool`` (the pass's
+    :class:`cax.transfer.pool.ConnectionPool`: one connection per remote site), or through a pool
+    of the checker's own, closed by :meth:`close`. ``reverify_days`` is ``purge.reverify_days``.
+    """
+
+    def __init__(self, site, sites: Optional[dict] = None, pool=None,
+                 reverify_days: Optional[float] = None, cancel=None,
+                 occasion: str = "before a purge"):
+        self.site = site
+        self.occasion = occasion
+        self.sites = sites or {}
+        self.reverify_days = reverify_days
+        self.cancel = cancel
+        self._pool, self._own_pool = pool, None
+
+    def close(self) -> None:
+        if self._own_pool is not None:
+            self._own_pool.close()
+            self._own_pool = None
+
+    def _method(self, host: str):
+        """(site, method) reaching ``host``'s files; raises LookupError for an unknown site."""
+        from cax.transfer.local import LocalMethod
+        if host == self.site.name:
+            return self.site, LocalMethod(self.site, cancel=self.cancel)
+        other = self.sites.get(host)
+        if other is None:
+            raise LookupError(f"site {host!r} is not in the config: its copy cannot be checked")
+        if other.method == "local":
+            return other, LocalMethod(other, cancel=self.cancel)
+        pool = self._pool
+        if pool is None:
+            if self._own_pool is None:
+                from cax.transfer.pool import ConnectionPool
+                self._own_pool = ConnectionPool(cancel=self.cancel)
+            pool = self._own_pool
+        return other, pool.method(other)
+
+    def due(self, datum: dict, origin: bool) -> bool:
+        """Re-hash this counted copy first? Its last verification is ``checksum_time``."""
+        days = self.reverify_days
+        if days is None:
+            if origin:
+                return True
+            days = DEFAULT_REVERIFY_DAYS
+        last = as_utc(datum.get("checksum_time"))
+        return last is None or now() - last >= timedelta(days=days)
+
+    def check(self, run: dict, datum: dict, ref: dict, origin: bool) -> Check:
+        host, location = datum.get("host"), datum.get("location")
+        try:
+            site, method = self._method(host)
+            if method.name == "local":
+                location = paths.check_location(site, location, datum.get("type"))
+            else:
+                location = paths.check_remote_location(site, location, datum.get("type"))
+        except LookupError as e:
+            return Check(False, reason=str(e.args[0]))
+        except paths.UnsafePath as e:
+            return Check(False, reason=f"copy at {host} not checked: {e}")
+        except TransferError as e:
+            return Check(False, reason=f"cannot reach {host} to check its copy: {e}")
+        try:
+            have = tuple(method.tree(location))
+        except (SourceNotFound, FileNotFoundError):
+            return Check(False, LOST, f"copy missing at {host}:{location} (checked "
+                                      f"{self.occasion})")
+        except (TransferError, OSError) as e:
+            return Check(False, reason=f"cannot check the copy at {host}: {e}")
+        want, whose = recorded_tree(run, datum, ref)
+        if want is not None and have != want:
+            return Check(False, LOST, f"{have[0]} bytes in {have[1]} files at {host}:{location}, "
+                                      f"{want[0]} bytes in {want[1]} files {whose} (checked "
+                                      f"{self.occasion})")
+        if want is not None and not self.due(datum, origin):
+            return Check(True)
+        algorithm = _ctype(ref)
+        try:
+            if method.name == "local":  # here: hashed with the stop request honoured
+                from cax.checksum import checksum
+                digest = checksum(location, algorithm, cancel=self.cancel)
+            else:
+                digest = method.checksum(location, algorithm) \
+                    if getattr(method, "remote_checksum", False) else None
+        except (SourceNotFound, FileNotFoundError):
+            return Check(False, LOST, f"copy missing at {host}:{location} (checked "
+                                      f"{self.occasion})")
+        except (TransferError, OSError, InterruptedError, ValueError) as e:
+            return Check(False, reason=f"cannot re-hash the copy at {host}: {e}")
+        if digest is None:
+            return Check(False, reason=f"the copy at {host} cannot be re-hashed where it is "
+                                       f"(method {method.name})")
+        if digest != ref["checksum"]:
+            return Check(False, CORRUPT, f"{algorithm} checksum {digest[:16]}... of "
+                                         f"{host}:{location} differs from reference "
+                                         f"{ref['checksum'][:16]}... (re-hashed {self.occasion})")
+        return Check(True, rehashed=True)
 
 
 @dataclass
@@ -196,20 +351,72 @@ def remove_path(location: str) -> bool:
 
 def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
                  own_statuses=("transferred",), force: bool = False, dry_run: bool = False,
-                 say: Say = _default_say, attempts: int = 3, sites: Optional[dict] = None):
+                 say: Say = _default_say, attempts: int = 3, sites: Optional[dict] = None,
+                 connections=None, reverify_days: Optional[float] = None, cancel=None):
     """Delete this site's copy ``key`` of run ``run_id`` under the invariant (generator).
 
     Yields after the decision (``'decided'``), the mark (``'marked'``), the file removal
     (``'removed'``); returns an :class:`Outcome`. A datum already ``deleting`` skips straight to the
     finish (a dry run only says it would). ``force`` (``cax rm --force`` after a typed
     confirmation) drops the invariant, never the path checks or the protocol. ``sites`` (name ->
-    Site, the config's) lets a copy of another site name on this machine at the same path be
-    recognised as this very copy. ``min_copies`` below 1 without ``force`` is a caller's bug (it
-    would let the last good copy go without the admin's typed confirmation), so it raises.
+    Site, the config's) says how to reach the counted copies to check them (a copy of a site not
+    in it is not counted), and lets a copy of another site name on this machine at the same path
+    be recognised as this very copy. ``connections`` is the pass's connection pool (one
+    connection per remote site); ``reverify_days`` the site's ``purge.reverify_days``;
+    ``cancel`` (the daemon's stop request) cuts a local re-hash short (the deletion then waits).
+    ``min_copies`` below 1 without ``force`` is a caller's bug (it would let the last good copy go
+    without the admin's typed confirmation), so it raises.
     """
     if min_copies < 1 and not force:
         raise ValueError(f"min_copies={min_copies} without force: refusing to allow deleting the "
                          f"last good copy")
+    checker = CopyChecker(site, sites, connections, reverify_days, cancel=cancel)
+    try:
+        outcome = yield from _delete_steps(db, site, run_id, key, min_copies=min_copies,
+                                           own_statuses=own_statuses, force=force,
+                                           dry_run=dry_run, say=say, attempts=attempts,
+                                           sites=sites, checker=checker)
+    finally:
+        checker.close()
+    return outcome
+
+
+def _check_counted(db, run_id, run, named: list, ref: dict, origin: bool, checker, checked: dict,
+                   dry_run: bool, say: Say) -> Optional[Outcome]:
+    """Check every named copy where it lives; None when all are sound, else why the deletion
+    waits (bad copies flagged ``error`` so they heal and are not counted again)."""
+    problems = []
+    for d in named:
+        ident = (d["host"], d.get("location"), d.get("checksum"))
+        result = checked.get(ident)
+        if result is None:
+            result = checked[ident] = checker.check(run, d, ref, origin)
+            if result.ok and result.rehashed and not dry_run:
+                db.update_datum(run_id, dict(key_of(d), checksum=d["checksum"]), "transferred",
+                                {"checksum_time": now()})
+            if not result.ok and result.kind:
+                if dry_run:
+                    say(logging.WARNING, f"dry-run: would flag the copy at {d['host']} "
+                        f"{result.kind}: {result.reason}")
+                else:
+                    say(logging.ERROR, f"copy at {d['host']} is {result.kind}: {result.reason}; "
+                        f"marked error so it heals")
+                    db.set_error(run_id, key_of(d), "transferred", result.reason,
+                                 kind=result.kind, extra_match={"checksum": d["checksum"]})
+        if not result.ok:
+            problems.append(f"{d['host']} {result.kind}" if result.kind else result.reason)
+    if not problems:
+        return None
+    bad = any(r.kind for r in (checked.get((d["host"], d.get("location"), d.get("checksum")))
+                               for d in named) if r is not None and not r.ok)
+    return Outcome("unsafe", f"a counted copy failed its check ({'; '.join(problems)}); "
+                             + ("waiting for it to heal" if bad else "waiting until it can be "
+                                                                     "checked"), warn=True)
+
+
+def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, force, dry_run, say,
+                  attempts, sites, checker):
+    checked: dict = {}
     for attempt in range(attempts):
         run = db.run(run_id, PROJECTION)
         if run is None:
@@ -250,6 +457,11 @@ def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
         # name the reference site's copy first, then the rest, up to min_copies
         good.sort(key=lambda d: (d.get("host") != (ref or {}).get("host"), str(d.get("host"))))
         named = [] if force else good[:min_copies]
+        if named:
+            waits = _check_counted(db, run_id, run, named, ref, is_origin(datum, ref), checker,
+                                   checked, dry_run, say)
+            if waits is not None:
+                return waits
         hosts = [d["host"] for d in named]
         if force:
             why = (f"forced by the admin (other verified copies: "

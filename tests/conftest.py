@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.backends", "tests.slurm"]
+pytest_plugins = ["tests.backends", "tests.slurm", "tests.sshd"]
 
 
 def missing_component(reason: str):

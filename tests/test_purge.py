@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,8 +104,14 @@ def test_one_copy_under_two_site_names_is_not_another_copy(tmp_path):
     doc = json.loads(open(cfg).read())
     doc["sites"][2].update(method="rsync", hostname="elsewhere.example.org")
     open(cfg, "w").write(json.dumps(doc))
-    purge(cfg, "buffer", db)
-    assert "buffer" not in copies(db, 1)
+    site = ctx(cfg, "buffer", db).config
+    outcome = deletion.delete_copy(db, site.site("buffer"), run["_id"],
+                                   {"host": "buffer", "type": "raw"}, min_copies=1,
+                                   sites=site.sites)
+    # counted, and so checked where it lives: that host cannot be reached, so the purge waits
+    # (tests/faults/test_purge_faults.py deletes after checking a copy on another host over SSH)
+    assert outcome.action == "unsafe" and "cannot reach buffer2" in outcome.reason, outcome
+    assert copies(db, 1)["buffer"] == "transferred"
 
 
 def _set_all_source(db):
@@ -261,9 +268,10 @@ def test_interrupted_purge_is_finished_by_next_pass(tmp_path, stop_after):
     db = fresh_db()
     run = add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
                                     "archive": "transferred"})
-    site = ctx(cfg, "buffer", db).site
-    steps = deletion.delete_steps(db, site, run["_id"], {"host": "buffer", "type": "raw"},
-                                  min_copies=2)
+    config = ctx(cfg, "buffer", db).config
+    steps = deletion.delete_steps(db, config.site("buffer"), run["_id"],
+                                  {"host": "buffer", "type": "raw"}, min_copies=2,
+                                  sites=config.sites)
     for step in steps:
         if step == stop_after:
             break
@@ -487,7 +495,8 @@ def _race_child(cfg_path, host, run_ids, barrier, results):
     site = cfg.site(host)
     out = {}
     for rid in run_ids:
-        steps = deletion.delete_steps(db, site, rid, {"host": host, "type": "raw"}, min_copies=2)
+        steps = deletion.delete_steps(db, site, rid, {"host": host, "type": "raw"}, min_copies=2,
+                                      sites=cfg.sites)
         waited = False
         try:
             while True:
@@ -564,3 +573,133 @@ def test_pipeline_buffer_purged_once_archive_verified(tmp_path):
     run_pass(context(cfg, "buffer", db))
     assert copies(db, 1) == {"daq": "transferred", "archive": "transferred"}
     assert os.listdir(tmp_path / "buffer") == []
+
+
+# ---- verify before delete (cax/deletion.py CopyChecker) -----------------------------------------
+def _flip(location):
+    with open(os.path.join(location, "f0.bin"), "r+b") as f:
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _verified(db, number, days_ago, source=None):
+    """Sizes recorded (as AddSize does) and the last verification ``days_ago``."""
+    from datetime import timedelta
+
+    from cax.runsdb import now
+    from cax.transfer.base import local_tree
+    run = db.collection.find_one({"number": number})
+    for i, d in enumerate(run["data"]):
+        size, files = local_tree(d["location"])
+        fields = {"size": size, "files": files,
+                  "checksum_time": now() - timedelta(days=days_ago)}
+        if source and d["host"] != source:
+            fields["source"] = source
+        db.collection.update_one({"number": number}, {"$set": {
+            f"data.{i}.{k}": v for k, v in fields.items()}})
+
+
+@pytest.mark.parametrize("reverify_days, days_ago, rehashed", [
+    (None, 1, False),    # a copy's copy, verified yesterday: size and file count checked only
+    (None, 31, True),    # verified over 30 days ago (the default for non-origins): re-hashed
+    (0, 0, True),        # reverify_days 0: every counted copy re-hashed
+    (7, 3, False),
+    (7, 8, True),
+])
+def test_reverify_days_decides_which_counted_copies_are_rehashed(tmp_path, reverify_days,
+                                                                 days_ago, rehashed):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1,
+                                                   "reverify_days": reverify_days}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
+    _verified(db, 1, days_ago, source="daq")   # buffer's copy is a copy of the DAQ's
+    _flip(str(tmp_path / "daq" / "160301_1200"))  # same size: only a re-hash sees it
+    purge(cfg, "buffer", db)
+    if rehashed:
+        assert copies(db, 1) == {"daq": "error", "buffer": "transferred"}
+        run = db.collection.find_one({"number": 1})
+        assert run["data"][0]["error_kind"] == "corrupt"
+    else:
+        assert copies(db, 1) == {"daq": "transferred"}
+
+
+def test_origin_deletion_rehashes_even_fresh_copies_by_default(tmp_path):
+    cfg = sites_config(tmp_path, purge={"daq": {"min_copies": 1}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
+    _verified(db, 1, 0, source="daq")
+    _flip(str(tmp_path / "buffer" / "160301_1200"))
+    purge(cfg, "daq", db)
+    assert copies(db, 1) == {"daq": "transferred", "buffer": "error"}
+    # with reverify_days set, the admin chose otherwise (for the origin too)
+    cfg = sites_config(tmp_path, purge={"daq": {"min_copies": 1, "reverify_days": 5}})
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
+    _verified(db, 2, 1, source="daq")
+    _flip(str(tmp_path / "buffer" / "160302_1200"))
+    purge(cfg, "daq", db)
+    assert copies(db, 2) == {"buffer": "transferred"}
+
+
+def test_counted_copy_of_a_site_not_in_the_config_is_not_counted(tmp_path):
+    cfg = sites_config(tmp_path, names=("daq", "buffer"), purge={"buffer": 1})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
+    db.collection.update_one({"number": 1}, {"$set": {"data.0.host": "gone"}})
+    purge(cfg, "buffer", db)
+    assert copies(db, 1) == {"gone": "transferred", "buffer": "transferred"}
+
+
+def test_a_failed_check_flags_once_and_the_purge_waits(tmp_path, caplog):
+    """The other good copies are not tried in its place this pass: the purge waits, and says
+    why on the next pass too (the flagged copy is no longer counted)."""
+    cfg = sites_config(tmp_path, purge={"daq": {"min_copies": 1}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"}, ref_host="daq")
+    shutil.rmtree(tmp_path / "archive" / "160301_1200")
+    with caplog.at_level(logging.WARNING, logger="cax.task"):
+        purge(cfg, "daq", db)
+    assert copies(db, 1) == {"daq": "transferred", "buffer": "transferred",
+                             "archive": "error"}
+    assert "archive lost" in caplog.text and "waiting for it to heal" in caplog.text
+    purge(cfg, "daq", db)        # next pass: buffer checked and sound, the origin goes
+    assert copies(db, 1) == {"buffer": "transferred", "archive": "error"}
+
+
+def test_purge_and_scrub_settings_in_the_config(tmp_path):
+    from cax import config as cfgmod
+    doc = {"sites": [{"name": "a", "directory": str(tmp_path / "a"), "purge": True, "scrub": True},
+                     {"name": "b", "directory": str(tmp_path / "b"),
+                      "scrub": {"bytes_per_pass": 1000, "every_days": 2}},
+                     {"name": "c", "directory": str(tmp_path / "c"),
+                      "scrub": {"every_days": 2, "enabled": False}}]}
+    cfg = cfgmod.parse(json.dumps(doc), str(tmp_path / "c.json"))
+    a, b, c = (cfg.sites[n] for n in "abc")
+    assert a.purge["reverify_days"] is None
+    assert a.scrub == {"bytes_per_pass": 10 * 2 ** 30, "every_days": 30.0}
+    assert b.scrub == {"bytes_per_pass": 1000, "every_days": 2}
+    assert c.scrub is None
+    assert "VerifyCopies" in cfg.tasks_for("a")
+    order = list(cfgmod.DEFAULT_TASKS)
+    assert order.index("SetPermission") < order.index("VerifyCopies") \
+        < order.index("ProcessBatchQueue")
+    for bad, key in (({"scrub": {"bytes_per_pass": 0}}, "scrub"),
+                     ({"scrub": {"every": 1}}, "scrub"),
+                     ({"purge": {"reverify_days": -1}}, "purge")):
+        d = {"sites": [dict({"name": "a", "directory": str(tmp_path)}, **bad)]}
+        with pytest.raises(cfgmod.ConfigError) as e:
+            cfgmod.parse(json.dumps(d), "c.json")
+        assert key in str(e.value)
+
+
+def test_purge_processed_checks_the_copies_it_counts(tmp_path):
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "versions": ["v1"]}})
+    db = fresh_db()
+    add_run(db, tmp_path, 1, {"buffer": "transferred", "archive": "transferred"},
+            dtype="processed", version="v1")
+    _flip(str(tmp_path / "archive" / "v1" / "160301_1200"))
+    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    assert copies(db, 1, "processed") == {"buffer": "transferred", "archive": "error"}
+    run = db.collection.find_one({"number": 1})
+    assert run["data"][1]["error_kind"] == "corrupt"

@@ -281,6 +281,13 @@ class RunsDB:
                            {"_id": run_id, "references": {"$not": {"$elemMatch": ident}}},
                            {"$push": {"references": entry}})
 
+    def add_run_entry(self, run_id, field: str, entry: dict) -> bool:
+        """Append ``entry`` to the run's list ``field`` unless an equal entry is there (each event
+        recorded once, however often a pass sees it)."""
+        return self._write(f"record {field}",
+                           {"_id": run_id, field: {"$not": {"$elemMatch": entry}}},
+                           {"$push": {field: entry}})
+
     def inc_run(self, run_id, field: str, by: int = 1) -> bool:
         return self._write(f"increment {field}", {"_id": run_id}, {"$inc": {field: by}})
 

@@ -16,6 +16,7 @@ _WHERE = {
     "RetryBadChecksumTransfer": "cax.tasks.retry",
     "AddSize": "cax.tasks.size",
     "SetPermission": "cax.tasks.permission",
+    "VerifyCopies": "cax.tasks.scrub",
     "ProcessBatchQueue": "cax.tasks.process",
     "PurgeProcessed": "cax.tasks.purge",
     "BufferPurger": "cax.tasks.purge",

@@ -1,7 +1,8 @@
 """BufferPurger and PurgeProcessed: free this site's disk without ever losing the last good copy.
 
-Both delete through :mod:`cax.deletion` (invariant re-checked by the marking update, mark -> remove
--> pull), so two sites purging the same run at once can never both go, and a crash mid-way is
+Both delete through :mod:`cax.deletion` (the counted copies checked where they live, on the pass's
+one connection per remote site; invariant re-checked by the marking update; mark -> remove -> pull),
+so two sites purging the same run at once can never both go, and a crash mid-way is
 finished by the next pass: any ``deleting`` datum of this host is finished first, at every site
 (BufferPurger finishes them even where nothing is purged).
 """
@@ -106,7 +107,10 @@ class _Purge(Task):
             return
         outcome = deletion.delete_copy(self.db, self.site, run["_id"], key,
                                        min_copies=self.min_copies, dry_run=self.dry_run, say=say,
-                                       sites=self.ctx.config.sites)
+                                       sites=self.ctx.config.sites,
+                                       connections=self.connections(),
+                                       reverify_days=self.settings.get("reverify_days"),
+                                       cancel=self.ctx.stop.is_set)
         if outcome.action == "would-delete":
             self._would_free[datum["type"]] = (self._would_free.get(datum["type"], 0)
                                                + _size_of(datum))

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.runsdb import as_utc, datum_key, last_beat, now, reference
+from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify_copy
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
@@ -264,16 +265,35 @@ class RetryStalledTransfer(_Heal):
         verify_copy(self, run, datum)
 
 
+#: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch
+FOUND_BAD = ("lost", "corrupt")
+
+
 class RetryBadChecksumTransfer(_Heal):
-    """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere."""
+    """A corrupt copy here is removed and fetched again, but only if a good copy exists elsewhere.
+
+    When copies from one source failed verification twice, the source is re-hashed where it lies
+    (:func:`cax.tasks.scrub.recheck_source`) before this one is retried.
+    """
+
+    projection = dict(_Heal.projection, failed_verifications=1)
 
     def query(self):
         # CompareChecksums (earlier in the pass) turns a transferred mismatch into an error
-        return {"data": {"$elemMatch": {"host": self.host,
+        mine = {"data": {"$elemMatch": {"host": self.host,
                                         "status": {"$in": ["error", "retrying"]}}}}
+        if not self.site.upload_options:
+            return mine
+        # a copy this site pushed (to a site that may run no cax) is healed from here when found
+        # bad; naming the hosts keeps the query on the data.host index
+        return {"$or": [mine, {"data": {"$elemMatch": {
+            "host": {"$in": list(self.site.upload_options)}, "status": "error",
+            "error_kind": {"$in": list(FOUND_BAD)}, "creation_place": self.host}}}]}
 
     def each_location(self, run, datum):
-        if datum["host"] != self.host:
+        if datum["host"] != self.host and not (
+                self.owner(datum) == self.host and datum.get("source")
+                and datum.get("status") == "error" and datum.get("error_kind") in FOUND_BAD):
             return
         if datum.get("status") == "retrying":
             if self.owner(datum) == self.host or datum.get("error_kind") == "checksum":
@@ -282,12 +302,21 @@ class RetryBadChecksumTransfer(_Heal):
         ref = reference(run, datum["type"], datum.get("pax_version"))
         if ref is None:
             return
-        bad = ((datum.get("status") == "error" and datum.get("error_kind") == "checksum")
+        bad = ((datum.get("status") == "error"
+                and datum.get("error_kind") in ("checksum",) + FOUND_BAD)
                or (datum.get("status") == "transferred" and datum.get("checksum")
                    and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
                    and datum["checksum"] != ref["checksum"]))
         if not bad:
             return
+        if datum.get("error_kind") == "checksum" and datum.get("source") \
+                and scrub.failed_verifications(self, run, datum) >= 2:
+            scrub.recheck_source(self, run, datum)
+            run = self.db.run(run["_id"], self.projection) or run
+            datum = next((d for d in run.get("data") or [] if isinstance(d, dict)
+                          and datum_key(d) == datum_key(datum)), None)
+            if datum is None or datum.get("status") != "error":
+                return
         good = [d for d in run["data"] if d is not datum and d.get("type") == datum["type"]
                 and d.get("pax_version") == datum.get("pax_version")
                 and d.get("status") == "transferred" and d.get("checksum") == ref["checksum"]]
