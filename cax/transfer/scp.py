@@ -36,7 +36,7 @@ def _client_class():
                 self.exit_status = chan.recv_exit_status()  # -1: closed without one
                 if chan.recv_stderr_ready():
                     self.stderr = chan.recv_stderr(4096)
-            except (EOFError, OSError, Exception):  # noqa: BLE001 - a broken channel
+            except Exception:  # noqa: BLE001 - a broken channel (EOFError, OSError, SSHException)
                 self.exit_status = -1
             finally:
                 try:

@@ -75,8 +75,7 @@ class KillWhen(threading.Event):
 def _live_links():
     import paramiko
     ssh = [t for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_active()]
-    masters = [p for p in _ssh_masters()]
-    return ssh + masters
+    return ssh + _ssh_masters()
 
 
 def _ssh_masters():
@@ -164,7 +163,7 @@ def _mount_small_disk(where, size_mib=20):
 
 @pytest.fixture
 def small_disk(tmp_path, request):
-    """(mount point, how much it holds): a 20 MiB filesystem, unmounted at the end."""
+    """The mount point of a 20 MiB filesystem, unmounted at the end."""
     where = str(tmp_path / "small")
     umount = _mount_small_disk(where)
     if umount is None:
@@ -174,8 +173,7 @@ def small_disk(tmp_path, request):
         if subprocess.run(umount, capture_output=True).returncode:
             subprocess.run(["umount", "-l", where], capture_output=True)
     request.addfinalizer(unmount)
-    st = os.statvfs(where)
-    return where, st.f_bavail * st.f_frsize
+    return where
 
 
 def fill(where, leave):
@@ -209,7 +207,7 @@ def no_space_config(tmp_path, sshd, method, dest, small):
     ("pull", "sftp"), ("pull", "scp"), ("pull", "rsync")])
 def test_full_destination_is_no_space_and_waits_for_space(tmp_path, live_sshd, small_disk,
                                                           method, direction):
-    small, _capacity = small_disk
+    small = small_disk
     db = mongomock_db()
     src = make_run(str(tmp_path / "daq"), 2)  # 12 MiB
     db.insert_run(run_doc(1, NAME, src))
