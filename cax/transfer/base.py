@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Callable, Optional
 
 
@@ -130,9 +131,8 @@ def local_tree(location: str) -> tuple:
     total = files = 0
     for dirpath, _dirs, names in os.walk(location, followlinks=False):
         for name in names:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            if not os.path.islink(full):
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):  # not links, FIFOs, sockets: as the remote helper
                 total += st.st_size
                 files += 1
     return total, files
