@@ -103,3 +103,16 @@ def test_local_method_tree_counts_regular_files_only(tmp_path):
     assert m.tree(os.path.join(d, "f0.bin")) == (1000, 1)
     with pytest.raises(SourceNotFound):
         m.tree(str(tmp_path / "nope"))
+
+
+def test_local_tree_counts_like_the_remote_helper(tmp_path):
+    """A FIFO (or socket) is no regular file on either side: the counts compare like with like."""
+    import subprocess
+
+    from cax.transfer import remote_hash
+    from cax.transfer.base import local_tree
+    d = make_raw(str(tmp_path), "run1", nfiles=2, size=10)
+    os.mkfifo(os.path.join(d, "stream"))
+    os.symlink("f0.bin", os.path.join(d, "link"))
+    out = subprocess.run(remote_hash.argv("tree", d), capture_output=True, text=True, check=True)
+    assert local_tree(d) == tuple(int(x) for x in out.stdout.split()) == (10 + 11 + 1, 3)

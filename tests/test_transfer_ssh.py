@@ -414,3 +414,44 @@ def test_get_removes_leftovers_of_a_killed_pull(method, ssh_site, tmp_path):
         m.get(remote, local)
     assert tree(local) == tree(str(src))
     assert os.listdir(tmp_path / "local") == ["run1"]
+
+
+# ------------------------------------------------------------------------------ completeness
+@pytest.mark.parametrize("direction", ["put", "get"])
+@pytest.mark.parametrize("method", METHODS + ["local"])
+def test_copy_not_holding_the_expected_tree_is_not_renamed_into_place(method, direction,
+                                                                       ssh_site, tmp_path):
+    """The last check before a rename: the partial copy holds exactly the bytes and regular
+    files expected (a push: its local source's; a pull: what the Runs DB recorded)."""
+    src = tmp_path / "src"
+    total = make_tree(str(src))
+    site = site_for(ssh_site, method)
+    remote = os.path.join(site.dirs["raw"], "run1")
+    local = str(tmp_path / "local" / "run1")
+    with method_class(method)(site) as m:
+        if direction == "get":
+            m.put(str(src), remote)
+        for wrong in ((total + 1, 5), (total, 6)):
+            with pytest.raises(TransferFailed, match="incomplete copy") as err:
+                if direction == "put":
+                    m.put(str(src), remote, expect=wrong)
+                else:
+                    m.get(remote, local, expect=wrong)
+            assert "\n" not in str(err.value)
+            assert not os.path.exists(remote if direction == "put" else local)
+        if direction == "put":
+            m.put(str(src), remote, expect=(total, 5))
+        else:
+            m.get(remote, local, expect=(total, 5))
+    assert tree(remote if direction == "put" else local) == tree(str(src))
+    no_partials(site.dirs["raw"], str(tmp_path / "local"))
+
+
+@pytest.mark.parametrize("method", METHODS + ["local"])
+def test_free_bytes_is_the_filesystems_room_for_a_path_not_made_yet(method, ssh_site):
+    site = site_for(ssh_site, method)
+    with method_class(method)(site) as m:
+        free = m.free_bytes(os.path.join(site.dirs["raw"], "not", "there", "yet"))
+    st = os.statvfs(site.dirs["raw"])
+    # the same filesystem, measured twice while other tests may write to it
+    assert abs(free - st.f_bavail * st.f_frsize) < 256 * 1024 * 1024

@@ -1,9 +1,11 @@
 """CopyPush and CopyPull: make the copies that the sites' upload/download options ask for.
 
 A copy is claimed in the Runs DB before a byte moves (exactly one daemon wins), goes to a temporary
-name and is renamed into place by the transfer method, and ends ``verifying`` (or straight
-``transferred`` when its checksum can be computed where the data now are). Any failure leaves the
-datum ``error`` with the reason.
+name and is renamed into place by the transfer method only once it holds exactly the source's bytes
+and files (the source datum's recorded ``size`` and ``files``, else measured where the source is),
+and ends ``verifying`` (or straight ``transferred`` when its checksum can be computed where the data
+now are). Any failure leaves the datum ``error`` with the reason and the error's kind (``no-space``
+for a full destination: RetryStalledTransfer waits for room before sending it again).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from cax.checksum import checksum
 from cax.runsdb import RunsDBLost, expected_checksum, key_str, now
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
-from cax.transfer import Interrupted, TransferError
-from cax.transfer.ssh import local_tree_size
+from cax.transfer import Interrupted, SourceNotFound, TransferError
+from cax.transfer.base import local_tree
 
 
 class _Copy(Task):
@@ -143,7 +145,7 @@ class _Copy(Task):
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
         job = (run, key, src_path, dst_path, remote,
-               f"{src.name} -> {dst.name} via {remote.method}", src_datum.get("size"))
+               f"{src.name} -> {dst.name} via {remote.method}", recorded_tree(src_datum))
         if not parallel:
             self._transfer(*job)
             return
@@ -155,29 +157,30 @@ class _Copy(Task):
         finally:
             self._slots.release()
 
-    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded_size):
+    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded):
         started = time.monotonic()
         moved = [0]
         bar = None
         try:
             method = self.method(remote)
-            size = self._source_size(method, src_path, recorded_size)
-            self.log(logging.INFO, run, f"copy start {what}, "
-                     f"{'size unknown' if size is None else f'{size} bytes'}", datum=key)
+            expect = self._source_tree(method, src_path, recorded)
+            size = expect[0]
+            self.log(logging.INFO, run, f"copy start {what}, {size} bytes in {expect[1]} files",
+                     datum=key)
             if progress.wanted():
                 bar = progress.Bar(f"{run['name']} {key_str(key)}", size)
             method.progress = self._progress(run, key, moved, bar)
             # no makedirs here: put and get create the destination's parent themselves (a
             # pull's parent is local, and asking the remote site to make it was wrong)
             if self.direction == "push":
-                method.put(src_path, dst_path)
+                method.put(src_path, dst_path, expect=expect)
             else:
-                method.get(src_path, dst_path)
+                method.get(src_path, dst_path, expect=expect)
         except Interrupted:
             self.record_error(run, key, "transferring", "interrupted", kind="interrupted")
             return
         except TransferError as e:
-            self.record_error(run, key, "transferring", str(e))
+            self.record_error(run, key, "transferring", str(e), kind=e.kind)
             return
         except Exception as e:  # still a failed copy: say so in the Runs DB
             self.record_error(run, key, "transferring", f"{type(e).__name__}: {e}")
@@ -201,19 +204,18 @@ class _Copy(Task):
             with kept_alive(self, run["_id"], key):
                 verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 
-    def _source_size(self, method, src_path, recorded):
-        """Bytes the copy will move, for the bar's ETA and the start line: the size recorded
-        for the source copy, else measured where the data are; None (never an error) if
-        neither works."""
-        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+    def _source_tree(self, method, src_path, recorded):
+        """(bytes, regular files) the copy must hold before it is renamed into place: what the
+        source's daemon recorded (AddSize), else measured where the source is (for a pull, the
+        one remote command the size for the progress bar cost before)."""
+        if recorded is not None:
             return recorded
-        try:
-            if self.direction == "push":
-                return local_tree_size(src_path)
-            return method.size(src_path)
-        except (OSError, ValueError, TransferError) as e:
-            self.log(logging.DEBUG, None, f"size of {src_path} unknown: {e}")
-            return None
+        if self.direction == "push":
+            try:
+                return local_tree(src_path)
+            except OSError as e:
+                raise SourceNotFound(f"local source {src_path}: {e.strerror or e}") from None
+        return method.tree(src_path)
 
     def _progress(self, run, key, moved, bar):
         """Counts bytes and refreshes the heartbeat, so a live slow copy never looks stalled."""
@@ -245,6 +247,14 @@ class _Copy(Task):
             self._pool = None
         if lost is not None:
             raise lost
+
+
+def recorded_tree(datum) -> "tuple | None":
+    """(size, files) as recorded on ``datum``, if both are."""
+    size, files = datum.get("size"), datum.get("files")
+    if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (size, files)):
+        return size, files
+    return None
 
 
 class CopyPush(_Copy):

@@ -15,11 +15,14 @@ from cax.runsdb import as_utc, datum_key, last_beat, now, reference
 from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify_copy
+from cax.tasks.space import waits_for_space
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
 from cax.transfer.base import SourceNotFound
 from cax.transfer.local import LocalMethod
 
-HEALABLE = ("stalled", "interrupted", "failed", "unverified")
+HEALABLE = ("stalled", "interrupted", "failed", "unverified", "no-space")
+#: kinds of copies that never reached their final name (only a partial copy may be left)
+NOT_LANDED = ("failed", "interrupted", "no-space")
 
 #: reasons older cax recorded as ``failed`` although the copy had landed under its final name
 #: (verification, not the copy, failed): such a copy is ours to remove, like ``unverified``
@@ -28,7 +31,7 @@ _LANDED_REASONS = ("checksum failed:", "no reference checksum", "data missing at
 
 def _landed(datum) -> bool:
     kind = datum.get("error_kind")
-    return kind not in ("failed", "interrupted") or (
+    return kind not in NOT_LANDED or (
         kind == "failed" and str(datum.get("error") or "").startswith(_LANDED_REASONS))
 
 
@@ -164,6 +167,11 @@ class RetryStalledTransfer(_Heal):
             index = run["data"].index(datum)
             status = "error"
         if status == "error" and datum.get("error_kind") in HEALABLE:
+            if datum.get("error_kind") == "no-space":
+                wait = waits_for_space(self, run, datum)
+                if wait:
+                    self.log(logging.INFO, run, wait, datum=datum)
+                    return
             if datum.get("error_kind") != "stalled":
                 # back off: a site that is down for an hour must not use up every retry
                 wait = self.site.retry_delay * 2 ** (run.get("retries") or 0)

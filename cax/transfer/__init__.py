@@ -6,6 +6,7 @@ import importlib
 from cax.transfer.base import (  # noqa: F401
     DestinationNotAccessible,
     Interrupted,
+    NoSpace,
     ServiceUnavailable,
     SourceNotFound,
     TransferError,

@@ -7,8 +7,11 @@ Contract every method keeps:
 - ``put(local, remote)`` and ``get(remote, local)`` copy a file or a whole directory tree. Nothing
   appears under the final name until the copy is complete: data go to ``partial_path(final)`` (a
   hidden name in the same directory, so the rename is atomic) and are renamed into place at the end.
-  On any failure the partial copy is removed (best effort) and a typed error is raised; a stale
-  partial left by a copy that died with its connection is removed before a new copy starts.
+  Before that rename the partial copy must hold exactly the expected bytes and regular files
+  (``expect=(bytes, files)``; a push defaults to the local source's :func:`local_tree`), else
+  ``TransferFailed`` and no final name. On any failure the partial copy is removed (best effort)
+  and a typed error is raised; a stale partial left by a copy that died with its connection is
+  removed before a new copy starts. A destination without room for the copy raises ``NoSpace``.
 - ``progress(nbytes)`` (optional callable given to the constructor) is called as bytes move; the task
   uses it for heartbeats and progress bars.
 - ``cancel()`` (optional callable) is polled between files and chunks; when it returns True the copy
@@ -18,12 +21,17 @@ Contract every method keeps:
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import Callable, Optional
 
 
 class TransferError(Exception):
     """Base of all transfer errors; ``str(err)`` is a one-line reason fit for the Runs DB."""
+
+    #: the datum's ``error_kind`` when a copy fails with this error (docs/design.rst)
+    kind = "failed"
 
 
 class SourceNotFound(TransferError):
@@ -32,6 +40,14 @@ class SourceNotFound(TransferError):
 
 class DestinationNotAccessible(TransferError):
     """The destination cannot be written (permissions, missing mount, full disk, bad host key)."""
+
+
+class NoSpace(DestinationNotAccessible):
+    """The destination's disk (or quota) has no room for the copy: re-sending it before space is
+    freed would only fill the disk again, so the retry waits for :meth:`TransferMethod.free_bytes`
+    to show room (see ``cax.tasks.retry``)."""
+
+    kind = "no-space"
 
 
 class ServiceUnavailable(TransferError):
@@ -45,6 +61,35 @@ class TransferFailed(TransferError):
 class Interrupted(TransferError):
     """The daemon was asked to stop (SIGTERM/SIGINT) while the copy was in flight."""
 
+    kind = "interrupted"
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: how tools say it in the C locale (cax runs rsync and remote commands with LC_ALL=C)
+NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "quota exceeded")
+
+
+def says_no_space(text) -> bool:
+    low = str(text).lower()
+    return any(t in low for t in NO_SPACE_TEXT)
+
+
+def check_complete(label: str, partial: str, got: tuple, expect: tuple) -> None:
+    """Refuse to name a copy final unless it holds exactly ``expect`` = (bytes, regular files)."""
+    if tuple(got) != tuple(expect):
+        raise TransferFailed(f"{label}: incomplete copy {partial}: {got[0]} bytes in {got[1]} "
+                             f"files, expected {expect[0]} bytes in {expect[1]} files; not "
+                             f"renamed into place")
+
+
+def local_free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem that holds (or would hold)
+    ``path``: statvfs of its nearest existing ancestor."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 PARTIAL_MARK = ".cax-partial"
 
@@ -86,9 +131,8 @@ def local_tree(location: str) -> tuple:
     total = files = 0
     for dirpath, _dirs, names in os.walk(location, followlinks=False):
         for name in names:
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            if not os.path.islink(full):
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):  # not links, FIFOs, sockets: as the remote helper
                 total += st.st_size
                 files += 1
     return total, files
@@ -161,12 +205,19 @@ class TransferMethod:
     def makedirs(self, path: str) -> None:
         raise NotImplementedError
 
+    def free_bytes(self, path: str) -> int:
+        """Bytes still free for cax on the filesystem that holds (or would hold) ``path`` on the
+        site: what a retry of a copy that found no space compares with the copy's size."""
+        raise NotImplementedError
+
     def checksum(self, path: str, algorithm: str = "sha512") -> Optional[str]:
         return None
 
-    # copies
-    def put(self, local: str, remote: str) -> None:
+    # copies: ``expect`` is the (bytes, regular files) the copy must hold before it is renamed
+    # into place; None means the local source's for a put, and the method's own accounting of
+    # what the far side sent for a get
+    def put(self, local: str, remote: str, expect: Optional[tuple] = None) -> None:
         raise NotImplementedError
 
-    def get(self, remote: str, local: str) -> None:
+    def get(self, remote: str, local: str, expect: Optional[tuple] = None) -> None:
         raise NotImplementedError

@@ -8,10 +8,14 @@ import shutil
 
 from cax.checksum import checksum as _checksum
 from cax.transfer.base import (
+    NO_SPACE_ERRNOS,
     DestinationNotAccessible,
+    NoSpace,
     SourceNotFound,
     TransferFailed,
     TransferMethod,
+    check_complete,
+    local_free_bytes,
     local_tree,
     partial_path,
 )
@@ -52,19 +56,23 @@ class LocalMethod(TransferMethod):
         except OSError as e:
             raise DestinationNotAccessible(f"cannot create {path}: {e.strerror}")
 
+    def free_bytes(self, path):
+        return local_free_bytes(path)
+
     def checksum(self, path, algorithm="sha512"):
         return _checksum(path, algorithm)
 
-    def put(self, local, remote):
-        self._copy(local, remote)
+    def put(self, local, remote, expect=None):
+        self._copy(local, remote, expect)
 
-    def get(self, remote, local):
-        self._copy(remote, local)
+    def get(self, remote, local, expect=None):
+        self._copy(remote, local, expect)
 
     # ---------------------------------------------------------------------------------------
-    def _copy(self, src: str, dst: str) -> None:
+    def _copy(self, src: str, dst: str, expect=None) -> None:
         if not os.path.exists(src):
             raise SourceNotFound(f"source {src} does not exist")
+        expect = tuple(expect) if expect is not None else local_tree(src)
         if os.path.lexists(dst):
             raise DestinationNotAccessible(f"destination {dst} already exists and is not ours; "
                                            f"refusing to overwrite")
@@ -78,11 +86,14 @@ class LocalMethod(TransferMethod):
             else:
                 self._copy_file(src, tmp)
             self.check_cancel()
+            check_complete("local", tmp, local_tree(tmp), expect)
             os.rename(tmp, dst)
         except BaseException as e:
             self.remove(tmp)
             if isinstance(e, OSError):
-                if e.errno in (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                if e.errno in NO_SPACE_ERRNOS:
+                    raise NoSpace(f"cannot write {dst}: {e.strerror}") from e
+                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise DestinationNotAccessible(f"cannot write {dst}: {e.strerror}") from e
                 raise TransferFailed(f"copy {src} -> {dst} failed: {e.strerror or e}") from e
             raise

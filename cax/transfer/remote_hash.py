@@ -9,8 +9,9 @@ It needs only ``python3`` (3.6+) on the remote host. The program is sent base64-
 ``python3 -c``, so it survives any login shell; every argument is passed separately and quoted with
 :func:`shlex.quote` by :func:`command`.
 
-Exit status: 0 ok, 3 path not found, 4 destination exists, 5 not accessible (permission, read-only,
-disk full, quota), 6 other OS error, 2 usage. One line on stderr says why.
+Exit status: 0 ok, 3 path not found, 4 destination exists, 5 not accessible (permission,
+read-only), 6 other OS error, 7 incomplete copy (``expect``/``place``), 8 no space (disk full,
+quota), 2 usage. One line on stderr says why.
 """
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def tree(p):
                 files += 1
     return total, files
 
+def expect(p, nbytes, nfiles):
+    got = tree(p)
+    if got != (int(nbytes), int(nfiles)):
+        sys.stderr.write("incomplete copy %s: %d bytes in %d files, expected %s bytes in %s files;"
+                         " not renamed into place\n" % (p, got[0], got[1], nbytes, nfiles))
+        sys.exit(7)
+
+def free(p):
+    p = os.path.abspath(p)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
 def need(p):
     if not os.path.lexists(p):
         sys.stderr.write("%s: No such file or directory\n" % p)
@@ -74,6 +89,11 @@ def main(op, args):
     elif op == "tree":
         need(args[0])
         print("%d %d" % tree(args[0]))
+    elif op == "expect":
+        need(args[2])
+        expect(args[2], args[0], args[1])
+    elif op == "free":
+        print(free(args[0]))
     elif op == "exists":
         sys.exit(0 if os.path.lexists(args[0]) else 3)
     elif op == "size":
@@ -105,9 +125,14 @@ def main(op, args):
             sys.stderr.write("%s already exists\n" % args[0])
             sys.exit(4)
         os.makedirs(os.path.dirname(args[0]) or ".", exist_ok=True)
-    elif op == "rename":
-        src, dst = args
+    elif op in ("rename", "place"):
+        if op == "place":  # BYTES FILES SRC DST: a rename only of a complete copy
+            nbytes, nfiles, src, dst = args
+        else:
+            src, dst = args
         need(src)
+        if op == "place":
+            expect(src, nbytes, nfiles)
         if os.path.lexists(dst):
             sys.stderr.write("%s already exists\n" % dst)
             sys.exit(4)
@@ -122,7 +147,9 @@ except OSError as e:
     sys.stderr.write("%s: %s\n" % (e.filename or "", e.strerror or e))
     if e.errno == errno.ENOENT:
         sys.exit(3)
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        sys.exit(8)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         sys.exit(5)
     sys.exit(6)
 '''
@@ -131,6 +158,13 @@ _BOOT = 'import base64,zlib;exec(zlib.decompress(base64.b64decode("%s")))' % (
     base64.b64encode(zlib.compress(SCRIPT.encode(), 9)).decode())
 
 EXIT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS, EXIT_ACCESS, EXIT_OS = 0, 2, 3, 4, 5, 6
+EXIT_INCOMPLETE, EXIT_NO_SPACE = 7, 8
+
+
+def boot() -> str:
+    """The ``python3 -c`` program text, for a remote shell script that runs the helper itself
+    (``"$PY" -c "$BOOT" op args``)."""
+    return _BOOT
 
 
 def argv(op: str, *args: str) -> list:

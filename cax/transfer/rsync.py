@@ -5,7 +5,8 @@ remote shell ever word-splits or expands a path rsync sends.
 Atomic placement: rsync writes into ``partial_path(final)`` (a hidden sibling); the remote shell
 that starts the receiving rsync (``--rsync-path``, each path a separately quoted argument of
 ``sh -c``) first refuses an existing final path and creates the parent, and once rsync exited 0
-renames the finished tree into place, all in the copy's one session (each session costs a remote
+and the remote helper found exactly the source's bytes and files in the partial copy, renames the
+finished tree into place, all in the copy's one session (each session costs a remote
 login shell's start-up, which dominates small copies).
 ``--delay-updates`` and ``--temp-dir`` were not used: they make each *file* appear atomically, but
 the run directory itself exists under its final name from the first file on, so a half-copied run
@@ -23,7 +24,8 @@ import threading
 import time
 
 from cax import children
-from cax.transfer.base import HOLDER_SUFFIX, Interrupted
+from cax.transfer import remote_hash
+from cax.transfer.base import HOLDER_SUFFIX, Interrupted, NoSpace, says_no_space
 from cax.transfer.ssh import (
     SH_OPS,
     DestinationNotAccessible,
@@ -42,6 +44,12 @@ _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+\d+%")
 _ALL_SENT = re.compile(rb"to-chk=0/")  # --no-inc-recursive: the last file is done
 POLL = 0.1  # seconds between cancel checks / progress reports while rsync runs
 FINISH_GRACE = 10.0  # seconds a stop request waits for an rsync whose every file is sent
+
+
+def c_locale_env() -> dict:
+    """rsync's environment: its messages in the C locale, as :meth:`RsyncMethod._error` reads
+    them (a full disk must be told from other failures)."""
+    return children.environment({"LC_ALL": "C"})
 
 
 class RsyncMethod(SshMethod):
@@ -65,8 +73,10 @@ class RsyncMethod(SshMethod):
 
     def _put(self, local: str, partial: str) -> None:
         final = self._final
+        nbytes, nfiles = self._expect
         rsync_path = shlex.join(["sh", "-c", SH_OPS["rsync-push"], "sh",
-                                 posixpath.dirname(final) or "/", partial, final])
+                                 posixpath.dirname(final) or "/", partial, final, str(nbytes),
+                                 str(nfiles), remote_hash.boot()])
         if os.path.isdir(local):
             src, dst = local.rstrip("/") + "/", self._remote(partial + "/")
         else:
@@ -98,8 +108,8 @@ class RsyncMethod(SshMethod):
 
     def _run(self, cmd: list, what: str) -> None:
         self.check_cancel()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=children.environment())
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=c_locale_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         state = {"bytes": 0, "err": b"", "sent": False}
         ended = threading.Event()  # rsync closed its stdout: it is exiting
 
@@ -178,6 +188,10 @@ class RsyncMethod(SshMethod):
     def _error(self, status: int, stderr: bytes, what: str):
         text = one_line(stderr)
         low = text.lower()
+        if "incomplete copy" in low:  # from the helper's check in SH_OPS["rsync-push"]
+            return TransferFailed(f"{self.label}: {what}: {text}")
+        if says_no_space(low):
+            return NoSpace(f"{self.label}: {what}: {text}")
         if "already exists" in low:  # from SH_OPS["rsync-push"], which starts no rsync then
             return DestinationNotAccessible(f"{self.label}: {what}: {text}; refusing to "
                                             f"overwrite")
@@ -189,8 +203,7 @@ class RsyncMethod(SshMethod):
             return classify_ssh_stderr(self.label, 255, stderr, what)
         if status in (23, 24) and ("no such file" in low or "link_stat" in low):
             return SourceNotFound(f"{self.label}: {what}: {text}")
-        if "permission denied" in low or "no space left" in low or "read-only" in low \
-                or "quota" in low:
+        if "permission denied" in low or "read-only" in low:
             return DestinationNotAccessible(f"{self.label}: {what}: {text}")
         if not self.shell.alive:
             return ServiceUnavailable(f"{self.label}: connection lost during {what}: {text}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from cax.transfer.base import NoSpace, says_no_space
 from cax.transfer.ssh import SourceNotFound, SshMethod, TransferFailed, one_line
 
 BUFSIZE = 1 << 20
@@ -13,16 +14,47 @@ def _quote(path: bytes) -> bytes:
     return shlex.quote(path.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
+def _client_class():
+    from scp import SCPClient
+
+    class Client(SCPClient):
+        """The scp package's client, keeping what its ``close`` throws away: the remote scp's exit
+        status. The package ends a tree quietly when the channel closes between two files, so a
+        dropped connection looked like the end of the data; only exit status 0 says the remote
+        scp sent (or stored) everything."""
+
+        exit_status = None
+        stderr = b""
+
+        def close(self):
+            chan = self.channel
+            if chan is None:
+                return
+            self.channel = None
+            try:
+                chan.shutdown_write()
+                self.exit_status = chan.recv_exit_status()  # -1: closed without one
+                if chan.recv_stderr_ready():
+                    self.stderr = chan.recv_stderr(4096)
+            except Exception:  # noqa: BLE001 - a broken channel (EOFError, OSError, SSHException)
+                self.exit_status = -1
+            finally:
+                try:
+                    chan.close()
+                except Exception:  # noqa: BLE001 - closing a broken channel
+                    pass
+
+    return Client
+
+
 class ScpMethod(SshMethod):
     name = "scp"
 
     def _client(self):
-        from scp import SCPClient
-
         self.shell.connect()
         self._file, self._last = None, 0
-        return SCPClient(self.shell.transport, buff_size=BUFSIZE, socket_timeout=120.0,
-                         progress=self._on_progress, sanitize=_quote)
+        return _client_class()(self.shell.transport, buff_size=BUFSIZE, socket_timeout=120.0,
+                               progress=self._on_progress, sanitize=_quote)
 
     def _on_progress(self, name, size, sent):
         # the scp package reports (name, size, bytes so far); an empty file as (name, 1, 1)
@@ -38,24 +70,25 @@ class ScpMethod(SshMethod):
 
     def _run(self, client, action):
         try:
-            action()
-            chan = client.channel
-            if chan is not None and not chan.closed:
-                chan.shutdown_write()
-                status = chan.recv_exit_status()
-                err = chan.recv_stderr(4096) if chan.recv_stderr_ready() else b""
-                if status not in (0, -1):
-                    raise TransferFailed(f"{self.label}: remote scp failed (status {status}): "
-                                         f"{one_line(err)}")
-                if status == -1 and not self.shell.alive:
-                    raise EOFError("connection lost")
-        finally:
-            if client.channel is not None:
+            action()  # the package closes the channel at the end: Client.close keeps the status
+        except BaseException:
+            if client.channel is not None:  # no status to wait for: the remote may still send
                 try:
                     client.channel.close()
                 except Exception:  # noqa: BLE001 - closing a broken channel
                     pass
                 client.channel = None
+            raise
+        client.close()
+        status = client.exit_status
+        if status == 0:
+            return
+        if status in (None, -1):
+            raise EOFError("connection lost: the remote scp ended without an exit status")
+        text = one_line(client.stderr)
+        if says_no_space(text):
+            raise NoSpace(f"{self.label}: remote scp failed (status {status}): {text}")
+        raise TransferFailed(f"{self.label}: remote scp failed (status {status}): {text}")
 
     def _put(self, local: str, partial: str) -> None:
         import os

@@ -1,7 +1,12 @@
 """The ``sftp`` method: paramiko SFTP over a reused connection, with pipelined writes, prefetched
 reads, large requests and a large channel window (on large files it reaches about three quarters
 of OpenSSH's speed here, see "Transfers" in docs/performance.rst; many small files cost one round
-trip each, so prefer rsync for them)."""
+trip each, so prefer rsync for them).
+
+paramiko files its pipelined writes' replies under no file and ``close()`` ignores errors, so a
+full disk went unnoticed (copies renamed into place truncated): :meth:`SftpMethod._put_file` reads
+every write's status itself, and a push is renamed into place only after an SFTP walk of the
+partial copy shows every byte and file there."""
 from __future__ import annotations
 
 import os
@@ -16,11 +21,16 @@ from cax.transfer.ssh import (
     TransferFailed,
     check_path,
 )
-from cax.transfer.base import partial_path
+from cax.transfer.base import check_complete, partial_path
 
 READ_CHUNK = 1 << 20  # local read size per write call
 REQUEST = 255 * 1024  # bytes per SFTP read/write request (OpenSSH's limit is 256 KiB - 1 KiB)
 PREFETCH = 32  # outstanding read requests (32 x 255 KiB = 8 MiB in flight)
+
+
+def paramiko_status() -> int:
+    from paramiko.sftp import CMD_STATUS
+    return CMD_STATUS
 
 
 class SftpMethod(SshMethod):
@@ -84,8 +94,24 @@ class SftpMethod(SshMethod):
         except Exception as e:  # noqa: BLE001
             raise self._translate(e, f"prepare {remote}") from e
 
+    def _tree(self, sftp, path: str) -> tuple:
+        """(bytes, regular files) at ``path`` as :func:`cax.transfer.base.local_tree` counts
+        them (lstat: links count nothing), over SFTP: one round trip per directory."""
+        st = sftp.lstat(path)
+        if not stat.S_ISDIR(st.st_mode or 0):
+            return (st.st_size, 1) if stat.S_ISREG(st.st_mode or 0) else (0, 0)
+        total = files = 0
+        for a in sftp.listdir_attr(path):
+            if stat.S_ISDIR(a.st_mode or 0):
+                b, f = self._tree(sftp, posixpath.join(path, a.filename))
+                total, files = total + b, files + f
+            elif stat.S_ISREG(a.st_mode or 0):
+                total, files = total + a.st_size, files + 1
+        return total, files
+
     def _finish(self, partial: str, remote: str) -> None:
         sftp = self.sftp()
+        check_complete(self.label, partial, self._tree(sftp, partial), self._expect)
         if self._lexists(sftp, remote):
             raise DestinationNotAccessible(f"{self.label}: {remote} already exists; refusing to "
                                            f"overwrite")
@@ -123,8 +149,23 @@ class SftpMethod(SshMethod):
                         break
                     fr.write(data)
                     self.progress(len(data))
+                    self._write_statuses(sftp, fr, wait=False)  # a full disk stops the copy early
+                fr.flush()
+                self._write_statuses(sftp, fr, wait=True)
             finally:
-                fr.close()  # waits for every pipelined write's status
+                fr.close()  # raises nothing, whatever the server says
+
+    @staticmethod
+    def _write_statuses(sftp, fr, wait: bool) -> None:
+        """Read the status of the file's outstanding pipelined writes (all of them when ``wait``,
+        else those already answered); a failed write raises (``OSError``, e.g. "Failure" for a
+        full disk). paramiko keeps the request ids in ``_reqs`` and checks them itself only when
+        over 100 are outstanding; it drops the replies otherwise."""
+        reqs = fr._reqs
+        while reqs and (wait or sftp.sock.recv_ready()):
+            t, _msg = sftp._read_response(reqs.popleft())  # raises on an error status
+            if t != paramiko_status():
+                raise OSError(f"unexpected SFTP reply {t} to a write")
 
     # ------------------------------------------------------------------ pull
     def _get(self, remote: str, partial: str) -> None:

@@ -8,7 +8,9 @@
   :func:`clean_leftovers` removes the directories of cax processes that were killed with it.
 - :class:`SshMethod`: the :class:`~cax.transfer.base.TransferMethod` operations done with the small
   remote helper (:mod:`cax.transfer.remote_hash`), and the atomic put/get skeleton: copy into
-  ``partial_path(final)``, rename into place, remove the partial copy on any failure.
+  ``partial_path(final)``, rename into place only if it holds exactly the expected bytes and
+  files (checked in the session that renames), remove the partial copy on any failure, and call
+  a failure :class:`~cax.transfer.base.NoSpace` when the destination lacks room for the copy.
 
 Remote paths come from the Runs DB and may be hostile: names with NUL or newline are refused
 (:class:`BadPath`), every remote command word is quoted with :func:`shlex.quote`, and no local
@@ -36,14 +38,20 @@ from typing import Optional
 from cax import children
 from cax.transfer import remote_hash
 from cax.transfer.base import (
+    NO_SPACE_ERRNOS,
     DestinationNotAccessible,
+    NoSpace,
     ServiceUnavailable,
     SourceNotFound,
     TransferError,
     TransferFailed,
     TransferMethod,
+    check_complete,
+    local_free_bytes,
     local_leftovers,
+    local_tree,
     partial_path,
+    says_no_space,
 )
 
 log = logging.getLogger("cax.transfer.ssh")
@@ -118,12 +126,6 @@ def remove_local(path: str) -> None:
         pass
 
 
-def local_tree_size(path: str) -> int:
-    if not os.path.isdir(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(path) for f in fs)
-
-
 #: POSIX sh one-liners for the frequent operations (no Python start-up on the remote side).
 #: Exit 3: not found, 4: exists. Run as ``sh -c SCRIPT sh ARG...``: arguments are never parsed.
 _EXISTS = '[ -e "$1" ] || [ -L "$1" ]'
@@ -131,24 +133,26 @@ SH_OPS = {
     "exists": f'{_EXISTS} || exit 3',
     "prepare": f'if {_EXISTS}; then echo "$1 already exists" >&2; exit 4; fi; mkdir -p -- "$2"'
                ' && rm -rf -- "$3"',
-    "rename": (f'{_EXISTS} || {{ echo "$1: No such file or directory" >&2; exit 3; }}; '
-               f'if [ -e "$2" ] || [ -L "$2" ]; then echo "$2 already exists" >&2; exit 4; fi; '
-               f'mv -- "$1" "$2"'),
     "remove": 'rm -rf -- "$1"',
     "makedirs": 'mkdir -p -- "$1"',
-    # rsync's remote side for a push (``--rsync-path``): PARENT PARTIAL FINAL, then rsync's own
-    # server arguments; the rename needs no session of its own and happens only if the receiving
-    # rsync exited 0 (it exits non-zero when the sender reported an I/O error or went away)
-    "rsync-push": ('if [ -e "$3" ] || [ -L "$3" ]; then echo "$3 already exists" >&2; exit 4; fi; '
-                   'mkdir -p -- "$1" || exit; p=$2 f=$3; shift 3; rsync "$@" || exit; '
+    # rsync's remote side for a push (``--rsync-path``): PARENT PARTIAL FINAL BYTES FILES
+    # HELPER, then rsync's own server arguments; the rename needs no session of its own and
+    # happens only if the receiving rsync exited 0 (it exits non-zero when the sender reported an
+    # I/O error or went away) and the partial copy holds BYTES in FILES regular files (the remote
+    # helper's ``expect``, program text HELPER); messages in the C locale, as they are classified
+    "rsync-push": ('LC_ALL=C; export LC_ALL; '
+                   'if [ -e "$3" ] || [ -L "$3" ]; then echo "$3 already exists" >&2; exit 4; fi; '
+                   'mkdir -p -- "$1" || exit; p=$2 f=$3 n=$4 c=$5 h=$6; shift 6; rsync "$@" || exit; '
+                   f'{remote_hash.REMOTE_PYTHON} -c "$h" expect "$n" "$c" "$p" || exit; '
                    'if [ -e "$f" ] || [ -L "$f" ]; then echo "$f already exists" >&2; exit 4; fi; '
                    'mv -- "$p" "$f"'),
 }
 
 
 def sh_command(op: str, *args: str) -> str:
-    """A remote command line running ``SH_OPS[op]`` with ``args`` as positional parameters."""
-    return shlex.join(["sh", "-c", SH_OPS[op], "sh", *args])
+    """A remote command line running ``SH_OPS[op]`` with ``args`` as positional parameters, its
+    messages in the C locale (they are classified by their text)."""
+    return shlex.join(["env", "LC_ALL=C", "sh", "-c", SH_OPS[op], "sh", *args])
 
 
 # --------------------------------------------------------------------------- paramiko
@@ -525,6 +529,8 @@ class SshMethod(TransferMethod):
         low = text.lower()
         if status == remote_hash.EXIT_NOT_FOUND:
             raise SourceNotFound(msg)
+        if status == remote_hash.EXIT_NO_SPACE or says_no_space(low):
+            raise NoSpace(msg)
         if status in (remote_hash.EXIT_EXISTS, remote_hash.EXIT_ACCESS) or \
                 "permission denied" in low or "read-only" in low or "no space" in low:
             raise DestinationNotAccessible(msg)
@@ -544,6 +550,9 @@ class SshMethod(TransferMethod):
         total, files = self._helper("tree", path).split()
         return int(total), int(files)
 
+    def free_bytes(self, path: str) -> int:
+        return int(self._helper("free", path))
+
     def remove(self, path: str) -> None:
         self._shell_op("remove", path)
 
@@ -557,11 +566,13 @@ class SshMethod(TransferMethod):
         return self._helper("checksum", path, extra=(algorithm,))
 
     # copies ------------------------------------------------------------------
-    def put(self, local: str, remote: str) -> None:
+    def put(self, local: str, remote: str, expect=None) -> None:
         check_path(remote, self.label)
         local = os.path.abspath(local)
         if not os.path.exists(local):
             raise SourceNotFound(f"{self.label}: local source {local} does not exist")
+        #: (bytes, regular files) the partial copy must hold before ``_finish`` names it final
+        self._expect = tuple(expect) if expect is not None else local_tree(local)
         self.check_cancel()
         self._prepare(remote)
         partial = partial_path(remote)
@@ -572,9 +583,27 @@ class SshMethod(TransferMethod):
                 self._finish(partial, remote)
         except BaseException as e:
             self._remove_remote_partial(partial)
-            raise self._translate(e, f"put {local} -> {remote}") from e
+            err = self._translate(e, f"put {local} -> {remote}")
+            raise self._no_room(err, remote, self._expect[0]) from e
 
-    def get(self, remote: str, local: str) -> None:
+    def _no_room(self, err, where: str, need: int, local: bool = False):
+        """``err`` as :class:`NoSpace` when the destination has less room than the copy needs.
+
+        Some servers say nothing more than "Failure" for a full disk (SFTP), others say it in
+        the remote host's language: after a failed copy (its partial copy already removed) the
+        free space decides. Costs one remote command, only on a failure."""
+        if type(err) is not TransferFailed:
+            return err
+        parent = os.path.dirname(where.rstrip("/")) or "/"
+        try:
+            free = local_free_bytes(parent) if local else self.free_bytes(parent)
+        except (TransferError, OSError, ValueError):
+            return err
+        if free >= need:
+            return err
+        return NoSpace(f"{err}; {free} bytes free at {parent}, the copy needs {need}")
+
+    def get(self, remote: str, local: str, expect=None) -> None:
         check_path(remote, self.label)
         local = os.path.abspath(local)
         if os.path.lexists(local):
@@ -591,11 +620,16 @@ class SshMethod(TransferMethod):
         try:
             self._get(remote, partial)
             self.check_cancel()
+            if expect is not None:
+                check_complete(self.label, partial, local_tree(partial), expect)
             os.rename(partial, local)
         except BaseException as e:
             for left in local_leftovers(local):
                 remove_local(left)
-            raise self._translate(e, f"get {remote} -> {local}", local_dest=True) from e
+            err = self._translate(e, f"get {remote} -> {local}", local_dest=True)
+            if expect is not None:
+                err = self._no_room(err, local, expect[0], local=True)
+            raise err from e
 
     def _prepare(self, remote: str) -> None:
         """Refuse an existing ``remote``; create its parent; clear a stale partial copy."""
@@ -606,8 +640,9 @@ class SshMethod(TransferMethod):
             raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
 
     def _finish(self, partial: str, remote: str) -> None:
-        """Rename the complete copy into place, never over an existing path."""
-        self._shell_op("rename", partial, remote)
+        """Rename the copy into place only if it is complete, never over an existing path."""
+        nbytes, nfiles = self._expect
+        self._helper("place", partial, remote, extra=(str(nbytes), str(nfiles)))
 
     def _remove_remote_partial(self, partial: str) -> None:
         if not self.shell.alive:
@@ -623,6 +658,8 @@ class SshMethod(TransferMethod):
         if isinstance(e, TransferError) or not isinstance(e, Exception):
             return e
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, socket.timeout):
+            if e.errno in NO_SPACE_ERRNOS:
+                return NoSpace(f"{self.label}: {what}: {e.strerror or e}")
             if e.errno in ACCESS_ERRNOS:
                 return DestinationNotAccessible(f"{self.label}: {what}: {e.strerror or e}")
             if e.errno == errno.ENOENT and not local_dest:
@@ -631,7 +668,9 @@ class SshMethod(TransferMethod):
         if not self.shell.alive or self._is_link_failure(e):
             return ServiceUnavailable(f"{self.label}: connection lost during {what}: {text}")
         low = text.lower()
-        if "permission denied" in low or "no space left" in low or "read-only" in low:
+        if says_no_space(low):
+            return NoSpace(f"{self.label}: {what}: {text}")
+        if "permission denied" in low or "read-only" in low:
             return DestinationNotAccessible(f"{self.label}: {what}: {text}")
         return TransferFailed(f"{self.label}: {what} failed: {text}")
 
