@@ -2,7 +2,8 @@
 
 ``cax`` alone runs the daemon loop for this host; subcommands inspect and feed the Runs DB. Exit
 status: 0 when cax ran (failures of single runs are recorded in the Runs DB, not in the exit status),
-1 when the Runs DB cannot be used or another daemon holds the site, 2 for config and usage errors.
+1 when the Runs DB cannot be used (or was lost during a ``--once`` pass) or another daemon holds the
+site, 2 for config and usage errors.
 """
 from __future__ import annotations
 
@@ -141,7 +142,9 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
                  " (dry run: nothing will change)" if dry_run else "")
-        run_loop(context, once=once, interval=config.interval if interval is None else interval)
+        if not run_loop(context, once=once,
+                        interval=config.interval if interval is None else interval):
+            ctx.exit(1)  # the Runs DB was lost mid-pass; run_loop logged it in one line
     finally:
         if db is not None:
             db.close()
@@ -332,7 +335,7 @@ def validate_run(doc, config=None) -> dict:
 @click.pass_context
 def runs_add(ctx, config_path, host, source):
     """Insert run documents from a JSON FILE (one object or a list; '-' reads stdin)."""
-    from cax.runsdb import DuplicateKeyError
+    from cax.runsdb import DuplicateKeyError, RunsDBLost
     config_path, _ = _settings(ctx, config_path, host)
     config = load_config(config_path)
     try:
@@ -369,6 +372,8 @@ def runs_add(ctx, config_path, host, source):
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
                        f"already exists", err=True)
+        except RunsDBLost:
+            raise  # no later document can be added either: one line (main), exit 1
         except Exception as e:  # anything else the Runs DB refuses: still one line, go on
             failed += 1
             msg = " ".join(str(e).split())[:300]
@@ -479,7 +484,12 @@ def demo(directory, nruns):
 
 
 def main():
-    cli(prog_name="cax")
+    from cax.runsdb import RunsDBError
+    try:
+        cli(prog_name="cax")
+    except RunsDBError as e:  # lost during a command (the daemon loop handles its own)
+        click.echo(f"cax: error: {e}", err=True)
+        sys.exit(1)
 
 
 def _register_subcommands():

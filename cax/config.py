@@ -159,6 +159,7 @@ TOP_SCHEMA = {
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
         "interval": {"type": "number", "minimum": 0, "maximum": MAX_INTERVAL},
         "wake_on_change": {"type": "boolean"},
+        "runs_db_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "lock_dir": _path,
     },
 }
@@ -217,6 +218,8 @@ class Config:
     dataset_list: Optional[list] = None
     interval: float = 60.0
     wake_on_change: bool = False  # MongoDB change streams start a pass early
+    #: seconds pymongo looks for the Runs DB server before an operation fails (a lost DB)
+    runs_db_timeout: float = 5.0
     lock_dir: Optional[str] = None
     #: the embedded store lives in the user state directory, created on first use
     runs_db_in_state_dir: bool = False
@@ -637,6 +640,7 @@ def _parse(text: str, path: str) -> Config:
         dataset_list=doc.get("dataset_list"),
         interval=float(doc.get("interval", 60)),
         wake_on_change=bool(doc.get("wake_on_change", False)),
+        runs_db_timeout=float(doc.get("runs_db_timeout", 5.0)),
         lock_dir=doc.get("lock_dir"),
         runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
     )

@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT set a stop flag that every task and transfer polls: the current step ends (a copy in
 flight is stopped and recorded ``error: interrupted``, its partial file removed) and cax exits 0.
+A Runs DB lost mid-pass ends the pass at once with one log line: ``--once`` then exits 1, the daemon
+probes the Runs DB with a growing delay (capped at ``interval``) and resumes when it answers.
 An advisory lock per (config, host) keeps a second daemon for the same site off this machine.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import threading
 import time
 
+from cax.runsdb import RunsDBLost
 from cax.tasks import task_class
 from cax.tasks.base import Context
 from cax.transfer.pool import ConnectionPool
@@ -82,6 +85,8 @@ def run_pass(ctx: Context) -> dict:
             started = time.monotonic()
             try:
                 stats[task.name] = task.go()
+            except RunsDBLost:
+                raise  # every later task would fail the same way, each after a timeout
             except Exception as e:  # a broken task must not stop the others
                 log.error("task=%s site=%s failed: %s: %s", task.name, ctx.host,
                           type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -104,14 +109,53 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def run_loop(ctx: Context, *, once: bool, interval: float) -> None:
+#: first delay between probes of a lost Runs DB; it doubles up to the daemon's ``interval``
+FIRST_PROBE = 1.0
+
+
+def wait_for_runs_db(ctx: Context, interval: float) -> bool:
+    """Probe the lost Runs DB until it answers (True) or a stop is requested (False).
+
+    The delay doubles from FIRST_PROBE up to ``interval`` (at least FIRST_PROBE): a DB back in
+    seconds costs seconds, one down for hours costs one probe per ``interval``, as a pass would.
+    The loss was logged once when the pass stopped; probes that fail again are not repeated.
+    """
+    delay, lost_since = FIRST_PROBE, time.monotonic()
+    while not ctx.stop.wait(delay):
+        try:
+            ctx.db.ping()
+        except RunsDBLost as e:
+            log.debug("site=%s %s; next probe in %.0f s", ctx.host, e, delay)
+            delay = min(delay * 2, max(interval, FIRST_PROBE))
+            continue
+        log.info("site=%s Runs DB %s back after %.0f s; resuming", ctx.host, ctx.db.description,
+                 time.monotonic() - lost_since)
+        return True
+    return False
+
+
+def run_loop(ctx: Context, *, once: bool, interval: float) -> bool:
+    """Passes until stopped (or one pass with ``once``); False when ``once``'s pass lost the
+    Runs DB."""
     install_signal_handlers(ctx.stop)
     waker = None
     n = 0
+    ok = True
     while not ctx.stop.is_set():
         n += 1
         log.info("site=%s pass %d start", ctx.host, n)
-        stats = run_pass(ctx)
+        try:
+            stats = run_pass(ctx)
+        except RunsDBLost as e:
+            log.error("site=%s pass %d stopped: %s", ctx.host, n, e)
+            if once:
+                ok = False
+                break
+            if waker is not None:  # its change stream died with the server
+                waker.close()
+                waker = None
+            wait_for_runs_db(ctx, interval)
+            continue
         log.info("site=%s pass %d end (%s queries so far; runs looked at: %s)", ctx.host, n,
                  ctx.db.queries, ", ".join(f"{k}={v}" for k, v in stats.items()) or "none")
         if once:
@@ -123,3 +167,4 @@ def run_loop(ctx: Context, *, once: bool, interval: float) -> None:
         waker.close()
     if ctx.stop.is_set():
         log.info("site=%s stopped cleanly", ctx.host)
+    return ok

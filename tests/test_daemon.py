@@ -379,3 +379,22 @@ def test_runs_add_refuses_duplicate_keys(tmp_path):
     assert err.strip() == f"cax: error: {p}: key 'number' appears twice in the object starting " \
                           f"at line 1"
     assert connect(load(cfg)).count({}) == 0
+
+
+def test_runs_db_timeout_bounds_server_selection(tmp_path, wire_uri):
+    """A lost server must fail an operation in seconds (``runs_db_timeout``), not pymongo's 30 s."""
+    from cax.config import ConfigError, parse
+    cfg = three_sites(tmp_path, runs_db=wire_uri)
+    client = connect(load(cfg)).collection.database.client
+    assert client.options.server_selection_timeout == 5.0
+    assert client.options.pool_options.connect_timeout == 5.0
+    client.close()
+    cfg = three_sites(tmp_path, runs_db=wire_uri, runs_db_timeout=1.5)
+    client = connect(load(cfg)).collection.database.client
+    assert client.options.server_selection_timeout == 1.5
+    client.close()
+    for bad in (0, -1, "5", 1e9):
+        doc = json.loads(open(cfg).read())
+        doc["runs_db_timeout"] = bad
+        with pytest.raises(ConfigError, match="runs_db_timeout"):
+            parse(json.dumps(doc), cfg)

@@ -8,6 +8,7 @@ import pytest
 
 from cax.daemon import run_pass
 from cax.runsdb import now
+from cax.transfer import partial_path
 from tests.helpers import context, make_raw, mongomock_db, run_doc, statuses
 
 
@@ -54,20 +55,28 @@ STALLS = [("transferring", "heartbeat"), ("verifying", "heartbeat"),
           ("transferring", "creation_time"), ("verifying", "creation_time")]
 
 
+def truncate(tmp_path, host, nbytes=10):
+    """Cut the end off one file of a copy, as a copy that died mid-file leaves it."""
+    path = tmp_path / host / "160101_0000" / "f0.bin"
+    path.write_bytes(path.read_bytes()[:-nbytes])
+
+
 @pytest.mark.parametrize("status, clock", STALLS)
-def test_stalled_copy_is_retried_until_max_retries(tmp_path, status, clock):
+def test_stalled_incomplete_copy_is_retried_until_max_retries(tmp_path, status, clock):
     cfg = sites(tmp_path)
     db = mongomock_db()
     setup_run(tmp_path, db)
     settle(cfg, db, "daq")
     assert statuses(db, 1)[("buffer", "raw")] == "transferred"
     for attempt in (1, 2):
+        truncate(tmp_path, "buffer")
         stall(db, "buffer", status, clock)
         settle(cfg, db, "daq")  # stalled -> removed -> copied again on the next pass
         d, run = datum(db, "buffer")
         assert run["retries"] == attempt
         assert d["status"] == "transferred"
         assert os.path.isdir(tmp_path / "buffer" / "160101_0000")
+    truncate(tmp_path, "buffer")
     stall(db, "buffer", status, clock)
     settle(cfg, db, "daq")
     d, run = datum(db, "buffer")
@@ -79,11 +88,63 @@ def test_stalled_copy_is_retried_until_max_retries(tmp_path, status, clock):
 
 
 @pytest.mark.parametrize("status, clock", STALLS)
+def test_stalled_whole_copy_is_verified_and_kept_not_sent_again(tmp_path, status, clock):
+    """Its daemon died while verifying it (or the Runs DB was gone when the copy ended): the
+    copy under its final name holds the source's bytes and files, so it is verified where it is."""
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    landed = tmp_path / "buffer" / "160101_0000" / "f0.bin"
+    before = os.stat(landed)
+    stall(db, "buffer", status, clock)
+    run_pass(context(cfg, "daq", db))
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred" and not run.get("retries"), d
+    assert d["checksum"] == datum(db, "daq")[0]["checksum"]
+    after = os.stat(landed)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_stalled_whole_but_corrupt_copy_is_flagged_not_trusted(tmp_path):
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    corrupt(tmp_path, "buffer")  # same bytes and files, different content
+    stall(db, "buffer", "verifying")
+    run_pass(context(cfg, "daq", db))
+    d, _run = datum(db, "buffer")
+    assert d["status"] == "error" and d["error_kind"] == "checksum", d
+
+
+def test_transferring_copy_that_landed_is_verified_on_the_next_pass(tmp_path):
+    """The Runs DB was lost as the copy ended, so its datum still says ``transferring``
+    although the copy is whole under its final name: the next pass verifies it."""
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    stall(db, "buffer", "transferring", age=timedelta(seconds=1))  # not stalled
+    run_pass(context(cfg, "daq", db))
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred" and not run.get("retries"), d
+    # while the final name is missing (a copy in flight elsewhere), nothing happens to it
+    shutil.rmtree(tmp_path / "buffer" / "160101_0000")
+    stall(db, "buffer", "transferring", age=timedelta(seconds=1))
+    run_pass(context(cfg, "daq", db))
+    assert datum(db, "buffer")[0]["status"] == "transferring"
+
+
+@pytest.mark.parametrize("status, clock", STALLS)
 def test_live_slow_copy_is_not_stalled(tmp_path, status, clock):
     cfg = sites(tmp_path, stalled_after=3600)
     db = mongomock_db()
     setup_run(tmp_path, db)
     settle(cfg, db, "daq")
+    if status == "transferring":  # a copy in flight writes under its partial name
+        final = tmp_path / "buffer" / "160101_0000"
+        os.rename(final, partial_path(str(final)))
     stall(db, "buffer", status, clock, age=timedelta(minutes=5))
     run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
     d, run = datum(db, "buffer")
@@ -336,3 +397,21 @@ def test_retry_never_removes_another_runs_data(tmp_path):
     assert d["status"] == "error" and d["error_kind"] == "retry-failed", d
     assert "not run 160101_0000's raw data" in d["error"]
     assert sorted(p.name for p in victim.rglob("*")) == before
+
+
+def test_stalled_copy_whose_source_is_gone_is_verified_not_deleted(tmp_path):
+    """The DAQ purged its copy meanwhile: the stalled copy may be the only one left. Nothing can
+    measure it against the source any more, so its checksum against the reference decides."""
+    cfg = sites(tmp_path)
+    db = mongomock_db()
+    loc = setup_run(tmp_path, db)
+    settle(cfg, db, "daq")
+    run = db.collection.find_one({"number": 1})
+    assert run["references"]  # the DAQ's checksum outlives its copy
+    db.collection.update_one({"number": 1}, {"$pull": {"data": {"host": "daq"}}})
+    shutil.rmtree(loc)
+    stall(db, "buffer", "verifying")
+    run_pass(context(cfg, "daq", db))
+    d, run = datum(db, "buffer")
+    assert d["status"] == "transferred" and not run.get("retries"), d
+    assert os.path.isdir(tmp_path / "buffer" / "160101_0000")

@@ -94,6 +94,12 @@ def test_push_and_pull_over_ssh_end_transferred_with_equal_checksums(tmp_path, l
     assert buffer_datum(db)["creation_place"] == "daq"
 
 
+def cut_short(path):
+    """What a copy that died mid-file leaves (seen under final names before the copy policy
+    checked completeness): the stalled check must find it incomplete and send it again."""
+    path.write_bytes(path.read_bytes()[:-100])
+
+
 def four_runs(tmp_path, db):
     for i in range(1, 5):
         d = os.path.join(str(tmp_path / "daq"), f"16031{i}_1432")
@@ -135,9 +141,10 @@ def test_one_ssh_login_per_remote_site_per_pass(tmp_path, live_sshd, method):
     assert logins("archive") == 1  # four pulls, two at a time
     assert all_at("archive", "transferred")
     for i in range(1, 5):
+        cut_short(tmp_path / "buffer" / f"16031{i}_1432" / "f0.bin")
         db.collection.update_one({"number": i, "data.host": "buffer"}, {"$set": {
             "data.$.status": "transferring", "data.$.heartbeat": now() - timedelta(hours=2)}})
-    assert logins("daq") == 1  # four stalled copies removed at the buffer
+    assert logins("daq") == 1  # four stalled incomplete copies checked and removed at the buffer
     assert not any(statuses(db, i).get(("buffer", "raw")) for i in range(1, 5))
     assert os.listdir(tmp_path / "buffer") == []
 
@@ -248,6 +255,7 @@ def test_stalled_push_is_retried_up_to_max_retries(tmp_path, live_sshd, setup, m
     cfg = config(tmp_path, live_sshd, method)
     passes(cfg, db, hosts=("daq",))
     for attempt in (1, 2, 3):
+        cut_short(tmp_path / "buffer" / NAME / "a" / "x.zip")
         db.collection.update_one({"number": 1, "data.host": "buffer"}, {"$set": {
             "data.$.status": "transferring", "data.$.heartbeat": now() - timedelta(hours=2)}})
         passes(cfg, db, hosts=("daq",))
@@ -255,6 +263,55 @@ def test_stalled_push_is_retried_up_to_max_retries(tmp_path, live_sshd, setup, m
         assert run["retries"] == min(attempt, 2)
     d = buffer_datum(db)
     assert d["status"] == "error" and d["error_kind"] == "stalled"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("status", ["transferring", "verifying"])
+def test_stalled_whole_push_is_verified_in_place_over_ssh(tmp_path, live_sshd, setup, method,
+                                                          status):
+    """The pusher was down for longer than stalled_after (its copy had landed, or its remote
+    checksum was cut short): the copy is measured and checksummed at the far side, and kept."""
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, method)
+    passes(cfg, db, hosts=("daq",))
+    assert buffer_datum(db)["status"] == "transferred"
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.$.status": status,
+                                       "data.$.heartbeat": now() - timedelta(hours=2)},
+                              "$unset": {"data.$.checksum": "", "data.$.reference_checked": ""}})
+    landed = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    mark = live_sshd.log_mark()
+    passes(cfg, db, hosts=("daq",), n=1)
+    assert live_sshd.logins_since(mark) == 1  # the check rides on the pass's one connection
+    d = buffer_datum(db)
+    assert not db.collection.find_one({"number": 1}).get("retries")
+    assert d["status"] == "transferred", d.get("error")
+    assert d["checksum"] == dirhash(src, "sha512")
+    after = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    assert (after.st_ino, after.st_mtime_ns) == (landed.st_ino, landed.st_mtime_ns)
+
+
+def test_stalled_push_to_a_site_that_is_down_waits_then_is_verified(tmp_path, live_sshd, setup):
+    """Whether a stalled copy is whole cannot be seen while its site is down: nothing is decided
+    (nor removed) until the site is back, and then the whole copy is verified and kept."""
+    db, src = setup
+    cfg = config(tmp_path, live_sshd, "sftp")
+    passes(cfg, db, hosts=("daq",))
+    db.collection.update_one({"number": 1, "data.host": "buffer"},
+                             {"$set": {"data.$.status": "verifying",
+                                       "data.$.heartbeat": now() - timedelta(hours=2)},
+                              "$unset": {"data.$.checksum": "", "data.$.reference_checked": ""}})
+    landed = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    live_sshd.kill()
+    passes(cfg, db, hosts=("daq",), n=1)
+    assert buffer_datum(db)["status"] == "verifying"
+    live_sshd.start()
+    passes(cfg, db, hosts=("daq",), n=1)
+    d = buffer_datum(db)
+    assert d["status"] == "transferred" and d["checksum"] == dirhash(src, "sha512"), d
+    assert not db.collection.find_one({"number": 1}).get("retries")
+    after = os.stat(tmp_path / "buffer" / NAME / "a" / "x.zip")
+    assert (after.st_ino, after.st_mtime_ns) == (landed.st_ino, landed.st_mtime_ns)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -9,18 +9,55 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Iterable, Optional
 from urllib.parse import quote_plus, urlsplit, urlunsplit
 
 import pymongo
-from pymongo.errors import DuplicateKeyError, PyMongoError  # noqa: F401 (re-exported)
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
 
 log = logging.getLogger("cax.runsdb")
 
 
 class RunsDBError(Exception):
     """The Runs DB cannot be reached or used; ``str()`` is a one-line reason without secrets."""
+
+
+class RunsDBLost(RunsDBError):
+    """The Runs DB stopped answering in the middle of a pass.
+
+    Nothing a task decides can be recorded any more, so this is never one run's failure: it ends
+    the pass (``cax --once`` exits 1, the daemon waits for the Runs DB and resumes). ``str()``
+    names the server (password redacted) and the reason in one line; ``reason`` is the reason.
+    """
+
+    def __init__(self, description: str, reason: str):
+        super().__init__(f"Runs DB {description} lost: {reason}")
+        self.description, self.reason = description, reason
+
+
+#: SQLite errors that mean the embedded store itself is unusable (locked past the busy timeout,
+#: file gone or unreadable, disk I/O error), as opposed to a refused operation
+_SQLITE_LOST = (sqlite3.OperationalError, sqlite3.InternalError)
+
+
+def is_lost(e: BaseException) -> bool:
+    """Whether ``e`` says the Runs DB is unreachable or unusable, not that one operation failed."""
+    if isinstance(e, ConnectionFailure):  # AutoReconnect, NetworkTimeout, ServerSelection...
+        return True
+    return isinstance(e, _SQLITE_LOST) or type(e) is sqlite3.DatabaseError  # "malformed"
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line out of a driver error: pymongo appends its whole topology description (and the
+    timeouts it was configured with) to every server selection error; the first part says it."""
+    msg = " ".join(str(e).split())
+    msg = re.split(r",? Timeout: [\d.]+s,| ?Topology Description:", msg, maxsplit=1)[0]
+    msg = re.sub(r" \(configured timeouts: [^)]*\)", "", msg)
+    msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), msg)
+    return f"{type(e).__name__}: {msg[:300] or 'no reason given'}"
 
 
 class StoreExists(RunsDBError):
@@ -99,6 +136,27 @@ class RunsDB:
         self.description = description or getattr(collection, "full_name", "runs")
         self.queries = 0
 
+    @contextmanager
+    def _guard(self):
+        """Turn the driver's "cannot reach the Runs DB" errors into :class:`RunsDBLost`."""
+        try:
+            yield
+        except RunsDBLost:
+            raise
+        except Exception as e:
+            if is_lost(e):
+                raise RunsDBLost(self.description, failure_reason(e)) from None
+            raise
+
+    def ping(self) -> None:
+        """One cheap round trip; raises :class:`RunsDBLost` while the Runs DB is unreachable."""
+        with self._guard():
+            client = getattr(getattr(self.collection, "database", None), "client", None)
+            if type(client).__module__.startswith("pymongo"):
+                client.admin.command("ping")
+            else:
+                self.collection.find_one({}, {"_id": 1})
+
     def close(self) -> None:
         """Close the connection now rather than at interpreter exit, so the embedded store's
         last connection reliably folds and removes its ``-wal``/``-shm`` files."""
@@ -110,27 +168,33 @@ class RunsDB:
     def ensure_indexes(self) -> None:
         for keys, opts in INDEXES:
             self.queries += 1
-            self.collection.create_index(keys, **opts)
+            with self._guard():
+                self.collection.create_index(keys, **opts)
 
     def find_runs(self, query: dict, projection: Optional[dict] = None,
                   sort: Iterable = (("number", 1),)) -> Iterable[dict]:
         """One query for all candidate runs of a task; the cursor streams, so memory stays flat."""
         self.queries += 1
-        return self.collection.find(query, projection).sort(list(sort))
+        with self._guard():
+            cursor = self.collection.find(query, projection).sort(list(sort))
+        return _GuardedCursor(cursor, self._guard)
 
     def run(self, run_id, projection: Optional[dict] = None) -> Optional[dict]:
         """A fresh read of one run, taken right before acting on it."""
         self.queries += 1
-        return self.collection.find_one({"_id": run_id}, projection)
+        with self._guard():
+            return self.collection.find_one({"_id": run_id}, projection)
 
     def run_by(self, *, number: Optional[int] = None, name: Optional[str] = None) -> Optional[dict]:
         self.queries += 1
         q = {"number": number} if number is not None else {"name": name}
-        return self.collection.find_one(q)
+        with self._guard():
+            return self.collection.find_one(q)
 
     def count(self, query: dict) -> int:
         self.queries += 1
-        return self.collection.count_documents(query)
+        with self._guard():
+            return self.collection.count_documents(query)
 
     # ---- writes ------------------------------------------------------------------------------
     def _write(self, what: str, filt: dict, update: dict) -> bool:
@@ -138,14 +202,16 @@ class RunsDB:
             log.info("dry-run: would %s", what)
             return False
         self.queries += 1
-        return self.collection.update_one(filt, update).modified_count == 1
+        with self._guard():
+            return self.collection.update_one(filt, update).modified_count == 1
 
     def insert_run(self, doc: dict):
         if self.dry_run:
             log.info("dry-run: would insert run %s", doc.get("name"))
             return None
         self.queries += 1
-        return self.collection.insert_one(doc).inserted_id
+        with self._guard():
+            return self.collection.insert_one(doc).inserted_id
 
     def claim(self, run_id, datum: dict) -> bool:
         """Add ``datum`` only if no datum with its key exists: exactly one claimant wins."""
@@ -251,6 +317,26 @@ class RunsDB:
         return self._write(f"mark {key_str(key)} deleting", filt, update)
 
 
+class _GuardedCursor:
+    """A cursor whose batches, fetched while the caller iterates, fail as :class:`RunsDBLost`."""
+
+    def __init__(self, cursor, guard):
+        self._cursor, self._guard = cursor, guard
+
+    def __iter__(self):
+        it = iter(self._cursor)
+        while True:
+            with self._guard():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
 def _legacy_origins(run: dict, dtype: str, version: Optional[str]) -> list:
     return [d for d in run.get("data") or []
             if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
@@ -331,8 +417,13 @@ def _uri_with_password(uri: str, password_env: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000, create: bool = False,
-            missing_ok: bool = False) -> RunsDB:
+#: a reply that takes longer than this counts as a lost server (pymongo's default is to wait for
+#: ever, so a Runs DB host that vanished without closing its connections would hang the daemon)
+SOCKET_TIMEOUT_MS = 60_000
+
+
+def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
+            create: bool = False, missing_ok: bool = False) -> RunsDB:
     """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
 
     An embedded store is opened only if it exists and is a cax store: a missing path (a typo in
@@ -342,18 +433,28 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000, create: b
     promises to change nothing, so it creates no index and opens the store read-only; with
     ``missing_ok`` (the daemon's dry run of a new config, ``runs add --dry-run``) a missing store
     is taken as empty, in memory. ``cax db init`` (:func:`init_embedded`) makes an empty store.
+
+    ``timeout_ms`` (default: the config's ``runs_db_timeout``) bounds how long pymongo looks for
+    a server before an operation fails: a lost Runs DB must end the pass in seconds, not after
+    every task has waited out pymongo's 30 s default.
     """
     target = config.runs_db
+    if timeout_ms is None:
+        timeout_ms = int(1000 * getattr(config, "runs_db_timeout", 5.0))
     if target.startswith(("mongodb://", "mongodb+srv://")):
         uri = _uri_with_password(target, config.password_env)
         try:
-            client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms)
+            client = pymongo.MongoClient(uri, tz_aware=True, serverSelectionTimeoutMS=timeout_ms,
+                                         connectTimeoutMS=timeout_ms,
+                                         socketTimeoutMS=SOCKET_TIMEOUT_MS)
             coll = client[config.database][config.collection]
             db = RunsDB(coll, dry_run=dry_run, description=redact_uri(target))
             if dry_run:
                 client.admin.command("ping")  # still fail early when the server is unusable
             else:
                 db.ensure_indexes()
+        except RunsDBLost as e:
+            raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {e.reason}")
         except PyMongoError as e:
             msg = re.sub(r"mongodb(\+srv)?://\S+", lambda m: redact_uri(m.group(0)), str(e))
             raise RunsDBError(f"cannot use Runs DB {redact_uri(target)}: {msg.splitlines()[0][:300]}")
@@ -387,6 +488,8 @@ def connect(config, *, dry_run: bool = False, timeout_ms: int = 10000, create: b
         db = RunsDB(coll, dry_run=dry_run, description=target)
         if not dry_run:
             db.ensure_indexes()
+    except RunsDBLost as e:
+        raise RunsDBError(f"cannot use Runs DB {target}: {e.reason}")
     except NotAStore as e:
         raise RunsDBError(f"cannot use Runs DB {target}: {e}; restore it from a backup, or move it "
                           f"away and run 'cax db init' for an empty one")

@@ -3,7 +3,8 @@
 A pass over 100,000 runs must not cost 100,000 queries, so every task states the Mongo query that
 selects the runs it may have work on; the base class narrows it by ``--run``/``--name``/
 ``dataset_list`` and streams the matches. A failure on one run is logged with run, task and site and
-never stops the pass: the other runs still move.
+never stops the pass: the other runs still move. A lost Runs DB (:class:`cax.runsdb.RunsDBLost`) is
+no failure of one run: it ends the task, once the copies it has in flight are done, and the pass.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 from cax.logs import printable
 from cax.paths import UnsafePath
-from cax.runsdb import RunsDB, key_str
+from cax.runsdb import RunsDB, RunsDBLost, key_str
 
 log = logging.getLogger("cax.task")
 
@@ -88,25 +89,34 @@ class Task:
     def go(self) -> int:
         """Run the task over its candidates; returns how many runs it looked at."""
         n = 0
-        for run in self.candidates():
-            if self.ctx.stop.is_set():
-                self.log(logging.INFO, run, "stop requested; ending the pass")
-                break
-            n += 1
-            try:
-                self.each_run(run)
-            except UnsafePath as e:
-                self.log(logging.ERROR, run, f"refused: {e}")
-            except Exception as e:  # one bad run never stops the others
-                self.log(logging.ERROR, run, f"failed: {type(e).__name__}: {e}",
-                         exc_info=log.isEnabledFor(logging.DEBUG))
+        try:
+            for run in self.candidates():
+                if self.ctx.stop.is_set():
+                    self.log(logging.INFO, run, "stop requested; ending the pass")
+                    break
+                n += 1
+                try:
+                    self.each_run(run)
+                except RunsDBLost:
+                    raise  # nothing can be recorded for any run: the pass ends
+                except UnsafePath as e:
+                    self.log(logging.ERROR, run, f"refused: {e}")
+                except Exception as e:  # one bad run never stops the others
+                    self.log(logging.ERROR, run, f"failed: {type(e).__name__}: {e}",
+                             exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            self._finish()
+        return n
+
+    def _finish(self) -> None:
+        """``finish`` even when the Runs DB was lost: copies in flight land (and are verified on
+        a later pass) rather than being cut off with their connections."""
         try:
             self.finish()
         finally:
             if self._own_pool is not None:
                 self._own_pool.close()
                 self._own_pool = None
-        return n
 
     def each_run(self, run: dict) -> None:
         for datum in list(run.get("data") or []):

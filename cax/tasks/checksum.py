@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.runsdb import datum_key, expected_checksum, last_beat, now, reference
+from cax.runsdb import RunsDBLost, datum_key, expected_checksum, last_beat, now, reference
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError
 
@@ -30,13 +30,21 @@ UNVERIFIED = "unverified"
 
 
 def heartbeat(task, run_id, key, status: str = "verifying"):
-    """A ``progress`` callback for :func:`cax.checksum.checksum` that keeps the datum alive."""
+    """A ``progress`` callback for :func:`cax.checksum.checksum` that keeps the datum alive.
+
+    A heartbeat the Runs DB cannot take does not stop the work: a copy goes on and lands (a
+    later pass finds it whole and verifies it), and the write of the work's outcome is what
+    reports the lost Runs DB and ends the pass.
+    """
     last = [time.monotonic()]
 
     def progress(_nbytes):
         if time.monotonic() - last[0] >= HEARTBEAT_SECONDS and not task.dry_run:
             last[0] = time.monotonic()
-            task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+            try:
+                task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+            except RunsDBLost as e:
+                task.log(logging.DEBUG, None, f"heartbeat not written: {e}", datum=key)
     return progress
 
 
@@ -56,6 +64,8 @@ def kept_alive(task, run_id, key, status: str = "verifying"):
                 continue
             try:
                 task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+            except RunsDBLost as e:  # the outcome's write reports it and ends the pass
+                task.log(logging.DEBUG, None, f"heartbeat not written: {e}", datum=key)
             except Exception as e:  # the verification's own outcome is what gets recorded
                 task.log(logging.WARNING, None, f"heartbeat not written: {e}", datum=key)
 
@@ -105,6 +115,8 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
         task.log(logging.INFO, run, f"checksum interrupted; left {status} for the next pass",
                  datum=key)
         return
+    except RunsDBLost:
+        raise
     except FileNotFoundError:
         task.record_error(run, key, status, f"data missing at {datum.get('location')}",
                           kind=UNVERIFIED)
@@ -196,38 +208,57 @@ class AddChecksum(Task):
         """Verify a copy this site pushed that was left ``verifying`` (the daemon stopped during
         its checksum). The destination may run no cax; without this only the stalled check would
         heal it, an hour later, by deleting the copy and sending all of it again."""
-        site = self.ctx.config.site(datum["host"])
-        key = datum_key(datum)
-        location = datum.get("location")
-        try:
-            if site.method == "local":
-                location = paths.check_location(site, location, datum["type"])
-            else:
-                paths.check_remote_location(site, location, datum["type"])
-        except paths.UnsafePath as e:
-            self.record_error(run, key, "verifying", str(e))
-            return
-        if self.dry_run:
-            self.log(logging.INFO, run, f"dry-run: would verify pushed copy {location}", datum=key)
-            return
-        if site.method == "local":
-            def compute(algo):
-                return compute_checksum(location, algo, cancel=self.ctx.stop.is_set)
-        else:
-            try:
-                method = self.connections().method(site)
-            except TransferError as e:
-                self.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}",
-                         datum=key)
-                return
-            if not getattr(method, "remote_checksum", False):
-                return  # the destination's own AddChecksum, or the stalled check, will
+        verify_copy(self, run, datum)
 
-            def compute(algo):
-                return method.checksum(location, algo)
-        self.log(logging.INFO, run, f"resuming verification of pushed copy {location}", datum=key)
-        with kept_alive(self, run["_id"], key):
-            verify(self, run["_id"], key, compute)
+
+def verify_copy(task, run, datum) -> None:
+    """Checksum the ``verifying`` copy ``datum`` where it lives and decide ``transferred`` or
+    ``error``: here with a local read, at another site through its transfer method (when that
+    can hash remotely; otherwise the destination's own AddChecksum will).
+
+    For copies whose verification was cut short: a push resumed by its sender (AddChecksum) and
+    a stalled copy found whole at its destination (RetryStalledTransfer), so a copy that landed
+    is verified, not deleted and sent again.
+    """
+    key = datum_key(datum)
+    location = datum.get("location")
+    here = datum["host"] == task.host
+    site = task.site if here else task.ctx.config.site(datum["host"])
+    try:
+        if here or site.method == "local":
+            location = paths.check_location(site, location, datum["type"])
+        else:
+            paths.check_remote_location(site, location, datum["type"])
+    except paths.UnsafePath as e:
+        task.record_error(run, key, "verifying", str(e))
+        return
+    if task.dry_run:
+        task.log(logging.INFO, run, f"dry-run: would verify copy {location}", datum=key)
+        return
+    if here:
+        task.log(logging.INFO, run, f"checksum start {location}", datum=key)
+        beat = heartbeat(task, run["_id"], key)
+        verify(task, run["_id"], key,
+               lambda algo: compute_checksum(location, algo, cancel=task.ctx.stop.is_set,
+                                             progress=beat))
+        return
+    if site.method == "local":
+        def compute(algo):
+            return compute_checksum(location, algo, cancel=task.ctx.stop.is_set)
+    else:
+        try:
+            method = task.connections().method(site)
+        except TransferError as e:
+            task.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}", datum=key)
+            return
+        if not getattr(method, "remote_checksum", False):
+            return  # the destination's own AddChecksum will
+
+        def compute(algo):
+            return method.checksum(location, algo)
+    task.log(logging.INFO, run, f"resuming verification of pushed copy {location}", datum=key)
+    with kept_alive(task, run["_id"], key):
+        verify(task, run["_id"], key, compute)
 
 
 class CompareChecksums(Task):

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
-from cax.runsdb import expected_checksum, key_str, now
+from cax.runsdb import RunsDBLost, expected_checksum, key_str, now
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
 from cax.transfer import Interrupted, SourceNotFound, TransferError
@@ -233,15 +233,20 @@ class _Copy(Task):
         return self.connections().method(remote)
 
     def finish(self):
+        lost = None
         for f in self._futures:
             try:
                 f.result()
+            except RunsDBLost as e:  # the copy may have landed: a later pass verifies it
+                lost = lost or e
             except Exception as e:  # _transfer records its own errors; this is a bug guard
                 self.log(logging.ERROR, None, f"copy worker failed: {type(e).__name__}: {e}")
         self._futures.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if lost is not None:
+            raise lost
 
 
 def recorded_tree(datum) -> "tuple | None":

@@ -14,8 +14,10 @@ from cax import paths
 from cax.runsdb import as_utc, datum_key, last_beat, now, reference
 from cax.tasks import scrub
 from cax.tasks.base import Task
+from cax.tasks.checksum import verify_copy
 from cax.tasks.space import waits_for_space
 from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
+from cax.transfer.base import SourceNotFound
 from cax.transfer.local import LocalMethod
 
 HEALABLE = ("stalled", "interrupted", "failed", "unverified", "no-space")
@@ -109,8 +111,19 @@ class _Heal(Task):
             self.finish_retry(run, datum, "unfinished retry")
 
 
+#: the source of a stalled copy is gone (purged, lost): only the copy's checksum can judge it
+SOURCE_GONE = ()
+
+
 class RetryStalledTransfer(_Heal):
-    """Copies with no progress for ``stalled_after`` seconds, and copies that failed, go again."""
+    """Copies with no progress for ``stalled_after`` seconds, and copies that failed, go again.
+
+    Except a copy that landed whole: its daemon may have died while verifying it, or the Runs DB
+    may have been lost when the copy ended, so its datum still says ``transferring`` or
+    ``verifying``. If its final name holds the source's bytes and files, it is verified where it
+    is (and kept if it matches): sending it again would cost the whole transfer, and a daemon
+    back after ``stalled_after`` would re-send every copy it was verifying.
+    """
 
     def query(self):
         owned = [{"host": self.host}, {"creation_place": self.host}]
@@ -125,11 +138,22 @@ class RetryStalledTransfer(_Heal):
         status = datum.get("status")
         if status in ("transferring", "verifying"):
             last = last_beat(datum)
-            if last is None or now() - last < timedelta(seconds=self.site.stalled_after):
+            stalled = last is None or now() - last >= timedelta(seconds=self.site.stalled_after)
+            if not stalled:
+                # this daemon has no copy in flight now (its copy tasks wait for their copies):
+                # a transferring copy under its final name ended while the Runs DB was gone
+                if status == "transferring" and self.whole(run, datum, quiet=True):
+                    self.verify_landed(run, datum, index)
                 return
             if self.dry_run:
                 self.log(logging.INFO, run, f"dry-run: would mark stalled (no progress since "
                          f"{last.isoformat()})", datum=datum)
+                return
+            whole = self.whole(run, datum)
+            if whole is None:
+                return  # cannot look now: decide on a later pass, delete nothing
+            if whole:
+                self.verify_landed(run, datum, index)
                 return
             reason = f"stalled: no progress since {last.isoformat()}"
             fields = {"status": "error", "error": reason, "error_kind": "stalled",
@@ -157,6 +181,96 @@ class RetryStalledTransfer(_Heal):
             self.retry(run, datum, index, datum.get("error_kind"))
         elif status == "retrying":
             super().each_location(run, datum)
+
+    # -- a copy that landed -----------------------------------------------------------------
+    def _tree(self, site, location, dtype):
+        """(bytes, files) at ``location`` of ``site``, through the site's method (a local read
+        for this site): what a complete copy must equal."""
+        if site.name == self.host:
+            return LocalMethod(site).tree(paths.check_location(site, location, dtype))
+        paths.check_remote_location(site, location, dtype)
+        return self.connections().method(site).tree(location)
+
+    def whole(self, run, datum, quiet: bool = False):
+        """True when the copy's final name holds exactly the source's bytes and files (or the
+        source cannot be measured any more: its checksum then decides); False when it is
+        missing, incomplete or not this run's own location; None when a site cannot be reached
+        now. ``quiet``: a missing copy is the normal case (a copy not landed), said nowhere."""
+        key = datum_key(datum)
+        location = datum.get("location")
+        dst = self.site if datum["host"] == self.host else self.ctx.config.site(datum["host"])
+        try:
+            # what healing would remove must be the run's own data; so must what it keeps
+            if dst.name == self.host:
+                paths.check_run_location(dst, location, run.get("name"), datum["type"],
+                                         datum.get("pax_version"))
+            else:
+                paths.check_run_name(location, run.get("name"), datum["type"])
+            have = self._tree(dst, location, datum["type"])
+        except SourceNotFound:
+            return False
+        except paths.UnsafePath as e:
+            if not quiet:
+                self.log(logging.WARNING, run, f"cannot check the copy: {e}", datum=key)
+            return False
+        except ServiceUnavailable as e:
+            self.log(logging.WARNING, run, f"cannot check the copy at {dst.name} now: {e}",
+                     datum=key)
+            return None
+        except (TransferError, OSError) as e:
+            if not quiet:
+                self.log(logging.WARNING, run, f"cannot check the copy: {e}", datum=key)
+            return False
+        want = self._source_tree(run, datum)
+        if want is None:
+            return None
+        if want is SOURCE_GONE:
+            return True
+        if have != want:
+            self.log(logging.INFO if quiet else logging.WARNING, run,
+                     f"copy incomplete: {have[0]} bytes in {have[1]} files, source has "
+                     f"{want[0]} bytes in {want[1]} files", datum=key)
+            return False
+        return True
+
+    def _source_tree(self, run, datum):
+        """(bytes, files) of the copy's source: as recorded there (AddSize), else measured;
+        SOURCE_GONE when the source copy is gone, None when its site cannot be reached now."""
+        src = next((d for d in run.get("data") or [] if isinstance(d, dict)
+                    and d.get("host") == datum.get("source") and d.get("type") == datum["type"]
+                    and d.get("pax_version") == datum.get("pax_version")), None)
+        if src is None or src.get("status") not in ("transferred", "verifying"):
+            return SOURCE_GONE
+        size, files = src.get("size"), src.get("files")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (size, files)):
+            return size, files
+        try:
+            return self._tree(self.ctx.config.site(src["host"]), src.get("location"),
+                              src["type"])
+        except SourceNotFound:
+            return SOURCE_GONE
+        except (TransferError, OSError, paths.UnsafePath) as e:
+            self.log(logging.WARNING, run, f"cannot measure the source at {src['host']}: {e}",
+                     datum=datum)
+            return None
+
+    def verify_landed(self, run, datum, index) -> None:
+        """Verify a whole copy where it is (``transferring`` first becomes ``verifying``)."""
+        key = datum_key(datum)
+        if self.dry_run:
+            self.log(logging.INFO, run, "dry-run: would verify the copy found whole", datum=key)
+            return
+        was, last = datum.get("status"), last_beat(datum)
+        if was == "transferring":
+            if not self.db.update_datum_if_unchanged(
+                    run["_id"], run["data"], index, {"status": "verifying", "heartbeat": now()},
+                    "mark landed copy verifying"):
+                return  # someone changed the run meanwhile: decide again next pass
+            datum = dict(datum, status="verifying")
+        self.log(logging.INFO, run, f"copy found whole at {datum['host']} ({was}, no progress "
+                 f"recorded since {last.isoformat() if last else '?'}): verifying it instead "
+                 f"of sending it again", datum=key)
+        verify_copy(self, run, datum)
 
 
 #: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch

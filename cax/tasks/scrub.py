@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.deletion import CORRUPT, LOST, REFUSED_KIND, CopyChecker, find_datum
-from cax.runsdb import as_utc, datum_key, now
+from cax.runsdb import RunsDBLost, as_utc, datum_key, now
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
 
@@ -75,6 +75,8 @@ class VerifyCopies(Task):
                 continue
             try:
                 size = self.scrub(run, datum, budget - spent, first=spent == 0)
+            except RunsDBLost:
+                raise  # not this copy's failure: the pass ends (cax.daemon)
             except Exception as e:  # one bad copy never stops the scrub of the others
                 self.log(logging.ERROR, run, f"scrub failed: {type(e).__name__}: {e}", datum=key)
                 continue
