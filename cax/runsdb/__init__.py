@@ -18,6 +18,9 @@ from urllib.parse import quote_plus, urlsplit, urlunsplit
 import pymongo
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
 
+from cax.runsdb import lifecycle
+from cax.runsdb.lifecycle import DatumKey, ErrorKind, Status  # noqa: F401
+
 log = logging.getLogger("cax.runsdb")
 
 
@@ -65,8 +68,7 @@ class StoreExists(RunsDBError):
 
 
 #: every datum status of the state machine (DESIGN.md), including processing at a batch site
-STATUSES = ("transferring", "verifying", "transferred", "error", "retrying", "deleting",
-            "processing")
+STATUSES = tuple(s.value for s in Status)
 
 
 def now() -> datetime:
@@ -87,16 +89,13 @@ def last_beat(datum: dict) -> Optional[datetime]:
 
 
 def datum_key(datum: dict) -> dict:
-    """The identity of a datum: (host, type[, pax_version])."""
-    key = {"host": datum["host"], "type": datum["type"]}
-    if datum.get("pax_version") is not None:
-        key["pax_version"] = datum["pax_version"]
-    return key
+    """The identity of a datum, (host, type[, pax_version]), as a dict (see
+    :class:`lifecycle.DatumKey` for the one matching rule)."""
+    return DatumKey.of(datum).as_dict()
 
 
 def key_str(key: dict) -> str:
-    s = f"{key['type']}@{key['host']}"
-    return s + (f"[{key['pax_version']}]" if key.get("pax_version") else "")
+    return str(DatumKey.of(key))
 
 
 def redact_uri(uri: str) -> str:
@@ -213,27 +212,19 @@ class RunsDB:
         with self._guard():
             return self.collection.insert_one(doc).inserted_id
 
+    def apply(self, change: "lifecycle.Change") -> bool:
+        """Execute one transition (:mod:`cax.runsdb.lifecycle`); True if it took effect."""
+        return self._write(change.what, change.filter, change.update)
+
     def claim(self, run_id, datum: dict) -> bool:
         """Add ``datum`` only if no datum with its key exists: exactly one claimant wins."""
-        key = datum_key(datum)
-        return self._write(f"claim {key_str(key)}",
-                           {"_id": run_id, "data": {"$not": {"$elemMatch": key}}},
-                           {"$push": {"data": datum}})
+        return self.apply(lifecycle.claim(run_id, datum))
 
     def update_datum(self, run_id, key: dict, expected_status, fields: dict,
                      unset: Iterable[str] = ()) -> bool:
-        """Set fields of the datum with ``key`` if its status is (one of) ``expected_status``."""
-        match = dict(key)
-        if expected_status is not None:
-            match["status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
-        update: dict = {}
-        if fields:
-            update["$set"] = {f"data.$.{k}": v for k, v in fields.items()}
-        if unset:
-            update["$unset"] = {f"data.$.{k}": "" for k in unset}
-        return self._write(f"set {key_str(key)} {fields}",
-                           {"_id": run_id, "data": {"$elemMatch": match}}, update)
+        """Set fields of the datum with ``key`` if its status is (one of) ``expected_status``
+        (tests and tools; tasks use the named transitions of :mod:`cax.runsdb.lifecycle`)."""
+        return self.apply(lifecycle._set("set", run_id, key, expected_status, fields, unset))
 
     def set_status(self, run_id, key: dict, expected_status, status: str, **fields) -> bool:
         return self.update_datum(run_id, key, expected_status, dict(fields, status=status))
@@ -242,23 +233,14 @@ class RunsDB:
                   kind: str = "failed", extra_match: Optional[dict] = None) -> bool:
         """Mark a datum ``error`` with a one-line reason; the Runs DB always says what happened.
 
-        ``kind`` (``failed``, ``interrupted``, ``stalled``, ``checksum``, ``size``, ...) lets the
-        healing tasks pick the errors they know how to heal without parsing reasons.
+        ``kind`` (:class:`lifecycle.ErrorKind`) lets the healing tasks pick the errors they know
+        how to heal without parsing reasons.
         """
-        reason = " ".join(str(reason).split())[:500] or "unknown error"
-        fields = {"status": "error", "error": reason, "error_kind": kind, "error_time": now()}
-        if extra_match:
-            return self.update_datum(run_id, dict(key, **extra_match), expected_status, fields)
-        return self.update_datum(run_id, key, expected_status, fields)
+        return self.apply(lifecycle.failed(run_id, key, expected_status, reason, kind,
+                                           expect=extra_match))
 
     def pull_datum(self, run_id, key: dict, expected_status=None) -> bool:
-        match = dict(key)
-        if expected_status is not None:
-            match["status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
-        return self._write(f"remove datum {key_str(key)}",
-                           {"_id": run_id, "data": {"$elemMatch": match}},
-                           {"$pull": {"data": match}})
+        return self.apply(lifecycle._pull("remove", run_id, key, expected_status))
 
     def update_datum_if_unchanged(self, run_id, data_as_read: list, index: int, fields: dict,
                                   what: str = "update datum") -> bool:
@@ -269,8 +251,7 @@ class RunsDB:
         premises are re-checked by the update itself. Works on every backend, unlike
         ``array_filters`` (mongomock) or positional ``$`` with several array conditions.
         """
-        return self._write(what, {"_id": run_id, "data": data_as_read},
-                           {"$set": {f"data.{index}.{k}": v for k, v in fields.items()}})
+        return self.apply(lifecycle._on_array(what, run_id, data_as_read, index, fields))
 
     def set_reference(self, run_id, dtype: str, version: Optional[str], checksum_type: str,
                       checksum: str, host: str) -> bool:
@@ -294,27 +275,9 @@ class RunsDB:
     # ---- deletion (cax/deletion.py) ------------------------------------------------------------
     def mark_deleting(self, run_id, index: int, key: dict, expected_status, good=(),
                       **fields) -> bool:
-        """Move the datum at ``data.<index>`` (which must still be ``key`` in ``expected_status``)
-        to ``deleting``, only if every copy in ``good`` (``$elemMatch`` specs) is still there.
-
-        Why index addressing: the filter must name several elements of ``data`` (the copies that
-        make the delete safe) and the update must touch exactly one other element. ``$`` after
-        ``$all`` is rejected by mongomock, the embedded store and real servers alike, and mongomock
-        has no ``array_filters``; ``data.<i>.field`` in both filter and ``$set`` is exact on all of
-        them (tests/test_purge.py::test_marking_update_semantics). If the array shifted since the
-        read, the ``data.<i>`` conditions fail and nothing is written.
-        """
-        p = f"data.{index}"
-        filt: dict = {"_id": run_id, f"{p}.host": key["host"], f"{p}.type": key["type"],
-                      f"{p}.pax_version": key.get("pax_version")}
-        filt[f"{p}.status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set))
-                               else expected_status)
-        if good:
-            filt["data"] = {"$all": [{"$elemMatch": g} for g in good]}
-        update = {"$set": {f"{p}.status": "deleting", f"{p}.deleting_time": now(),
-                           **{f"{p}.{k}": v for k, v in fields.items()}}}
-        return self._write(f"mark {key_str(key)} deleting", filt, update)
+        """See :func:`cax.runsdb.lifecycle.mark_deleting`."""
+        return self.apply(lifecycle.mark_deleting(run_id, index, key, expected_status, good,
+                                                  **fields))
 
 
 class _GuardedCursor:
