@@ -273,8 +273,9 @@ class RetryStalledTransfer(_Heal):
         verify_copy(self, run, datum)
 
 
-#: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch
-FOUND_BAD = ("lost", "corrupt")
+#: a copy found bad where it lies (by a purge's check, the scrub, or its size), healed like a
+#: checksum mismatch
+FOUND_BAD = ("lost", "corrupt", "size")
 
 
 class RetryBadChecksumTransfer(_Heal):
