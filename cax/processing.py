@@ -33,6 +33,7 @@ from cax import children, job_credential, logs, paths, python_m
 from cax import config as cfgmod
 from cax.batch import BatchError, Job, safe_job_name
 from cax.runsdb import RunsDBError, connect, lifecycle, now
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Context, Task
 from cax.tasks.checksum import verify
 from cax.tasks.process import (
@@ -48,7 +49,7 @@ from cax.tasks.process import (
 
 log = logging.getLogger("cax.processing")
 #: the processing job failed (it ran, or was to run, the processor): retried as max_retries allows
-PROCESSING_FAILED = lifecycle.ErrorKind.PROCESSING
+PROCESSING_FAILED = ErrorKind.PROCESSING
 TAIL_LINES = 5
 MASSIVE_PREFIX = "cax-massive-"
 

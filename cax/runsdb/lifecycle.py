@@ -11,7 +11,7 @@ table the tests and docs/design.rst's "Datum states" section are checked against
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from typing import Iterable, Optional, Union
 

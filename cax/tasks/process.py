@@ -24,6 +24,7 @@ from typing import Optional
 from cax import job_credential, paths, python_m
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
 from cax.runsdb import as_utc, lifecycle, now
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import partial_path  # noqa: F401 (cax.processing uses it too)
 
@@ -286,7 +287,7 @@ class ProcessBatchQueue(Task):
         # a job that never started never read (and removed) its Runs DB password
         job_credential.discard(self.p["log_dir"], job_name(self.host, run["number"],
                                                            key["pax_version"]))
-        self.record_error(run, key, "processing", reason, kind=lifecycle.ErrorKind.PROCESSING)
+        self.record_error(run, key, "processing", reason, kind=ErrorKind.PROCESSING)
         return True
 
     # -- retries ----------------------------------------------------------------------------
@@ -369,11 +370,11 @@ class ProcessBatchQueue(Task):
         except BackendUnavailable as e:
             job_credential.discard(self.p["log_dir"], name)
             self.record_error(run, key, "processing", f"batch system unavailable: {e}",
-                              kind="submit")
+                              kind=ErrorKind.SUBMIT)
             raise
         except (BatchError, OSError, ValueError, TypeError) as e:
             job_credential.discard(self.p["log_dir"], name)
-            self.record_error(run, key, "processing", f"submit failed: {e}", kind="submit")
+            self.record_error(run, key, "processing", f"submit failed: {e}", kind=ErrorKind.SUBMIT)
             return
         self._submitted += 1
         # any status: a fast job may already have moved its datum on

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.runsdb import as_utc, datum_key, last_beat, lifecycle, now, reference
-from cax.runsdb.lifecycle import DatumKey
+from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify_copy
@@ -96,7 +96,7 @@ class _Heal(Task):
             return
         except (TransferError, paths.UnsafePath, OSError) as e:
             self.record_error(run, key, "retrying", f"retry could not remove files: {e}",
-                              kind="retry-failed")
+                              kind=ErrorKind.RETRY_FAILED)
             return
         if self.db.apply(lifecycle.retried(run["_id"], key)):
             self.log(logging.WARNING, run, f"removed for retry ({why}); retry "
@@ -324,7 +324,7 @@ class RetryBadChecksumTransfer(_Heal):
             if datum.get("status") == "transferred" and not self.dry_run:
                 self.record_error(run, datum_key(datum), "transferred",
                                   "checksum differs from reference and no good copy exists "
-                                  "elsewhere", kind="checksum")
+                                  "elsewhere", kind=ErrorKind.CHECKSUM)
             return
         self.retry(run, datum, run["data"].index(datum),
                    f"bad checksum; good copy at {good[0]['host']}")

@@ -10,6 +10,7 @@ import logging
 from cax import paths
 from cax.deletion import find_datum, is_good, key_of
 from cax.runsdb import expected_checksum, lifecycle
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
 
@@ -74,7 +75,7 @@ class AddSize(Task):
                       f"({refsize[0]} bytes)")
             self.log(logging.ERROR, run, f"error: {reason}", datum=key)
             self.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason,
-                                           lifecycle.ErrorKind.SIZE, **fields))
+                                           ErrorKind.SIZE, **fields))
             return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would record size {size} bytes, {files} files",
