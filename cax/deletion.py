@@ -36,7 +36,8 @@ from typing import Callable, Optional
 
 from cax import paths
 from cax.config import same_machine
-from cax.runsdb import as_utc, datum_key, key_str, now, reference, reference_problem
+from cax.runsdb import as_utc, datum_key, key_str, lifecycle, now, reference, reference_problem
+from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.transfer.base import SourceNotFound, TransferError
 
 log = logging.getLogger("cax.deletion")
@@ -57,16 +58,12 @@ key_of = datum_key  # the name this module's callers know
 
 
 def matches(datum: dict, key: dict) -> bool:
-    return (datum.get("host") == key["host"] and datum.get("type") == key["type"]
-            and datum.get("pax_version") == key.get("pax_version"))
+    return DatumKey.of(key).matches(datum)
 
 
 def find_datum(run: dict, key: dict):
     """(index, datum) of the datum with ``key`` in ``run['data']``, or (None, None)."""
-    for i, d in enumerate(run.get("data") or []):
-        if isinstance(d, dict) and matches(d, key):
-            return i, d
-    return None, None
+    return DatumKey.of(key).find(run)
 
 
 def _ctype(d: dict) -> str:
@@ -118,7 +115,7 @@ def good_spec(datum: dict, ref: dict) -> dict:
 #: ``error_kind`` of a copy whose files are gone, or whose bytes or file count are not what was
 #: recorded, and of one whose re-computed checksum differs from the reference: both heal
 #: (RetryBadChecksumTransfer) and neither is counted as a good copy
-LOST, CORRUPT = "lost", "corrupt"
+LOST, CORRUPT = ErrorKind.LOST, ErrorKind.CORRUPT
 
 #: days after which a counted copy is re-hashed before a copy that is not an origin is deleted,
 #: when the site sets no ``purge.reverify_days`` (before an origin goes, every counted copy is)
@@ -326,7 +323,7 @@ def _other_claim(db, site, run, datum, location) -> str:
 
 #: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
 #: and the admin would never see why its copy was not deleted)
-REFUSED_KIND = "unsafe-location"
+REFUSED_KIND = ErrorKind.UNSAFE_LOCATION
 
 
 def remove_path(location: str) -> bool:
@@ -392,8 +389,7 @@ def _check_counted(db, run_id, run, named: list, ref: dict, origin: bool, checke
         if result is None:
             result = checked[ident] = checker.check(run, d, ref, origin)
             if result.ok and result.rehashed and not dry_run:
-                db.update_datum(run_id, dict(key_of(d), checksum=d["checksum"]), "transferred",
-                                {"checksum_time": now()})
+                db.apply(lifecycle.rehashed(run_id, key_of(d), d["checksum"]))
             if not result.ok and result.kind:
                 if dry_run:
                     say(logging.WARNING, f"dry-run: would flag the copy at {d['host']} "
@@ -401,8 +397,8 @@ def _check_counted(db, run_id, run, named: list, ref: dict, origin: bool, checke
                 else:
                     say(logging.ERROR, f"copy at {d['host']} is {result.kind}: {result.reason}; "
                         f"marked error so it heals")
-                    db.set_error(run_id, key_of(d), "transferred", result.reason,
-                                 kind=result.kind, extra_match={"checksum": d["checksum"]})
+                    db.apply(lifecycle.failed(run_id, key_of(d), "transferred", result.reason,
+                                              result.kind, expect={"checksum": d["checksum"]}))
         if not result.ok:
             problems.append(f"{d['host']} {result.kind}" if result.kind else result.reason)
     if not problems:
@@ -441,7 +437,7 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
                 say(logging.ERROR, f"dry-run: would refuse and mark the datum error: {reason}")
                 return Outcome("refused", str(e))
             say(logging.ERROR, f"error: {reason}")
-            db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
+            db.apply(lifecycle.refused(run_id, key, status, reason))
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],
@@ -472,9 +468,9 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
         if dry_run:
             say(logging.INFO, f"dry-run: would delete {location}: {why}")
             return Outcome("would-delete", why, hosts)
-        if db.mark_deleting(run_id, index, key, status,
-                            [good_spec(d, ref) for d in named],
-                            deleting_by=site.name, deleting_reason=why):
+        if db.apply(lifecycle.mark_deleting(run_id, index, key, status,
+                                            [good_spec(d, ref) for d in named],
+                                            deleting_by=site.name, deleting_reason=why)):
             say(logging.INFO, f"marked deleting {location}: {why}")
             _crash_point("marked")
             yield "marked"
@@ -497,7 +493,7 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
     except paths.UnsafePath as e:
         reason = f"not deleted: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.set_error(run_id, key, "deleting", reason, kind=REFUSED_KIND)
+        db.apply(lifecycle.refused(run_id, key, "deleting", reason))
         return Outcome("refused", str(e))
     try:
         removed = remove_path(location)
@@ -505,13 +501,12 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
         # stays 'deleting' (never counted as good) and is retried next pass; the DB says why
         reason = f"removing {location} failed: {type(e).__name__}: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.update_datum(run_id, key, "deleting", {"error": " ".join(reason.split())[:500],
-                                                  "error_time": now()})
+        db.apply(lifecycle.delete_failed(run_id, key, reason))
         return Outcome("failed", reason)
     say(logging.INFO, f"removed {location}" if removed else f"files already gone at {location}")
     _crash_point("removed")
     yield "removed"
-    if db.pull_datum(run_id, key, "deleting"):
+    if db.apply(lifecycle.deleted(run_id, key)):
         say(logging.INFO, "datum removed from the Runs DB")
         return Outcome("deleted", datum.get("deleting_reason", ""))
     return Outcome("gone", "datum changed before it could be pulled")
