@@ -125,13 +125,18 @@ class Change:
     update: dict
 
 
+#: the ``target`` of a transition that changes fields but not the status
+SAME = "(same)"
+
+
 @dataclass(frozen=True)
 class Transition:
-    """A row of the state machine. ``source``/``target`` None: no datum (claimed, removed)."""
+    """A row of the state machine. ``source``/``target`` None: no datum (claimed, removed);
+    ``target`` :data:`SAME`: the status stays."""
 
     name: str
     source: tuple
-    target: Optional[Status]
+    target: Union[Status, str, None]
     kinds: tuple = ()
     sides: tuple = ()
     doc: str = ""
@@ -149,19 +154,19 @@ TRANSITIONS = (
                doc="a copy is claimed; exactly one claimant wins"),
     Transition("claim_processing", (None,), S.PROCESSING, sides=("processor",),
                doc="a processing job (or cax-process by hand) is claimed"),
-    Transition("heartbeat", (S.TRANSFERRING, S.VERIFYING, S.PROCESSING), None, sides=(
+    Transition("heartbeat", (S.TRANSFERRING, S.VERIFYING, S.PROCESSING), SAME, sides=(
         "copier", "verifier", "processor"), doc="progress: the status stays"),
     Transition("copied", (S.TRANSFERRING,), S.VERIFYING, sides=("copier",),
                doc="the copy landed under its final name"),
     Transition("verified", (S.VERIFYING,), S.TRANSFERRED, sides=("verifier",),
                doc="the checksum equals the reference (or became it)"),
-    Transition("origin_checksummed", (S.TRANSFERRED,), S.TRANSFERRED, sides=("verifier",),
+    Transition("origin_checksummed", (S.TRANSFERRED,), SAME, sides=("verifier",),
                doc="an origin recorded without a checksum gets one"),
-    Transition("reference_checked", (S.TRANSFERRED,), S.TRANSFERRED, sides=("destination",),
+    Transition("reference_checked", (S.TRANSFERRED,), SAME, sides=("destination",),
                doc="a copy's checksum was compared with the reference"),
-    Transition("rehashed", (S.TRANSFERRED,), S.TRANSFERRED, sides=("purger", "destination"),
+    Transition("rehashed", (S.TRANSFERRED,), SAME, sides=("purger", "destination"),
                doc="re-hashed where it lies and found good"),
-    Transition("measured", (S.TRANSFERRED,), S.TRANSFERRED, sides=("destination",),
+    Transition("measured", (S.TRANSFERRED,), SAME, sides=("destination",),
                doc="size and file count recorded; permissions set"),
     Transition("failed", _ANY, S.ERROR, kinds=tuple(K), sides=(
         "copier", "verifier", "destination", "processor", "purger", "admin"),
@@ -178,23 +183,41 @@ TRANSITIONS = (
                doc="a refused submission is pulled, not counted as a retry"),
     Transition("retry_processing", (S.ERROR,), None, sides=("processor",),
                doc="a failed processing datum is pulled and the attempt recorded"),
-    Transition("job_recorded", (S.PROCESSING,), S.PROCESSING, sides=("processor",),
+    Transition("job_recorded", (S.PROCESSING,), SAME, sides=("processor",),
                doc="the batch job id of a processing datum"),
     Transition("job_ended", (S.PROCESSING,), S.VERIFYING, sides=("processor",),
                doc="the processor's output is in place"),
     Transition("mark_deleting", (S.TRANSFERRED, S.ERROR), S.DELETING, sides=(
         "purger",), doc="only while the copies that make it safe are still good"),
-    Transition("delete_failed", (S.DELETING,), S.DELETING, sides=("purger",),
+    Transition("delete_failed", (S.DELETING,), SAME, sides=("purger",),
                doc="removing the files failed: stays deleting, the reason recorded"),
     Transition("deleted", (S.DELETING,), None, sides=("purger",),
                doc="files removed: the datum is pulled"),
     Transition("refused", (S.TRANSFERRED, S.ERROR, S.DELETING), S.ERROR,
                kinds=(K.UNSAFE_LOCATION,), sides=("purger",),
                doc="a purge refused a location that is not exactly this run's data"),
-    Transition("moving", (S.TRANSFERRED, S.ERROR), None, sides=("admin",),
+    Transition("moving", (S.TRANSFERRED, S.ERROR), SAME, sides=("admin",),
                doc="cax mv: a move is under way, then the new location (status stays)"),
 )
 BY_NAME = {t.name: t for t in TRANSITIONS}
+
+
+def states_table() -> str:
+    """:data:`TRANSITIONS` as the reStructuredText table of docs/design.rst's "Datum states"
+    (tests/test_lifecycle.py checks that the page holds exactly this)."""
+    def cell(v):
+        return "(none)" if v is None else str(v)
+    rows = [("transition", "from", "to", "error kinds", "made by", "what")]
+    for t in TRANSITIONS:
+        kinds = "any" if set(t.kinds) == set(ErrorKind) else ", ".join(map(str, t.kinds)) or "-"
+        source = "any" if set(t.source) == set(Status) else ", ".join(cell(x) for x in t.source)
+        rows.append((f"``{t.name}``", source, cell(t.target),
+                     kinds, ", ".join(t.sides), t.doc))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[1:]]
+    return "\n".join(lines + [rule])
 
 
 def _status_match(expected) -> Union[str, dict]:
