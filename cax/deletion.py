@@ -36,7 +36,10 @@ from typing import Callable, Optional
 
 from cax import paths
 from cax.config import same_machine
-from cax.runsdb import as_utc, datum_key, key_str, lifecycle, now, reference, reference_problem
+from cax.runsdb import as_utc, datum_key, key_str, lifecycle, now
+# deletion.is_good, good_copies and good_spec stay importable from here
+from cax.runsdb.copies import (  # noqa: F401
+    _ctype, good_copies, good_spec, is_good, reference, reference_problem)
 from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.transfer.base import SourceNotFound, TransferError
 
@@ -66,27 +69,6 @@ def find_datum(run: dict, key: dict):
     return DatumKey.of(key).find(run)
 
 
-def _ctype(d: dict) -> str:
-    return d.get("checksum_type") or "sha512"
-
-
-def is_good(datum: dict, ref: Optional[dict]) -> bool:
-    """A verified copy: ``transferred`` with the reference checksum of the same algorithm."""
-    return (ref is not None and isinstance(datum, dict) and datum.get("status") == "transferred"
-            and bool(datum.get("checksum")) and datum.get("checksum") == ref.get("checksum")
-            and _ctype(datum) == _ctype(ref))
-
-
-def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None,
-                same_copy: Optional[Callable[[dict], bool]] = None) -> list:
-    """Good copies other than ``exclude_host``'s; ``same_copy(datum)`` True drops a datum that is
-    really the excluded copy under another site name."""
-    return [d for d in run.get("data") or []
-            if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("host") != exclude_host and is_good(d, ref)
-            and not (same_copy and same_copy(d))]
-
-
 def _same_copy_test(site, location: str, sites: Optional[dict]):
     """A predicate: is this datum the same files as ``location`` of ``site`` (another site name on
     the same machine with the same path, as written or real)? Such a datum is no "other" copy:
@@ -102,14 +84,6 @@ def _same_copy_test(site, location: str, sites: Optional[dict]):
             return False
         return bool({os.path.normpath(loc), os.path.realpath(loc)} & mine)
     return same
-
-
-def good_spec(datum: dict, ref: dict) -> dict:
-    """The ``$elemMatch`` that is true only while ``datum`` is still a good copy."""
-    ctype = _ctype(ref)
-    return {"host": datum["host"], "type": datum["type"], "pax_version": datum.get("pax_version"),
-            "status": "transferred", "checksum": ref["checksum"],
-            "checksum_type": {"$in": [ctype, None]} if ctype == "sha512" else ctype}
 
 
 #: ``error_kind`` of a copy whose files are gone, or whose bytes or file count are not what was

@@ -19,6 +19,8 @@ import pymongo
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
 
 from cax.runsdb import lifecycle
+# the good-copy and reference rules (cax/runsdb/copies.py), importable from here as before
+from cax.runsdb.copies import expected_checksum, reference, reference_problem  # noqa: F401
 from cax.runsdb.lifecycle import DatumKey, ErrorKind, Status  # noqa: F401
 
 log = logging.getLogger("cax.runsdb")
@@ -298,74 +300,6 @@ class _GuardedCursor:
 
     def __getattr__(self, name):
         return getattr(self._cursor, name)
-
-
-def _legacy_origins(run: dict, dtype: str, version: Optional[str]) -> list:
-    return [d for d in run.get("data") or []
-            if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("checksum") and not d.get("source")]
-
-
-def reference(run: dict, dtype: str, version: Optional[str] = None) -> Optional[dict]:
-    """The reference checksum of a run's data: ``{checksum, checksum_type, host}`` or None.
-
-    It is the checksum recorded by the first site that verified the data (run-level
-    ``references``). Runs DBs written by older cax have none: there the origin datum (transferred,
-    with a checksum, and not a copy, i.e. no ``source``) stands in, but only when every datum
-    without ``source`` that has a checksum (whatever its status) agrees: older cax did not write
-    ``source`` on copies either, so a bad copy may look like an origin, and trusting whichever is
-    listed first could make the bad copy the reference and the only true copy deletable.
-    Disagreement means unknown (:func:`reference_problem` says why).
-    """
-    for ref in run.get("references") or []:
-        if ref.get("type") == dtype and ref.get("pax_version") == version:
-            return ref
-    origins = _legacy_origins(run, dtype, version)
-    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
-        return None
-    d = next((d for d in origins if d.get("status") == "transferred"), None)
-    if d is None:
-        return None
-    return {"checksum": d["checksum"], "checksum_type": d.get("checksum_type") or "sha512",
-            "host": d.get("host")}
-
-
-def reference_problem(run: dict, dtype: str, version: Optional[str] = None) -> str:
-    """Why the reference is unknown, in one line; '' when it is known or simply not recorded."""
-    if any(r.get("type") == dtype and r.get("pax_version") == version
-           for r in run.get("references") or []):
-        return ""
-    origins = _legacy_origins(run, dtype, version)
-    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
-        return (f"no recorded reference and the copies without 'source' disagree "
-                f"({', '.join(str(d.get('host')) for d in origins)}): which one is the original is "
-                f"unknown; record the reference (run field 'references') by hand")
-    return ""
-
-
-def expected_checksum(run: dict, datum: dict) -> Optional[dict]:
-    """What a copy of (or copied from) ``datum`` must hash to: ``{checksum, checksum_type, host}``.
-
-    Raw data have one truth, the run's reference. Processed data are not bit-reproducible: every
-    site that produces a version is the origin of its own output, so a processed datum is held to
-    the origin it descends from (following ``source`` back to a datum without one), and to the
-    run's reference only where that chain is broken (an origin purged meanwhile).
-    """
-    dtype, version = datum.get("type"), datum.get("pax_version")
-    if dtype == "processed":
-        by_host = {d.get("host"): d for d in run.get("data") or []
-                   if d.get("type") == dtype and d.get("pax_version") == version}
-        d, seen = datum, set()
-        while d is not None and d.get("host") not in seen:
-            seen.add(d.get("host"))
-            if not d.get("source"):
-                if d.get("checksum") and d.get("status") == "transferred":
-                    return {"checksum": d["checksum"],
-                            "checksum_type": d.get("checksum_type", "sha512"),
-                            "host": d.get("host")}
-                break
-            d = by_host.get(d["source"])
-    return reference(run, dtype, version)
 
 
 def _uri_with_password(uri: str, password_env: str) -> str:

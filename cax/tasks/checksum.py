@@ -15,8 +15,8 @@ from datetime import timedelta
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.runsdb import (RunsDBLost, datum_key, expected_checksum, last_beat, lifecycle, now,
-                        reference)
+from cax.runsdb import RunsDBLost, datum_key, last_beat, lifecycle, now
+from cax.runsdb.copies import expected_checksum, reference
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError

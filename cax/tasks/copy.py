@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
-from cax.runsdb import RunsDBLost, expected_checksum, key_str, lifecycle, now
+from cax.runsdb import RunsDBLost, key_str, lifecycle, now
+from cax.runsdb.copies import expected_checksum
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify

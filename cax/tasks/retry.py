@@ -11,7 +11,8 @@ import logging
 from datetime import timedelta
 
 from cax import paths
-from cax.runsdb import as_utc, datum_key, last_beat, lifecycle, now, reference
+from cax.runsdb import as_utc, datum_key, last_beat, lifecycle, now
+from cax.runsdb.copies import reference
 from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.tasks import scrub
 from cax.tasks.base import Task

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 
 from cax import paths
-from cax.deletion import find_datum, is_good, key_of
-from cax.runsdb import expected_checksum, lifecycle
+from cax.deletion import find_datum, key_of
+from cax.runsdb import lifecycle
+from cax.runsdb.copies import expected_checksum, is_good
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
