@@ -318,3 +318,22 @@ def test_datum_states_section_is_the_transition_table():
     assert lifecycle.states_table() in section
     rows = set(re.findall(r"^``(\w+)``  ", section, re.M))
     assert rows == {t.name for t in TRANSITIONS}
+
+
+def test_every_change_the_code_builds_is_a_row_of_the_table():
+    """The transition names the builders of lifecycle.py write (first argument of its update
+    helpers) are all rows of TRANSITIONS, and every public builder is named after one."""
+    tree = ast.parse((ROOT / "cax" / "runsdb" / "lifecycle.py").read_text())
+    helpers = {"_set", "_pull", "_on_array", "Change", "claim"}
+    named = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in helpers and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            named.add(node.args[0].value)
+    assert named - set(BY_NAME) == set(), named - set(BY_NAME)
+    builders = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)
+                and not n.name.startswith("_")} - {"trim_reason", "states_table", "error_fields"}
+    extra = {"moved": "moving", "move_undone": "moving"}  # cax mv's three steps
+    assert {extra.get(b, b) for b in builders} <= set(BY_NAME)
+    assert set(BY_NAME) - {extra.get(b, b) for b in builders} == {"origin_checksummed"}  # verified()
