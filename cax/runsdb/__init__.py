@@ -1,8 +1,10 @@
 """All Runs DB access goes through here (DESIGN.md "Runs DB access").
 
-Tasks never build update documents themselves: every datum transition is one atomic update of that
-datum only, matched by its key *and* its expected current status, so a decision taken on a stale read
-can never overwrite another daemon's work. The helpers return whether the update took effect.
+Tasks never build update documents themselves: every datum transition is one of the named
+transitions of :mod:`cax.runsdb.lifecycle`, one atomic update of that datum only, matched by its key
+*and* its expected current status, so a decision taken on a stale read can never overwrite another
+daemon's work; :meth:`RunsDB.apply` executes it and returns whether it took effect. The rules for
+the reference checksum and good copies are in :mod:`cax.runsdb.copies`.
 """
 from __future__ import annotations
 
