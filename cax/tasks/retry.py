@@ -22,7 +22,8 @@ from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, par
 from cax.transfer.base import SourceNotFound
 from cax.transfer.local import LocalMethod
 
-HEALABLE = ("stalled", "interrupted", "failed", "unverified", "no-space")
+#: kinds RetryStalledTransfer heals: copies that never landed, stalled, or could not be verified
+HEALABLE = (ErrorKind.STALLED, *lifecycle.NOT_LANDED, ErrorKind.UNVERIFIED)
 NOT_LANDED = lifecycle.NOT_LANDED
 
 #: reasons older cax recorded as ``failed`` although the copy had landed under its final name
@@ -266,7 +267,7 @@ class RetryStalledTransfer(_Heal):
 
 #: a copy found bad where it lies (by a purge's check, the scrub, or its size), healed like a
 #: checksum mismatch
-FOUND_BAD = ("lost", "corrupt", "size")
+FOUND_BAD = tuple(k for k in lifecycle.LANDED_BAD if k != ErrorKind.CHECKSUM)
 
 
 class RetryBadChecksumTransfer(_Heal):
@@ -288,7 +289,7 @@ class RetryBadChecksumTransfer(_Heal):
         # bad; naming the hosts keeps the query on the data.host index
         return {"$or": [mine, {"data": {"$elemMatch": {
             "host": {"$in": list(self.site.upload_options)}, "status": "error",
-            "error_kind": {"$in": list(FOUND_BAD)}, "creation_place": self.host}}}]}
+            "error_kind": {"$in": [str(k) for k in FOUND_BAD]}, "creation_place": self.host}}}]}
 
     def each_location(self, run, datum):
         if datum["host"] != self.host and not (
@@ -303,7 +304,7 @@ class RetryBadChecksumTransfer(_Heal):
         if ref is None:
             return
         bad = ((datum.get("status") == "error"
-                and datum.get("error_kind") in ("checksum",) + FOUND_BAD)
+                and datum.get("error_kind") in lifecycle.LANDED_BAD)
                or (datum.get("status") == "transferred" and datum.get("checksum")
                    and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
                    and datum["checksum"] != ref["checksum"]))
