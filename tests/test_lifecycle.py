@@ -337,3 +337,19 @@ def test_every_change_the_code_builds_is_a_row_of_the_table():
     extra = {"moved": "moving", "move_undone": "moving"}  # cax mv's three steps
     assert {extra.get(b, b) for b in builders} <= set(BY_NAME)
     assert set(BY_NAME) - {extra.get(b, b) for b in builders} == {"origin_checksummed"}  # verified()
+
+
+def test_server_and_python_agree_on_the_key(collection):
+    """Before one rule, a key without pax_version matched any version on the server ($elemMatch
+    of host and type only) but only a datum without one in Python (deletion.find_datum): a
+    processed datum without a version could not be claimed beside one with a version, and an
+    update of it changed the other one."""
+    db = RunsDB(collection)
+    v2 = {"host": "a", "type": "processed", "pax_version": "v2", "status": "transferred"}
+    _id = collection.insert_one({"number": 1, "data": [dict(v2)]}).inserted_id
+    bare = {"host": "a", "type": "processed", "status": "transferring"}
+    assert db.claim(_id, dict(bare))
+    assert db.update_datum(_id, {"host": "a", "type": "processed"}, "transferring",
+                           {"status": "verifying"})
+    data = collection.find_one({"_id": _id})["data"]
+    assert data[0] == v2 and data[1]["status"] == "verifying"
