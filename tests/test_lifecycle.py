@@ -353,3 +353,12 @@ def test_server_and_python_agree_on_the_key(collection):
                            {"status": "verifying"})
     data = collection.find_one({"_id": _id})["data"]
     assert data[0] == v2 and data[1]["status"] == "verifying"
+
+
+def test_a_transition_from_a_status_not_in_its_row_is_refused():
+    with pytest.raises(ValueError, match="copied is not made from verifying"):
+        lifecycle._set("copied", 1, RAW, "verifying", {"status": "verifying"})
+    with pytest.raises(ValueError, match="mark_deleting is not made from deleting"):
+        lifecycle.mark_deleting(1, 0, RAW, ("transferred", "deleting"))
+    with pytest.raises(ValueError, match="refused is not made from verifying"):
+        lifecycle.refused(1, RAW, "verifying", "no")

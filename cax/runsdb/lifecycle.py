@@ -226,6 +226,18 @@ def _status_match(expected) -> Union[str, dict]:
     return str(expected)
 
 
+def _allowed(transition: str, expected) -> None:
+    """A transition is only ever built from a from-status of its row: the table is the code."""
+    t = BY_NAME.get(transition)
+    if t is None or expected is None:
+        return
+    given = expected if isinstance(expected, (list, tuple, set, frozenset)) else (expected,)
+    wrong = [str(s) for s in given if s not in t.source]
+    if wrong:
+        raise ValueError(f"transition {transition} is not made from {', '.join(wrong)} "
+                         f"(cax/runsdb/lifecycle.py TRANSITIONS)")
+
+
 def _match(key, expected, expect: Optional[dict] = None) -> dict:
     m = DatumKey.of(key).spec()
     if isinstance(key, dict):  # a key dict with more fields: they must still hold too
@@ -240,6 +252,7 @@ def _match(key, expected, expect: Optional[dict] = None) -> dict:
 def _set(transition: str, run_id, key, expected, fields: dict, unset: Iterable[str] = (),
          expect: Optional[dict] = None, what: str = "") -> Change:
     """Set fields of one datum, found by key (and ``expect``) in ``expected`` status."""
+    _allowed(transition, expected)
     update: dict = {}
     if fields:
         update["$set"] = {f"data.$.{k}": (str(v) if isinstance(v, Enum) else v)
@@ -253,6 +266,7 @@ def _set(transition: str, run_id, key, expected, fields: dict, unset: Iterable[s
 
 def _pull(transition: str, run_id, key, expected, expect: Optional[dict] = None,
           also: Optional[dict] = None) -> Change:
+    _allowed(transition, expected)
     match = _match(key, expected, expect)
     update = {"$pull": {"data": match}, **(also or {})}
     return Change(transition, f"{transition} {DatumKey.of(key)}",
@@ -384,6 +398,7 @@ def mark_deleting(run_id, index: int, key, expected, good: Iterable[dict] = (),
     them (tests/test_purge.py::test_marking_update_semantics). If the array shifted since the
     read, the ``data.<i>`` conditions fail and nothing is written.
     """
+    _allowed("mark_deleting", expected)
     k, p = DatumKey.of(key), f"data.{index}"
     filt: dict = {"_id": run_id, **{f"{p}.{f}": v for f, v in k.spec().items()},
                   f"{p}.status": _status_match(expected)}
