@@ -21,7 +21,7 @@ import uuid
 import click
 
 from cax import deletion, logs, paths
-from cax.runsdb import key_str, now, redact_uri
+from cax.runsdb import key_str, lifecycle, redact_uri
 
 log = logging.getLogger("cax.admin")
 
@@ -130,15 +130,14 @@ def mv(ctx, config_path, host, dry_run, src, dst):
         click.echo(f"dry-run: would move {src} -> {dst} and set the location of {label}")
         return
     # 1. say in the Runs DB that a move is under way: a crash leaves a trace, not a mystery
-    if not a.db.update_datum(run["_id"], key, status, {"moving_to": dst, "moving_time": now()}):
+    if not a.db.apply(lifecycle.moving(run["_id"], key, status, dst)):
         raise _cli.Fatal(f"{label} changed meanwhile; nothing moved", 1)
     try:
         _move(src, dst)
     except OSError as e:
-        a.db.update_datum(run["_id"], key, status, {}, unset=["moving_to", "moving_time"])
+        a.db.apply(lifecycle.move_undone(run["_id"], key, status))
         raise _cli.Fatal(f"moving {src} -> {dst} failed: {e}; nothing changed", 1)
-    if not a.db.update_datum(run["_id"], key, status, {"location": dst},
-                             unset=["moving_to", "moving_time"]):
+    if not a.db.apply(lifecycle.moved(run["_id"], key, status, dst)):
         raise _cli.Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
                          f"NOT updated (moving_to names the new place)", 1)
     log.debug("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
@@ -485,8 +484,9 @@ def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
         if delete and d.get("status") in ("transferred", "verifying"):
             if a.dry_run:
                 line += ": dry-run: would mark it error"
-            elif a.db.set_error(run["_id"], key, d.get("status"),
-                                f"files missing at {d['location']} (found by cax stray)"):
+            elif a.db.apply(lifecycle.failed(run["_id"], key, d.get("status"),
+                                             f"files missing at {d['location']} (found by cax "
+                                             f"stray)")):
                 line += ": marked error"
         click.echo(line)
     for run, d in moving:

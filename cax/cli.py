@@ -191,7 +191,7 @@ def _readable(run: dict) -> dict:
 @click.pass_context
 def status(ctx, config_path, host, as_json):
     """Show every run and the status of its copies at each site."""
-    from cax.runsdb import reference
+    from cax.runsdb.copies import reference
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     db = open_db(config)

@@ -36,7 +36,11 @@ from typing import Callable, Optional
 
 from cax import paths
 from cax.config import same_machine
-from cax.runsdb import as_utc, datum_key, key_str, now, reference, reference_problem
+from cax.runsdb import as_utc, datum_key, key_str, lifecycle, now
+# deletion.is_good, good_copies and good_spec stay importable from here
+from cax.runsdb.copies import (  # noqa: F401
+    _ctype, good_copies, good_spec, is_good, reference, reference_problem)
+from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.transfer.base import SourceNotFound, TransferError
 
 log = logging.getLogger("cax.deletion")
@@ -57,37 +61,12 @@ key_of = datum_key  # the name this module's callers know
 
 
 def matches(datum: dict, key: dict) -> bool:
-    return (datum.get("host") == key["host"] and datum.get("type") == key["type"]
-            and datum.get("pax_version") == key.get("pax_version"))
+    return DatumKey.of(key).matches(datum)
 
 
 def find_datum(run: dict, key: dict):
     """(index, datum) of the datum with ``key`` in ``run['data']``, or (None, None)."""
-    for i, d in enumerate(run.get("data") or []):
-        if isinstance(d, dict) and matches(d, key):
-            return i, d
-    return None, None
-
-
-def _ctype(d: dict) -> str:
-    return d.get("checksum_type") or "sha512"
-
-
-def is_good(datum: dict, ref: Optional[dict]) -> bool:
-    """A verified copy: ``transferred`` with the reference checksum of the same algorithm."""
-    return (ref is not None and isinstance(datum, dict) and datum.get("status") == "transferred"
-            and bool(datum.get("checksum")) and datum.get("checksum") == ref.get("checksum")
-            and _ctype(datum) == _ctype(ref))
-
-
-def good_copies(run: dict, dtype: str, version, ref: Optional[dict], exclude_host=None,
-                same_copy: Optional[Callable[[dict], bool]] = None) -> list:
-    """Good copies other than ``exclude_host``'s; ``same_copy(datum)`` True drops a datum that is
-    really the excluded copy under another site name."""
-    return [d for d in run.get("data") or []
-            if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("host") != exclude_host and is_good(d, ref)
-            and not (same_copy and same_copy(d))]
+    return DatumKey.of(key).find(run)
 
 
 def _same_copy_test(site, location: str, sites: Optional[dict]):
@@ -107,18 +86,10 @@ def _same_copy_test(site, location: str, sites: Optional[dict]):
     return same
 
 
-def good_spec(datum: dict, ref: dict) -> dict:
-    """The ``$elemMatch`` that is true only while ``datum`` is still a good copy."""
-    ctype = _ctype(ref)
-    return {"host": datum["host"], "type": datum["type"], "pax_version": datum.get("pax_version"),
-            "status": "transferred", "checksum": ref["checksum"],
-            "checksum_type": {"$in": [ctype, None]} if ctype == "sha512" else ctype}
-
-
 #: ``error_kind`` of a copy whose files are gone, or whose bytes or file count are not what was
 #: recorded, and of one whose re-computed checksum differs from the reference: both heal
 #: (RetryBadChecksumTransfer) and neither is counted as a good copy
-LOST, CORRUPT = "lost", "corrupt"
+LOST, CORRUPT = ErrorKind.LOST, ErrorKind.CORRUPT
 
 #: days after which a counted copy is re-hashed before a copy that is not an origin is deleted,
 #: when the site sets no ``purge.reverify_days`` (before an origin goes, every counted copy is)
@@ -326,7 +297,7 @@ def _other_claim(db, site, run, datum, location) -> str:
 
 #: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
 #: and the admin would never see why its copy was not deleted)
-REFUSED_KIND = "unsafe-location"
+REFUSED_KIND = ErrorKind.UNSAFE_LOCATION
 
 
 def remove_path(location: str) -> bool:
@@ -392,8 +363,7 @@ def _check_counted(db, run_id, run, named: list, ref: dict, origin: bool, checke
         if result is None:
             result = checked[ident] = checker.check(run, d, ref, origin)
             if result.ok and result.rehashed and not dry_run:
-                db.update_datum(run_id, dict(key_of(d), checksum=d["checksum"]), "transferred",
-                                {"checksum_time": now()})
+                db.apply(lifecycle.rehashed(run_id, key_of(d), d["checksum"]))
             if not result.ok and result.kind:
                 if dry_run:
                     say(logging.WARNING, f"dry-run: would flag the copy at {d['host']} "
@@ -401,8 +371,8 @@ def _check_counted(db, run_id, run, named: list, ref: dict, origin: bool, checke
                 else:
                     say(logging.ERROR, f"copy at {d['host']} is {result.kind}: {result.reason}; "
                         f"marked error so it heals")
-                    db.set_error(run_id, key_of(d), "transferred", result.reason,
-                                 kind=result.kind, extra_match={"checksum": d["checksum"]})
+                    db.apply(lifecycle.failed(run_id, key_of(d), "transferred", result.reason,
+                                              result.kind, expect={"checksum": d["checksum"]}))
         if not result.ok:
             problems.append(f"{d['host']} {result.kind}" if result.kind else result.reason)
     if not problems:
@@ -441,7 +411,7 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
                 say(logging.ERROR, f"dry-run: would refuse and mark the datum error: {reason}")
                 return Outcome("refused", str(e))
             say(logging.ERROR, f"error: {reason}")
-            db.set_error(run_id, key, status, reason, kind=REFUSED_KIND)
+            db.apply(lifecycle.refused(run_id, key, status, reason))
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],
@@ -472,9 +442,9 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
         if dry_run:
             say(logging.INFO, f"dry-run: would delete {location}: {why}")
             return Outcome("would-delete", why, hosts)
-        if db.mark_deleting(run_id, index, key, status,
-                            [good_spec(d, ref) for d in named],
-                            deleting_by=site.name, deleting_reason=why):
+        if db.apply(lifecycle.mark_deleting(run_id, index, key, status,
+                                            [good_spec(d, ref) for d in named],
+                                            deleting_by=site.name, deleting_reason=why)):
             say(logging.INFO, f"marked deleting {location}: {why}")
             _crash_point("marked")
             yield "marked"
@@ -497,7 +467,7 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
     except paths.UnsafePath as e:
         reason = f"not deleted: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.set_error(run_id, key, "deleting", reason, kind=REFUSED_KIND)
+        db.apply(lifecycle.refused(run_id, key, "deleting", reason))
         return Outcome("refused", str(e))
     try:
         removed = remove_path(location)
@@ -505,13 +475,12 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
         # stays 'deleting' (never counted as good) and is retried next pass; the DB says why
         reason = f"removing {location} failed: {type(e).__name__}: {e}"
         say(logging.ERROR, f"error: {reason}")
-        db.update_datum(run_id, key, "deleting", {"error": " ".join(reason.split())[:500],
-                                                  "error_time": now()})
+        db.apply(lifecycle.delete_failed(run_id, key, reason))
         return Outcome("failed", reason)
     say(logging.INFO, f"removed {location}" if removed else f"files already gone at {location}")
     _crash_point("removed")
     yield "removed"
-    if db.pull_datum(run_id, key, "deleting"):
+    if db.apply(lifecycle.deleted(run_id, key)):
         say(logging.INFO, "datum removed from the Runs DB")
         return Outcome("deleted", datum.get("deleting_reason", ""))
     return Outcome("gone", "datum changed before it could be pulled")

@@ -32,7 +32,8 @@ import click
 from cax import children, job_credential, logs, paths, python_m
 from cax import config as cfgmod
 from cax.batch import BatchError, Job, safe_job_name
-from cax.runsdb import RunsDBError, connect, now
+from cax.runsdb import RunsDBError, connect, lifecycle, now
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Context, Task
 from cax.tasks.checksum import verify
 from cax.tasks.process import (
@@ -47,6 +48,8 @@ from cax.tasks.process import (
 )
 
 log = logging.getLogger("cax.processing")
+#: the processing job failed (it ran, or was to run, the processor): retried as max_retries allows
+PROCESSING_FAILED = ErrorKind.PROCESSING
 TAIL_LINES = 5
 MASSIVE_PREFIX = "cax-massive-"
 
@@ -125,7 +128,8 @@ def process(config, host: str, number: int, version: str, db=None) -> int:
         # the config changed after the job was submitted: say so on the job's datum
         if (me and datum is not None and datum.get("status") == "processing"
                 and datum.get("job_id") in (me, None)):
-            task.record_error(run, key, "processing", f"cax-process: {problem}")
+            task.record_error(run, key, "processing", f"cax-process: {problem}",
+                              kind=PROCESSING_FAILED)
         else:
             task.log(logging.ERROR, run, problem, datum=key)
         return 2
@@ -136,9 +140,9 @@ def process(config, host: str, number: int, version: str, db=None) -> int:
             task.log(logging.ERROR, run, f"refused: {e}")
             return 1
         job_id = f"manual:{socket.gethostname()}:{os.getpid()}"
-        if not db.claim(run["_id"], dict(key, status="processing", location=location, checksum=None,
-                                         creation_time=now(), creation_place=host,
-                                         job_backend="manual", job_id=job_id)):
+        if not db.apply(lifecycle.claim_processing(run["_id"], dict(
+                key, location=location, checksum=None, creation_time=now(), creation_place=host,
+                job_backend="manual", job_id=job_id))):
             task.log(logging.ERROR, run, "another cax claimed this datum first", datum=key)
             return 1
         task.log(logging.INFO, run, f"claimed for processing by hand ({job_id})", datum=key)
@@ -154,7 +158,8 @@ def process(config, host: str, number: int, version: str, db=None) -> int:
     try:
         return _process_owned(task, site, p, run, key, version)
     except Exception as e:  # whatever happens, the Runs DB says so
-        task.record_error(run, key, "processing", f"cax-process failed: {type(e).__name__}: {e}")
+        task.record_error(run, key, "processing", f"cax-process failed: {type(e).__name__}: {e}",
+                          kind=PROCESSING_FAILED)
         return 1
 
 
@@ -165,16 +170,18 @@ def _process_owned(task, site, p, run, key, version) -> int:
         raw = next((d for d in run.get("data") or [] if d.get("host") == task.host
                     and d.get("type") == "raw" and d.get("status") == "transferred"), None)
         if raw is None:
-            task.record_error(run, key, "processing", "no transferred raw data at this site")
+            task.record_error(run, key, "processing", "no transferred raw data at this site",
+                              kind=PROCESSING_FAILED)
             return 1
         source = paths.check_location(site, raw.get("location"), "raw")
     except paths.UnsafePath as e:
-        task.record_error(run, key, "processing", f"refused: {e}")
+        task.record_error(run, key, "processing", f"refused: {e}", kind=PROCESSING_FAILED)
         return 1
     datum = find_datum(run, key) or {}
     if datum.get("location") not in (None, final):
         task.record_error(run, key, "processing", f"datum location {datum.get('location')} is not "
-                          f"where this site writes version {version} ({final})")
+                          f"where this site writes version {version} ({final})",
+                          kind=PROCESSING_FAILED)
         return 1
     partial = partial_path(final)
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -183,30 +190,32 @@ def _process_owned(task, site, p, run, key, version) -> int:
                                        "input": source, "output": partial, "version": version,
                                        "ncpus": p["ncpus"]})
     task.log(logging.INFO, run, f"processing start: {shlex.join(argv)}", datum=key)
-    db.update_datum(run["_id"], key, "processing", {"heartbeat": now(), "started": now()})
+    db.apply(lifecycle.heartbeat(run["_id"], key, "processing", started=now()))
     started = time.monotonic()
     try:
-        rc, tail = _run_command(argv, beat=lambda: db.update_datum(run["_id"], key, "processing",
-                                                                    {"heartbeat": now()}))
+        rc, tail = _run_command(argv, beat=lambda: db.apply(lifecycle.heartbeat(run["_id"], key,
+                                                                                "processing")))
     except OSError as e:
-        task.record_error(run, key, "processing", f"cannot run {argv[0]}: {e.strerror or e}")
+        task.record_error(run, key, "processing", f"cannot run {argv[0]}: {e.strerror or e}",
+                          kind=PROCESSING_FAILED)
         return 127
     seconds = time.monotonic() - started
     if rc != 0:
         _remove(partial)
         last = " | ".join(tail) if tail else "(no output)"
         task.record_error(run, key, "processing",
-                          f"command exited with code {rc} after {seconds:.0f} s; last output: {last}")
+                          f"command exited with code {rc} after {seconds:.0f} s; last output: {last}",
+                          kind=PROCESSING_FAILED)
         return rc if 0 < rc < 256 else 1
     if not os.path.lexists(partial):
         task.record_error(run, key, "processing",
-                          f"command exited 0 after {seconds:.0f} s but wrote nothing to {partial}")
+                          f"command exited 0 after {seconds:.0f} s but wrote nothing to {partial}",
+                          kind=PROCESSING_FAILED)
         return 1
     _remove(final)
     os.rename(partial, final)
     task.log(logging.INFO, run, f"processing done in {seconds:.1f} s: {final}", datum=key)
-    if not db.set_status(run["_id"], key, "processing", "verifying", heartbeat=now(),
-                         processing_seconds=round(seconds, 3)):
+    if not db.apply(lifecycle.job_ended(run["_id"], key, processing_seconds=round(seconds, 3))):
         task.log(logging.WARNING, run, "datum changed while processing (marked dead?); "
                  "output left for the next attempt", datum=key)
         return 1

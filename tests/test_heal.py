@@ -299,14 +299,15 @@ def test_long_verification_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
     doc["data"][0]["heartbeat"] = old
     db.insert_run(doc)
     beats = []
-    real = db.update_datum
+    real = db.apply
 
-    def spy(run_id, key, expected, fields, *a, **kw):
-        if "heartbeat" in fields:
+    def spy(change):
+        if change.transition == "heartbeat":
+            expected = change.filter["data"]["$elemMatch"]["status"]
             beats.append((expected, db.collection.find_one({"number": 1})["data"][0]["status"]))
-        return real(run_id, key, expected, fields, *a, **kw)
+        return real(change)
 
-    monkeypatch.setattr(db, "update_datum", spy)
+    monkeypatch.setattr(db, "apply", spy)
     run_pass(context(cfg, "daq", db, run_filter={"number": 1}))
     d, _run = datum(db, "daq")
     assert d["status"] == "transferred"

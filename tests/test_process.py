@@ -446,6 +446,16 @@ def test_cax_process_by_hand_failure(local_site):
     assert s.status(9) == "error" and "exited with code 3" in s.datum(9)["error"]
 
 
+def test_failed_processing_is_error_kind_processing(local_site):
+    """docs/design.rst documented kind ``processing`` but a failed processing job was written
+    ``failed`` like a failed transfer (issue 11): the kind now says the processor failed."""
+    s = local_site.configure(FAIL)
+    s.add_run(10)
+    s.run_pass()
+    wait_until(lambda: s.status(10) == "error", 60, "the job to record its failure", site=s)
+    assert s.datum(10)["error_kind"] == "processing", s.datum(10)
+
+
 RANDOM_OUTPUT = [PY, "-c", "import os, sys; os.makedirs(sys.argv[1]); "
                  "open(os.path.join(sys.argv[1], 'out.bin'), 'wb').write(os.urandom(64))", "{output}"]
 

@@ -1,8 +1,10 @@
 """All Runs DB access goes through here (DESIGN.md "Runs DB access").
 
-Tasks never build update documents themselves: every datum transition is one atomic update of that
-datum only, matched by its key *and* its expected current status, so a decision taken on a stale read
-can never overwrite another daemon's work. The helpers return whether the update took effect.
+Tasks never build update documents themselves: every datum transition is one of the named
+transitions of :mod:`cax.runsdb.lifecycle`, one atomic update of that datum only, matched by its key
+*and* its expected current status, so a decision taken on a stale read can never overwrite another
+daemon's work; :meth:`RunsDB.apply` executes it and returns whether it took effect. The rules for
+the reference checksum and good copies are in :mod:`cax.runsdb.copies`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from urllib.parse import quote_plus, urlsplit, urlunsplit
 
 import pymongo
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
+
+from cax.runsdb import lifecycle
+# the good-copy and reference rules (cax/runsdb/copies.py), importable from here as before
+from cax.runsdb.copies import expected_checksum, reference, reference_problem  # noqa: F401
+from cax.runsdb.lifecycle import DatumKey, ErrorKind, Status  # noqa: F401
 
 log = logging.getLogger("cax.runsdb")
 
@@ -65,8 +72,7 @@ class StoreExists(RunsDBError):
 
 
 #: every datum status of the state machine (DESIGN.md), including processing at a batch site
-STATUSES = ("transferring", "verifying", "transferred", "error", "retrying", "deleting",
-            "processing")
+STATUSES = tuple(s.value for s in Status)
 
 
 def now() -> datetime:
@@ -87,16 +93,13 @@ def last_beat(datum: dict) -> Optional[datetime]:
 
 
 def datum_key(datum: dict) -> dict:
-    """The identity of a datum: (host, type[, pax_version])."""
-    key = {"host": datum["host"], "type": datum["type"]}
-    if datum.get("pax_version") is not None:
-        key["pax_version"] = datum["pax_version"]
-    return key
+    """The identity of a datum, (host, type[, pax_version]), as a dict (see
+    :class:`lifecycle.DatumKey` for the one matching rule)."""
+    return DatumKey.of(datum).as_dict()
 
 
 def key_str(key: dict) -> str:
-    s = f"{key['type']}@{key['host']}"
-    return s + (f"[{key['pax_version']}]" if key.get("pax_version") else "")
+    return str(DatumKey.of(key))
 
 
 def redact_uri(uri: str) -> str:
@@ -213,27 +216,19 @@ class RunsDB:
         with self._guard():
             return self.collection.insert_one(doc).inserted_id
 
+    def apply(self, change: "lifecycle.Change") -> bool:
+        """Execute one transition (:mod:`cax.runsdb.lifecycle`); True if it took effect."""
+        return self._write(change.what, change.filter, change.update)
+
     def claim(self, run_id, datum: dict) -> bool:
         """Add ``datum`` only if no datum with its key exists: exactly one claimant wins."""
-        key = datum_key(datum)
-        return self._write(f"claim {key_str(key)}",
-                           {"_id": run_id, "data": {"$not": {"$elemMatch": key}}},
-                           {"$push": {"data": datum}})
+        return self.apply(lifecycle.claim(run_id, datum))
 
     def update_datum(self, run_id, key: dict, expected_status, fields: dict,
                      unset: Iterable[str] = ()) -> bool:
-        """Set fields of the datum with ``key`` if its status is (one of) ``expected_status``."""
-        match = dict(key)
-        if expected_status is not None:
-            match["status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
-        update: dict = {}
-        if fields:
-            update["$set"] = {f"data.$.{k}": v for k, v in fields.items()}
-        if unset:
-            update["$unset"] = {f"data.$.{k}": "" for k in unset}
-        return self._write(f"set {key_str(key)} {fields}",
-                           {"_id": run_id, "data": {"$elemMatch": match}}, update)
+        """Set fields of the datum with ``key`` if its status is (one of) ``expected_status``
+        (tests and tools; tasks use the named transitions of :mod:`cax.runsdb.lifecycle`)."""
+        return self.apply(lifecycle._set("set", run_id, key, expected_status, fields, unset))
 
     def set_status(self, run_id, key: dict, expected_status, status: str, **fields) -> bool:
         return self.update_datum(run_id, key, expected_status, dict(fields, status=status))
@@ -242,23 +237,14 @@ class RunsDB:
                   kind: str = "failed", extra_match: Optional[dict] = None) -> bool:
         """Mark a datum ``error`` with a one-line reason; the Runs DB always says what happened.
 
-        ``kind`` (``failed``, ``interrupted``, ``stalled``, ``checksum``, ``size``, ...) lets the
-        healing tasks pick the errors they know how to heal without parsing reasons.
+        ``kind`` (:class:`lifecycle.ErrorKind`) lets the healing tasks pick the errors they know
+        how to heal without parsing reasons.
         """
-        reason = " ".join(str(reason).split())[:500] or "unknown error"
-        fields = {"status": "error", "error": reason, "error_kind": kind, "error_time": now()}
-        if extra_match:
-            return self.update_datum(run_id, dict(key, **extra_match), expected_status, fields)
-        return self.update_datum(run_id, key, expected_status, fields)
+        return self.apply(lifecycle.failed(run_id, key, expected_status, reason, kind,
+                                           expect=extra_match))
 
     def pull_datum(self, run_id, key: dict, expected_status=None) -> bool:
-        match = dict(key)
-        if expected_status is not None:
-            match["status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set)) else expected_status)
-        return self._write(f"remove datum {key_str(key)}",
-                           {"_id": run_id, "data": {"$elemMatch": match}},
-                           {"$pull": {"data": match}})
+        return self.apply(lifecycle._pull("remove", run_id, key, expected_status))
 
     def update_datum_if_unchanged(self, run_id, data_as_read: list, index: int, fields: dict,
                                   what: str = "update datum") -> bool:
@@ -269,8 +255,7 @@ class RunsDB:
         premises are re-checked by the update itself. Works on every backend, unlike
         ``array_filters`` (mongomock) or positional ``$`` with several array conditions.
         """
-        return self._write(what, {"_id": run_id, "data": data_as_read},
-                           {"$set": {f"data.{index}.{k}": v for k, v in fields.items()}})
+        return self.apply(lifecycle._on_array(what, run_id, data_as_read, index, fields))
 
     def set_reference(self, run_id, dtype: str, version: Optional[str], checksum_type: str,
                       checksum: str, host: str) -> bool:
@@ -294,27 +279,9 @@ class RunsDB:
     # ---- deletion (cax/deletion.py) ------------------------------------------------------------
     def mark_deleting(self, run_id, index: int, key: dict, expected_status, good=(),
                       **fields) -> bool:
-        """Move the datum at ``data.<index>`` (which must still be ``key`` in ``expected_status``)
-        to ``deleting``, only if every copy in ``good`` (``$elemMatch`` specs) is still there.
-
-        Why index addressing: the filter must name several elements of ``data`` (the copies that
-        make the delete safe) and the update must touch exactly one other element. ``$`` after
-        ``$all`` is rejected by mongomock, the embedded store and real servers alike, and mongomock
-        has no ``array_filters``; ``data.<i>.field`` in both filter and ``$set`` is exact on all of
-        them (tests/test_purge.py::test_marking_update_semantics). If the array shifted since the
-        read, the ``data.<i>`` conditions fail and nothing is written.
-        """
-        p = f"data.{index}"
-        filt: dict = {"_id": run_id, f"{p}.host": key["host"], f"{p}.type": key["type"],
-                      f"{p}.pax_version": key.get("pax_version")}
-        filt[f"{p}.status"] = ({"$in": list(expected_status)}
-                               if isinstance(expected_status, (list, tuple, set))
-                               else expected_status)
-        if good:
-            filt["data"] = {"$all": [{"$elemMatch": g} for g in good]}
-        update = {"$set": {f"{p}.status": "deleting", f"{p}.deleting_time": now(),
-                           **{f"{p}.{k}": v for k, v in fields.items()}}}
-        return self._write(f"mark {key_str(key)} deleting", filt, update)
+        """See :func:`cax.runsdb.lifecycle.mark_deleting`."""
+        return self.apply(lifecycle.mark_deleting(run_id, index, key, expected_status, good,
+                                                  **fields))
 
 
 class _GuardedCursor:
@@ -335,74 +302,6 @@ class _GuardedCursor:
 
     def __getattr__(self, name):
         return getattr(self._cursor, name)
-
-
-def _legacy_origins(run: dict, dtype: str, version: Optional[str]) -> list:
-    return [d for d in run.get("data") or []
-            if isinstance(d, dict) and d.get("type") == dtype and d.get("pax_version") == version
-            and d.get("checksum") and not d.get("source")]
-
-
-def reference(run: dict, dtype: str, version: Optional[str] = None) -> Optional[dict]:
-    """The reference checksum of a run's data: ``{checksum, checksum_type, host}`` or None.
-
-    It is the checksum recorded by the first site that verified the data (run-level
-    ``references``). Runs DBs written by older cax have none: there the origin datum (transferred,
-    with a checksum, and not a copy, i.e. no ``source``) stands in, but only when every datum
-    without ``source`` that has a checksum (whatever its status) agrees: older cax did not write
-    ``source`` on copies either, so a bad copy may look like an origin, and trusting whichever is
-    listed first could make the bad copy the reference and the only true copy deletable.
-    Disagreement means unknown (:func:`reference_problem` says why).
-    """
-    for ref in run.get("references") or []:
-        if ref.get("type") == dtype and ref.get("pax_version") == version:
-            return ref
-    origins = _legacy_origins(run, dtype, version)
-    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
-        return None
-    d = next((d for d in origins if d.get("status") == "transferred"), None)
-    if d is None:
-        return None
-    return {"checksum": d["checksum"], "checksum_type": d.get("checksum_type") or "sha512",
-            "host": d.get("host")}
-
-
-def reference_problem(run: dict, dtype: str, version: Optional[str] = None) -> str:
-    """Why the reference is unknown, in one line; '' when it is known or simply not recorded."""
-    if any(r.get("type") == dtype and r.get("pax_version") == version
-           for r in run.get("references") or []):
-        return ""
-    origins = _legacy_origins(run, dtype, version)
-    if len({(d["checksum"], d.get("checksum_type") or "sha512") for d in origins}) > 1:
-        return (f"no recorded reference and the copies without 'source' disagree "
-                f"({', '.join(str(d.get('host')) for d in origins)}): which one is the original is "
-                f"unknown; record the reference (run field 'references') by hand")
-    return ""
-
-
-def expected_checksum(run: dict, datum: dict) -> Optional[dict]:
-    """What a copy of (or copied from) ``datum`` must hash to: ``{checksum, checksum_type, host}``.
-
-    Raw data have one truth, the run's reference. Processed data are not bit-reproducible: every
-    site that produces a version is the origin of its own output, so a processed datum is held to
-    the origin it descends from (following ``source`` back to a datum without one), and to the
-    run's reference only where that chain is broken (an origin purged meanwhile).
-    """
-    dtype, version = datum.get("type"), datum.get("pax_version")
-    if dtype == "processed":
-        by_host = {d.get("host"): d for d in run.get("data") or []
-                   if d.get("type") == dtype and d.get("pax_version") == version}
-        d, seen = datum, set()
-        while d is not None and d.get("host") not in seen:
-            seen.add(d.get("host"))
-            if not d.get("source"):
-                if d.get("checksum") and d.get("status") == "transferred":
-                    return {"checksum": d["checksum"],
-                            "checksum_type": d.get("checksum_type", "sha512"),
-                            "host": d.get("host")}
-                break
-            d = by_host.get(d["source"])
-    return reference(run, dtype, version)
 
 
 def _uri_with_password(uri: str, password_env: str) -> str:

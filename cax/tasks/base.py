@@ -15,7 +15,7 @@ from typing import Optional
 
 from cax.logs import printable
 from cax.paths import UnsafePath
-from cax.runsdb import RunsDB, RunsDBLost, key_str
+from cax.runsdb import RunsDB, RunsDBLost, key_str, lifecycle
 
 log = logging.getLogger("cax.task")
 
@@ -152,7 +152,7 @@ class Task:
                      kind: str = "failed") -> None:
         """Every failure leaves the Runs DB saying what happened."""
         self.log(logging.ERROR, run, f"error: {reason}", datum=key)
-        if not self.db.set_error(run["_id"], key, expected_status, reason, kind) \
+        if not self.db.apply(lifecycle.failed(run["_id"], key, expected_status, reason, kind)) \
                 and not self.dry_run:
             self.log(logging.WARNING, run, "could not record the error: datum changed meanwhile",
                      datum=key)

@@ -15,7 +15,9 @@ from datetime import timedelta
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.runsdb import RunsDBLost, datum_key, expected_checksum, last_beat, now, reference
+from cax.runsdb import RunsDBLost, datum_key, last_beat, lifecycle, now
+from cax.runsdb.copies import expected_checksum, reference
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError
 
@@ -26,7 +28,7 @@ HEARTBEAT_SECONDS = 30.0
 #: ``error_kind`` of a copy that landed under its final name but could not be verified there. The
 #: files under that name were written by this datum's own claim, so a retry removes them too
 #: (unlike ``failed``, where whatever sits under the final name is not ours).
-UNVERIFIED = "unverified"
+UNVERIFIED = ErrorKind.UNVERIFIED
 
 
 def heartbeat(task, run_id, key, status: str = "verifying"):
@@ -42,7 +44,7 @@ def heartbeat(task, run_id, key, status: str = "verifying"):
         if time.monotonic() - last[0] >= HEARTBEAT_SECONDS and not task.dry_run:
             last[0] = time.monotonic()
             try:
-                task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+                task.db.apply(lifecycle.heartbeat(run_id, key, status))
             except RunsDBLost as e:
                 task.log(logging.DEBUG, None, f"heartbeat not written: {e}", datum=key)
     return progress
@@ -63,7 +65,7 @@ def kept_alive(task, run_id, key, status: str = "verifying"):
             if task.dry_run:
                 continue
             try:
-                task.db.update_datum(run_id, key, status, {"heartbeat": now()})
+                task.db.apply(lifecycle.heartbeat(run_id, key, status))
             except RunsDBLost as e:  # the outcome's write reports it and ends the pass
                 task.log(logging.DEBUG, None, f"heartbeat not written: {e}", datum=key)
             except Exception as e:  # the verification's own outcome is what gets recorded
@@ -93,8 +95,7 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
     run = db.run(run_id, {"name": 1, "number": 1, "data": 1, "references": 1})
     if run is None:
         return
-    datum = next((d for d in run.get("data") or []
-                  if all(d.get(k) == v for k, v in key.items())), None)
+    _, datum = lifecycle.DatumKey.of(key).find(run)
     if datum is None or datum.get("status") != status:
         return
     if status != "verifying":
@@ -144,10 +145,11 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
     if ref["checksum"] != digest and not own_origin:
         task.record_error(run, key, status,
                           f"{algorithm} checksum {digest[:16]}... differs from reference "
-                          f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
+                          f"{ref['checksum'][:16]}... (from {ref.get('host')})",
+                          kind=ErrorKind.CHECKSUM)
         return
     fields["reference_checked"] = True
-    if db.set_status(run_id, key, status, "transferred", **fields):
+    if db.apply(lifecycle.verified(run_id, key, status, fields)):
         task.log(logging.INFO, run, f"verified, {algorithm} {digest[:16]}...", datum=key)
 
 
@@ -288,12 +290,12 @@ class CompareChecksums(Task):
         key = datum_key(datum)
         own_origin = datum["type"] == "processed" and not datum.get("source")  # see verify
         if datum["checksum"] == ref["checksum"] or own_origin:
-            self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",
-                                 {"reference_checked": True})
+            self.db.apply(lifecycle.reference_checked(run["_id"], key, datum["checksum"]))
             return
         if self.dry_run:
             self.log(logging.WARNING, run, "dry-run: would flag checksum mismatch", datum=key)
             return
         self.record_error(run, key, "transferred",
                           f"checksum {datum['checksum'][:16]}... differs from reference "
-                          f"{ref['checksum'][:16]}... (from {ref.get('host')})", kind="checksum")
+                          f"{ref['checksum'][:16]}... (from {ref.get('host')})",
+                          kind=ErrorKind.CHECKSUM)

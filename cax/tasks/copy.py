@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
-from cax.runsdb import RunsDBLost, expected_checksum, key_str, now
+from cax.runsdb import RunsDBLost, key_str, lifecycle, now
+from cax.runsdb.copies import expected_checksum
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
 from cax.transfer import Interrupted, SourceNotFound, TransferError
@@ -137,7 +139,7 @@ class _Copy(Task):
             datum = dict(key, status="transferring", location=dst_path, checksum=None,
                          creation_time=t, heartbeat=t, creation_place=self.host,
                          source=src.name)
-            claimed = self.db.claim(run["_id"], datum)
+            claimed = self.db.apply(lifecycle.claim(run["_id"], datum))
         finally:
             if parallel and not claimed:
                 self._slots.release()
@@ -177,7 +179,7 @@ class _Copy(Task):
             else:
                 method.get(src_path, dst_path, expect=expect)
         except Interrupted:
-            self.record_error(run, key, "transferring", "interrupted", kind="interrupted")
+            self.record_error(run, key, "transferring", "interrupted", kind=ErrorKind.INTERRUPTED)
             return
         except TransferError as e:
             self.record_error(run, key, "transferring", str(e), kind=e.kind)
@@ -191,8 +193,7 @@ class _Copy(Task):
         seconds = max(time.monotonic() - started, 1e-6)
         self.log(logging.INFO, run, f"copy done {moved[0]} bytes in {seconds:.1f} s "
                  f"({moved[0] / seconds / 1e6:.1f} MB/s)", datum=key)
-        if not self.db.set_status(run["_id"], key, "transferring", "verifying",
-                                  heartbeat=now()):
+        if not self.db.apply(lifecycle.copied(run["_id"], key)):
             self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
             return
         if self.direction == "pull" or remote.method == "local":

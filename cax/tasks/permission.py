@@ -13,7 +13,7 @@ import stat
 
 from cax import paths
 from cax.deletion import key_of
-from cax.runsdb import now
+from cax.runsdb import lifecycle, now
 from cax.tasks.base import Task
 
 
@@ -86,10 +86,10 @@ class SetPermission(Task):
                 return
             n = apply(location, self.gid, self.site.mode)
         except (OSError, paths.UnsafePath) as e:
-            reason = " ".join(f"setting permissions failed: {e}".split())[:500]
+            reason = lifecycle.trim_reason(f"setting permissions failed: {e}")
             self.log(logging.ERROR, run, reason, datum=key)
-            self.db.update_datum(run["_id"], key, "transferred",
-                                 {"permissions_error": reason, "permissions_error_time": now()})
+            self.db.apply(lifecycle.measured(run["_id"], key, {"permissions_error": reason,
+                                                               "permissions_error_time": now()}))
             return
-        if self.db.update_datum(run["_id"], key, "transferred", {"permissions_set": True}):
+        if self.db.apply(lifecycle.measured(run["_id"], key, {"permissions_set": True})):
             self.log(logging.INFO, run, f"permissions set on {n} entries", datum=key)

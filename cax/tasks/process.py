@@ -23,7 +23,8 @@ from typing import Optional
 
 from cax import job_credential, paths, python_m
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
-from cax.runsdb import as_utc, now
+from cax.runsdb import as_utc, lifecycle, now
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import partial_path  # noqa: F401 (cax.processing uses it too)
 
@@ -140,8 +141,7 @@ def processed_key(host: str, version: str) -> dict:
 
 
 def find_datum(run: dict, key: dict) -> Optional[dict]:
-    return next((d for d in run.get("data") or []
-                 if all(d.get(k) == v for k, v in key.items())), None)
+    return lifecycle.DatumKey.of(key).find(run)[1]
 
 
 def retries_of(run: dict, version: str) -> int:
@@ -251,8 +251,9 @@ class ProcessBatchQueue(Task):
             if datum.get("job_backend") in (None, self.p["backend"]) and name in self.queued():
                 adopted = self.queued()[name]
                 if not self.dry_run:
-                    self.db.update_datum(run["_id"], dict(key, job_id=None), "processing",
-                                         {"job_id": adopted, "job_backend": self.p["backend"]})
+                    self.db.apply(lifecycle.job_recorded(
+                        run["_id"], key, {"job_id": adopted, "job_backend": self.p["backend"]},
+                        expect={"job_id": None}))
                 self.log(logging.INFO, run, f"adopted queued job {adopted} ({name}): its "
                          "submitter never recorded the job id", datum=key)
                 return False
@@ -286,7 +287,7 @@ class ProcessBatchQueue(Task):
         # a job that never started never read (and removed) its Runs DB password
         job_credential.discard(self.p["log_dir"], job_name(self.host, run["number"],
                                                            key["pax_version"]))
-        self.record_error(run, key, "processing", reason)
+        self.record_error(run, key, "processing", reason, kind=ErrorKind.PROCESSING)
         return True
 
     # -- retries ----------------------------------------------------------------------------
@@ -318,12 +319,8 @@ class ProcessBatchQueue(Task):
             self.log(logging.INFO, run, "dry-run: would submit again" if submit_failed
                      else f"dry-run: would retry (attempt {done + 2})", datum=key)
             return False
-        match = dict(key, status="error")
         if submit_failed:
-            match["error_kind"] = "submit"
-            if not self.db._write(f"resubmit {version}",
-                                  {"_id": run["_id"], "data": {"$elemMatch": match}},
-                                  {"$pull": {"data": match}}):
+            if not self.db.apply(lifecycle.resubmit(run["_id"], key)):
                 return False
             self.log(logging.INFO, run, f"submitting again (not counted as a retry) after: "
                      f"{datum.get('error')}", datum=key)
@@ -331,8 +328,7 @@ class ProcessBatchQueue(Task):
         attempt = {"pax_version": version, "time": now(), "host": self.host,
                    "error": datum.get("error"), "job_id": datum.get("job_id")}
         # one update: the pull and its record happen together or not at all
-        if not self.db._write(f"retry {version}", {"_id": run["_id"], "data": {"$elemMatch": match}},
-                              {"$pull": {"data": match}, "$push": {"processing_retries": attempt}}):
+        if not self.db.apply(lifecycle.retry_processing(run["_id"], key, attempt)):
             return False
         self.log(logging.INFO, run, f"retry {done + 1} of {self.p['max_retries']} after: "
                  f"{datum.get('error')}", datum=key)
@@ -357,7 +353,7 @@ class ProcessBatchQueue(Task):
             return
         datum = dict(key, status="processing", location=location, checksum=None,
                      creation_time=now(), creation_place=self.host, job_backend=self.p["backend"])
-        if not self.db.claim(run["_id"], datum):
+        if not self.db.apply(lifecycle.claim_processing(run["_id"], datum)):
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
         try:
@@ -374,15 +370,15 @@ class ProcessBatchQueue(Task):
         except BackendUnavailable as e:
             job_credential.discard(self.p["log_dir"], name)
             self.record_error(run, key, "processing", f"batch system unavailable: {e}",
-                              kind="submit")
+                              kind=ErrorKind.SUBMIT)
             raise
         except (BatchError, OSError, ValueError, TypeError) as e:
             job_credential.discard(self.p["log_dir"], name)
-            self.record_error(run, key, "processing", f"submit failed: {e}", kind="submit")
+            self.record_error(run, key, "processing", f"submit failed: {e}", kind=ErrorKind.SUBMIT)
             return
         self._submitted += 1
         # any status: a fast job may already have moved its datum on
-        self.db.update_datum(run["_id"], key, None, {"job_id": job_id})
+        self.db.apply(lifecycle.job_recorded(run["_id"], key, {"job_id": job_id}, any_status=True))
         self.log(logging.INFO, run, f"submitted {self.p['backend']} job {job_id} ({name})",
                  datum=key)
 

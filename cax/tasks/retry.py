@@ -11,7 +11,9 @@ import logging
 from datetime import timedelta
 
 from cax import paths
-from cax.runsdb import as_utc, datum_key, last_beat, now, reference
+from cax.runsdb import as_utc, datum_key, last_beat, lifecycle, now
+from cax.runsdb.copies import reference
+from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify_copy
@@ -20,9 +22,9 @@ from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, par
 from cax.transfer.base import SourceNotFound
 from cax.transfer.local import LocalMethod
 
-HEALABLE = ("stalled", "interrupted", "failed", "unverified", "no-space")
-#: kinds of copies that never reached their final name (only a partial copy may be left)
-NOT_LANDED = ("failed", "interrupted", "no-space")
+#: kinds RetryStalledTransfer heals: copies that never landed, stalled, or could not be verified
+HEALABLE = (ErrorKind.STALLED, *lifecycle.NOT_LANDED, ErrorKind.UNVERIFIED)
+NOT_LANDED = lifecycle.NOT_LANDED
 
 #: reasons older cax recorded as ``failed`` although the copy had landed under its final name
 #: (verification, not the copy, failed): such a copy is ours to remove, like ``unverified``
@@ -81,9 +83,7 @@ class _Heal(Task):
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would remove and re-copy ({why})", datum=key)
             return
-        if not self.db.update_datum_if_unchanged(run["_id"], run["data"], index,
-                                                 {"status": "retrying", "retry_time": now()},
-                                                 f"mark {why} copy for retry"):
+        if not self.db.apply(lifecycle.mark_retrying(run["_id"], run["data"], index)):
             return  # someone changed the run meanwhile: decide again next pass
         self.finish_retry(run, datum, why)
 
@@ -98,10 +98,9 @@ class _Heal(Task):
             return
         except (TransferError, paths.UnsafePath, OSError) as e:
             self.record_error(run, key, "retrying", f"retry could not remove files: {e}",
-                              kind="retry-failed")
+                              kind=ErrorKind.RETRY_FAILED)
             return
-        if self.db.pull_datum(run["_id"], key, "retrying"):
-            self.db.inc_run(run["_id"], "retries")
+        if self.db.apply(lifecycle.retried(run["_id"], key)):
             self.log(logging.WARNING, run, f"removed for retry ({why}); retry "
                      f"{(run.get('retries') or 0) + 1} of {self.site.max_retries}", datum=key)
 
@@ -156,14 +155,11 @@ class RetryStalledTransfer(_Heal):
                 self.verify_landed(run, datum, index)
                 return
             reason = f"stalled: no progress since {last.isoformat()}"
-            fields = {"status": "error", "error": reason, "error_kind": "stalled",
-                      "error_time": now()}
-            if not self.db.update_datum_if_unchanged(run["_id"], run["data"], index, fields,
-                                                     "mark stalled copy"):
+            if not self.db.apply(lifecycle.stalled(run["_id"], run["data"], index, reason)):
                 return
             self.log(logging.WARNING, run, reason, datum=datum)
             run = self.db.run(run["_id"], self.projection)
-            datum = next(d for d in run["data"] if datum_key(d) == datum_key(datum))
+            _, datum = DatumKey.of(datum).find(run)
             index = run["data"].index(datum)
             status = "error"
         if status == "error" and datum.get("error_kind") in HEALABLE:
@@ -236,9 +232,7 @@ class RetryStalledTransfer(_Heal):
     def _source_tree(self, run, datum):
         """(bytes, files) of the copy's source: as recorded there (AddSize), else measured;
         SOURCE_GONE when the source copy is gone, None when its site cannot be reached now."""
-        src = next((d for d in run.get("data") or [] if isinstance(d, dict)
-                    and d.get("host") == datum.get("source") and d.get("type") == datum["type"]
-                    and d.get("pax_version") == datum.get("pax_version")), None)
+        _, src = DatumKey(datum.get("source"), datum["type"], datum.get("pax_version")).find(run)
         if src is None or src.get("status") not in ("transferred", "verifying"):
             return SOURCE_GONE
         size, files = src.get("size"), src.get("files")
@@ -262,9 +256,7 @@ class RetryStalledTransfer(_Heal):
             return
         was, last = datum.get("status"), last_beat(datum)
         if was == "transferring":
-            if not self.db.update_datum_if_unchanged(
-                    run["_id"], run["data"], index, {"status": "verifying", "heartbeat": now()},
-                    "mark landed copy verifying"):
+            if not self.db.apply(lifecycle.landed(run["_id"], run["data"], index)):
                 return  # someone changed the run meanwhile: decide again next pass
             datum = dict(datum, status="verifying")
         self.log(logging.INFO, run, f"copy found whole at {datum['host']} ({was}, no progress "
@@ -273,8 +265,9 @@ class RetryStalledTransfer(_Heal):
         verify_copy(self, run, datum)
 
 
-#: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch
-FOUND_BAD = ("lost", "corrupt")
+#: a copy found bad where it lies (by a purge's check, the scrub, or its size), healed like a
+#: checksum mismatch
+FOUND_BAD = tuple(k for k in lifecycle.LANDED_BAD if k != ErrorKind.CHECKSUM)
 
 
 class RetryBadChecksumTransfer(_Heal):
@@ -296,7 +289,7 @@ class RetryBadChecksumTransfer(_Heal):
         # bad; naming the hosts keeps the query on the data.host index
         return {"$or": [mine, {"data": {"$elemMatch": {
             "host": {"$in": list(self.site.upload_options)}, "status": "error",
-            "error_kind": {"$in": list(FOUND_BAD)}, "creation_place": self.host}}}]}
+            "error_kind": {"$in": [str(k) for k in FOUND_BAD]}, "creation_place": self.host}}}]}
 
     def each_location(self, run, datum):
         if datum["host"] != self.host and not (
@@ -311,7 +304,7 @@ class RetryBadChecksumTransfer(_Heal):
         if ref is None:
             return
         bad = ((datum.get("status") == "error"
-                and datum.get("error_kind") in ("checksum",) + FOUND_BAD)
+                and datum.get("error_kind") in lifecycle.LANDED_BAD)
                or (datum.get("status") == "transferred" and datum.get("checksum")
                    and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
                    and datum["checksum"] != ref["checksum"]))
@@ -321,8 +314,7 @@ class RetryBadChecksumTransfer(_Heal):
                 and scrub.failed_verifications(self, run, datum) >= 2:
             scrub.recheck_source(self, run, datum)
             run = self.db.run(run["_id"], self.projection) or run
-            datum = next((d for d in run.get("data") or [] if isinstance(d, dict)
-                          and datum_key(d) == datum_key(datum)), None)
+            _, datum = DatumKey.of(datum).find(run)
             if datum is None or datum.get("status") != "error":
                 return
         good = [d for d in run["data"] if d is not datum and d.get("type") == datum["type"]
@@ -334,7 +326,7 @@ class RetryBadChecksumTransfer(_Heal):
             if datum.get("status") == "transferred" and not self.dry_run:
                 self.record_error(run, datum_key(datum), "transferred",
                                   "checksum differs from reference and no good copy exists "
-                                  "elsewhere", kind="checksum")
+                                  "elsewhere", kind=ErrorKind.CHECKSUM)
             return
         self.retry(run, datum, run["data"].index(datum),
                    f"bad checksum; good copy at {good[0]['host']}")

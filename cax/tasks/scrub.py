@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.deletion import CORRUPT, LOST, REFUSED_KIND, CopyChecker, find_datum
-from cax.runsdb import RunsDBLost, as_utc, datum_key, now
+from cax.runsdb import RunsDBLost, as_utc, datum_key, lifecycle, now
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
 
@@ -123,8 +123,7 @@ class VerifyCopies(Task):
                                             f"{datum['checksum'][:16]}... (found by the scrub)")
             return size
         if not self.dry_run:  # a dry run reads and reports, and writes nothing
-            self.db.update_datum(run["_id"], dict(key, checksum=datum["checksum"]), "transferred",
-                                 {"checksum_time": now()})
+            self.db.apply(lifecycle.rehashed(run["_id"], key, datum["checksum"]))
         self.log(logging.DEBUG, run, f"scrubbed {location}: {algorithm} matches", datum=key)
         return size
 
@@ -134,8 +133,8 @@ class VerifyCopies(Task):
             self.log(logging.WARNING, run, f"dry-run: would flag {kind}: {reason}", datum=key)
             return
         self.log(logging.ERROR, run, f"error ({kind}): {reason}", datum=key)
-        self.db.set_error(run["_id"], key, "transferred", reason, kind=kind,
-                          extra_match={"checksum": datum["checksum"]})
+        self.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason, kind,
+                                       expect={"checksum": datum["checksum"]}))
 
 
 # ---- a source suspected by the copies made from it (RetryBadChecksumTransfer) ----------------
@@ -159,9 +158,7 @@ def recheck_source(task, run, datum) -> None:
     """Re-hash the source of a copy that failed verification twice, where it lies; flag it
     ``corrupt`` if it differs from what it was verified as (copies are only made from a
     source whose recorded checksum is the reference)."""
-    src = next((d for d in run.get("data") or [] if isinstance(d, dict)
-                and d.get("host") == datum["source"] and d.get("type") == datum["type"]
-                and d.get("pax_version") == datum.get("pax_version")), None)
+    _, src = lifecycle.DatumKey(datum["source"], datum["type"], datum.get("pax_version")).find(run)
     if src is None or src.get("status") != "transferred" or not src.get("checksum"):
         return
     ref = {"checksum": src["checksum"], "checksum_type": src.get("checksum_type", "sha512"),
@@ -175,8 +172,7 @@ def recheck_source(task, run, datum) -> None:
         task.log(logging.INFO, run, f"source {src['host']} re-hashed after two failed "
                  f"verifications of its copy: it matches", datum=key)
         if not task.dry_run:
-            task.db.update_datum(run["_id"], dict(key, checksum=src["checksum"]),
-                                 "transferred", {"checksum_time": now()})
+            task.db.apply(lifecycle.rehashed(run["_id"], key, src["checksum"]))
     elif not result.kind:
         task.log(logging.WARNING, run, f"source not re-checked: {result.reason}", datum=key)
     elif task.dry_run:
@@ -185,5 +181,5 @@ def recheck_source(task, run, datum) -> None:
     else:
         reason = f"{result.reason}; two copies from it failed verification"
         task.log(logging.ERROR, run, f"error ({result.kind}): {reason}", datum=key)
-        task.db.set_error(run["_id"], key, "transferred", reason, kind=result.kind,
-                          extra_match={"checksum": src["checksum"]})
+        task.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason, result.kind,
+                                       expect={"checksum": src["checksum"]}))

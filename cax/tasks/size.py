@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 
 from cax import paths
-from cax.deletion import find_datum, is_good, key_of
-from cax.runsdb import expected_checksum, now
+from cax.deletion import find_datum, key_of
+from cax.runsdb import lifecycle
+from cax.runsdb.copies import expected_checksum, is_good
+from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
 
@@ -73,12 +75,12 @@ class AddSize(Task):
             reason = (f"size {size} bytes differs from reference copy at {refsize[1]} "
                       f"({refsize[0]} bytes)")
             self.log(logging.ERROR, run, f"error: {reason}", datum=key)
-            self.db.update_datum(run["_id"], key, "transferred",
-                                 dict(fields, status="error", error=reason, error_time=now()))
+            self.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason,
+                                           ErrorKind.SIZE, **fields))
             return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would record size {size} bytes, {files} files",
                      datum=key)
             return
-        if self.db.update_datum(run["_id"], key, "transferred", fields):
+        if self.db.apply(lifecycle.measured(run["_id"], key, fields)):
             self.log(logging.INFO, run, f"size {size} bytes, {files} files", datum=key)
