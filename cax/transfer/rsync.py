@@ -24,8 +24,8 @@ import threading
 import time
 
 from cax import children
-from cax.transfer import remote_hash
-from cax.transfer.base import HOLDER_SUFFIX, Interrupted, NoSpace, says_no_space
+from cax.transfer import policy, remote_hash
+from cax.transfer.base import HOLDER_SUFFIX, Features, Interrupted, NoSpace, says_no_space
 from cax.transfer.ssh import (
     SH_OPS,
     DestinationNotAccessible,
@@ -34,6 +34,7 @@ from cax.transfer.ssh import (
     SourceNotFound,
     SshMethod,
     TransferFailed,
+    check_path,
     classify_ssh_stderr,
     one_line,
     username,
@@ -54,8 +55,8 @@ def c_locale_env() -> dict:
 
 class RsyncMethod(SshMethod):
     name = "rsync"
+    features = Features(remote_checksum=True, places_final_name=True, shares_connection=True)
     shell_class = OpenSSHMaster
-    put_places_final = True
 
     def __init__(self, site, **kw):
         super().__init__(site, **kw)
@@ -67,13 +68,13 @@ class RsyncMethod(SshMethod):
             host = f"[{host}]"
         return f"{username(self.site)}@{host}:{path}"
 
-    def _prepare(self, remote: str) -> None:
+    def prepare(self, final: str) -> None:
         # no round trip: the remote shell that starts rsync does it (see SH_OPS["rsync-push"])
-        self._final = remote.rstrip("/") or "/"
+        check_path(final, self.label)
 
-    def _put(self, local: str, partial: str) -> None:
-        final = self._final
-        nbytes, nfiles = self._expect
+    def send(self, local: str, partial: str, final: str, expect: tuple) -> None:
+        final = final.rstrip("/") or "/"
+        nbytes, nfiles = expect
         rsync_path = shlex.join(["sh", "-c", SH_OPS["rsync-push"], "sh",
                                  posixpath.dirname(final) or "/", partial, final, str(nbytes),
                                  str(nfiles), remote_hash.boot()])
@@ -86,7 +87,7 @@ class RsyncMethod(SshMethod):
     def _get(self, remote: str, partial: str) -> None:
         # rsync HOST:remote into a private holder directory, so a file and a tree need no stat
         # round trip; the result is moved to ``partial`` (same directory, atomic)
-        holder = partial + HOLDER_SUFFIX  # a stale one was removed by get()
+        holder = partial + HOLDER_SUFFIX  # a stale one was removed by the policy
         os.mkdir(holder, 0o700)
         try:
             self._run(self.command(self._remote(remote.rstrip("/") or "/"), holder + "/"),
@@ -94,7 +95,7 @@ class RsyncMethod(SshMethod):
             name = posixpath.basename(remote.rstrip("/"))
             os.rename(os.path.join(holder, name), partial)
         finally:
-            shutil.rmtree(holder, ignore_errors=True)
+            policy.remove_local(holder, best_effort=True)
 
     def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
