@@ -217,3 +217,24 @@ def test_get_removes_leftovers_of_a_killed_pull(method, ssh_site, tmp_path):
     assert os.listdir(tmp_path / "local") == ["run1"]
 
 
+
+
+# ------------------------------------------------------------------------------ dead code gone
+@pytest.mark.parametrize("op", ["stat", "exists", "makedirs", "prepare", "rename"])
+def test_remote_helper_has_no_unused_operations(op, tmp_path):
+    """The helper does only what a method asks of it (tree, expect, place, free, size,
+    checksum, remove); exists/makedirs/prepare are sh one-liners (SH_OPS)."""
+    (tmp_path / "a").write_text("a")
+    r = subprocess.run(remote_hash.argv(op, str(tmp_path / "a"), str(tmp_path / "b")),
+                       capture_output=True, text=True)
+    assert r.returncode == remote_hash.EXIT_USAGE and "unknown operation" in r.stderr
+    assert (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_rsync_keeps_no_partly_sent_file(ssh_site, tmp_path):
+    """A failed copy's partial copy is always removed, so nothing could resume from rsync's
+    ``--partial`` file: the flag is not used (docs/design.rst "Transfer methods")."""
+    with method_class("rsync")(site_for(ssh_site, "rsync")) as m:
+        argv = m.command(str(tmp_path / "src"), "remote:/dst")
+    assert argv[:2] == [m.rsync, "-a"]
+    assert not any(a.startswith("--partial") for a in argv)

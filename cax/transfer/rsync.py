@@ -1,4 +1,4 @@
-"""The ``rsync`` method: OpenSSH ``rsync -a --partial`` through one ControlMaster connection per
+"""The ``rsync`` method: OpenSSH ``rsync -a`` through one ControlMaster connection per
 site per pass (socket in a private 0700 directory), argument lists only, ``--protect-args`` so no
 remote shell ever word-splits or expands a path rsync sends.
 
@@ -101,7 +101,9 @@ class RsyncMethod(SshMethod):
         """The rsync argument vector (never run through a shell)."""
         # connected first: the control socket's path changes when a lost master is restarted
         self.shell.connect()
-        cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2", "--outbuf=N",
+        # no --partial: a failed copy's partial copy is always removed (nothing resumes), so
+        # keeping rsync's partly sent file only delayed that removal
+        cmd = [self.rsync, "-a", "--protect-args", "--info=progress2", "--outbuf=N",
                "--no-inc-recursive", "-e", self.shell.rsh()]
         if rsync_path:
             cmd.append(f"--rsync-path={rsync_path}")
