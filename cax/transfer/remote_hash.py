@@ -159,5 +159,6 @@ def argv(op: str, *args: str) -> list:
 
 
 def command(op: str, *args: str) -> str:
-    """The remote command line: every word quoted, for the remote login shell."""
-    return " ".join(shlex.quote(a) for a in argv(op, *args))
+    """The remote command line: every word quoted, for the remote login shell; its messages in
+    the C locale, as they are classified by their text."""
+    return " ".join(shlex.quote(a) for a in ["env", "LC_ALL=C", *argv(op, *args)])

@@ -23,7 +23,6 @@ import subprocess
 import threading
 import time
 
-from cax import children
 from cax.transfer import policy, remote_hash
 from cax.transfer.base import HOLDER_SUFFIX, Features, Interrupted, NoSpace, says_no_space
 from cax.transfer.ssh import (
@@ -34,6 +33,7 @@ from cax.transfer.ssh import (
     SourceNotFound,
     SshMethod,
     TransferFailed,
+    c_locale_env,
     check_path,
     classify_ssh_stderr,
     one_line,
@@ -45,12 +45,6 @@ _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+\d+%")
 _ALL_SENT = re.compile(rb"to-chk=0/")  # --no-inc-recursive: the last file is done
 POLL = 0.1  # seconds between cancel checks / progress reports while rsync runs
 FINISH_GRACE = 10.0  # seconds a stop request waits for an rsync whose every file is sent
-
-
-def c_locale_env() -> dict:
-    """rsync's environment: its messages in the C locale, as :meth:`RsyncMethod._error` reads
-    them (a full disk must be told from other failures)."""
-    return children.environment({"LC_ALL": "C"})
 
 
 class RsyncMethod(SshMethod):

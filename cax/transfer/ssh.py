@@ -271,6 +271,13 @@ class ParamikoShell:
 
 
 # --------------------------------------------------------------------------- OpenSSH
+def c_locale_env() -> dict:
+    """The environment of OpenSSH and rsync children: their messages in the C locale, as
+    :func:`classify_ssh_stderr` and the rsync method read them (a refused login, a full disk,
+    a lost link must be told apart by their text)."""
+    return children.environment({"LC_ALL": "C"})
+
+
 def classify_ssh_stderr(label: str, status: int, stderr, what: str) -> TransferError:
     """Map an OpenSSH client's failure to a typed error."""
     text = one_line(stderr)
@@ -301,7 +308,7 @@ def _exit_master(ssh: str, control_path: str, destination: str) -> None:
     try:
         subprocess.run([ssh, "-o", f"ControlPath={control_path}", "-O", "exit", "--", destination],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
-                       env=children.environment())
+                       env=c_locale_env())
     except (OSError, subprocess.TimeoutExpired):
         pass
 
@@ -411,7 +418,7 @@ class OpenSSHMaster:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", MASTER_WATCH, self.tmpdir, errlog, *argv],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                env=children.environment(), start_new_session=True)
+                env=c_locale_env(), start_new_session=True)
         deadline = time.monotonic() + CONNECT_TIMEOUT + 5
         while not os.path.exists(self.control_path):
             if self.proc.poll() is not None:
@@ -450,7 +457,7 @@ class OpenSSHMaster:
         try:
             r = subprocess.run([self.ssh, *self.options(), "--", self.destination, command],
                                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                               env=children.environment())
+                               env=c_locale_env())
         except subprocess.TimeoutExpired:
             raise ServiceUnavailable(f"{self.label}: remote command took over {timeout:.0f} s")
         if r.returncode == 255:
