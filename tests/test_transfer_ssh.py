@@ -1,7 +1,6 @@
 """scp, sftp and rsync against a real private OpenSSH sshd (tests/sshd.py): what only the SSH
 methods do (a killed sshd, hostile paths through remote shells, connection and session reuse).
 The cases every method shares are in tests/test_transfer_contract.py."""
-import dataclasses
 import os
 import subprocess
 
@@ -10,18 +9,9 @@ import pytest
 from cax.checksum import checksum as local_checksum
 from cax.transfer import method_class
 from cax.transfer import remote_hash
+from cax.transfer.base import ServiceUnavailable, TransferError, TransferFailed
 from cax.transfer.policy import get, put
-from cax.transfer.base import (
-    DestinationNotAccessible,
-    Interrupted,
-    ServiceUnavailable,
-    SourceNotFound,
-    TransferError,
-    TransferFailed,
-    is_partial_name,
-    local_tree,
-)
-from cax.transfer.ssh import BadPath, HostKeyChanged, HostKeyUnknown
+from cax.transfer.ssh import BadPath
 # The lead registers the plugin with pytest_plugins = ["tests.sshd"] in tests/conftest.py; the
 # import keeps this module working on its own meanwhile (same fixture functions).
 from tests.sshd import live_sshd, ssh_site, sshd  # noqa: F401

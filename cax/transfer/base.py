@@ -145,11 +145,9 @@ class Features:
     #: the site's paths are paths of this filesystem (``local``): its data are read, hashed and
     #: removed here, with no session
     local_paths: bool = False
-    #: method objects may share one connection (``share()``): the pool opens one per site per pass
+    #: method objects may share one connection (``share()``): the pool opens one per site per
+    #: pass and hands the others its ``share()``
     shares_connection: bool = False
-    #: an interrupted copy resumes on the next attempt (none does: a failed copy's partial copy
-    #: is always removed; see docs/design.rst)
-    resumes: bool = False
 
 
 class TransferMethod(ABC):
