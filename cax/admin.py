@@ -16,12 +16,13 @@ import re
 import shutil
 import sys
 import time
-import uuid
 
 import click
 
 from cax import deletion, logs, paths
 from cax.runsdb import key_str, lifecycle, redact_uri
+from cax.transfer import TransferError, policy
+from cax.transfer.base import local_tree
 
 log = logging.getLogger("cax.admin")
 
@@ -134,7 +135,7 @@ def mv(ctx, config_path, host, dry_run, src, dst):
         raise _cli.Fatal(f"{label} changed meanwhile; nothing moved", 1)
     try:
         _move(src, dst)
-    except OSError as e:
+    except (OSError, TransferError) as e:
         a.db.apply(lifecycle.move_undone(run["_id"], key, status))
         raise _cli.Fatal(f"moving {src} -> {dst} failed: {e}; nothing changed", 1)
     if not a.db.apply(lifecycle.moved(run["_id"], key, status, dst)):
@@ -146,7 +147,8 @@ def mv(ctx, config_path, host, dry_run, src, dst):
 
 
 def _move(src, dst):
-    """Atomic rename on one filesystem; otherwise copy to a temporary name, rename, then delete."""
+    """Atomic rename on one filesystem; otherwise copied under the copy policy (a partial name,
+    checked to hold the source's bytes and files, renamed into place), then the source deleted."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     try:
         os.rename(src, dst)
@@ -154,17 +156,14 @@ def _move(src, dst):
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.cax-mv-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def copy(partial):
         if os.path.isdir(src):
-            shutil.copytree(src, tmp, symlinks=True)
+            shutil.copytree(src, partial, symlinks=True)
         else:
-            shutil.copy2(src, tmp, follow_symlinks=False)
-        os.rename(tmp, dst)
-    except BaseException:
-        deletion.remove_path(tmp)
-        raise
-    deletion.remove_path(src)
+            shutil.copy2(src, partial, follow_symlinks=False)
+    policy.write_local(dst, copy, expect=local_tree(src))
+    policy.remove_local(src)
 
 
 # ---- rm -------------------------------------------------------------------------------------
@@ -465,7 +464,7 @@ def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
         elif _claimed_now(a, p):
             click.echo(f"{line}: kept, a datum of this site names it now")
         else:
-            deletion.remove_path(p)
+            policy.remove_local(p)
             ndeleted += 1
             del first_seen[p]
             log.debug("task=stray site=%s deleted stray %s", a.host, show(p))

@@ -95,28 +95,6 @@ def is_supported(algorithm: str) -> bool:
     return True
 
 
-def digest_matches(a_type: Optional[str], a: Optional[str], b_type: Optional[str], b: Optional[str]):
-    """Compare two recorded digests, like with like only.
-
-    Returns ``None`` when the checksum types differ (or either type or digest is missing): the
-    digests are then not comparable and nothing can be concluded. Otherwise ``True``/``False``.
-    Types and hex digests compare case-insensitively and ignoring surrounding white space;
-    ``adler32`` digests compare numerically, so a missing zero padding does not matter.
-    """
-    if not a_type or not b_type or not a or not b:
-        return None
-    a_type, b_type = a_type.strip().lower(), b_type.strip().lower()
-    if a_type != b_type:
-        return None
-    a, b = a.strip().lower(), b.strip().lower()
-    if a_type == "adler32":
-        try:
-            return int(a, 16) == int(b, 16)
-        except ValueError:
-            pass
-    return a == b
-
-
 def list_files(path: str) -> list:
     """Every file below ``path`` in checksumdir's walk order (symlinked dirs not followed)."""
     out = []

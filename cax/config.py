@@ -134,7 +134,7 @@ SITE_SCHEMA = {
         "stalled_after": _pos_num,
         "max_retries": _pos_int,
         "retry_delay": _pos_num,
-        "nstreams": {"type": "integer", "minimum": 1},
+        "nstreams": {"type": "integer", "minimum": 1},  # accepted, ignored (docs/configuration.rst)
         "parallel": {"type": "integer", "minimum": 1},
         "checksum_type": {"enum": ["sha512", "adler32", "xxh3", "blake3"]},
         "processing": PROCESSING_SCHEMA,
@@ -194,7 +194,6 @@ class Site:
     stalled_after: float = 3600.0
     max_retries: int = 3
     retry_delay: float = 300.0  # seconds before a failed copy is retried, doubled per retry
-    nstreams: int = 1
     checksum_type: str = "sha512"
     processing: Optional[dict] = None
     group: Optional[str] = None
@@ -412,7 +411,6 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         stalled_after=float(raw.get("stalled_after", 3600)),
         max_retries=raw.get("max_retries", 3),
         retry_delay=float(raw.get("retry_delay", 300)),
-        nstreams=raw.get("nstreams", 1),
         checksum_type=raw.get("checksum_type", "sha512"),
         processing=processing,
         group=raw.get("group"),

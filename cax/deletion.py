@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,6 +41,7 @@ from cax.runsdb.copies import (  # noqa: F401
     _ctype, good_copies, good_spec, is_good, reference, reference_problem)
 from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.transfer.base import SourceNotFound, TransferError
+from cax.transfer.policy import remove_local
 
 log = logging.getLogger("cax.deletion")
 
@@ -155,14 +155,14 @@ class CopyChecker:
 
     def _method(self, host: str):
         """(site, method) reaching ``host``'s files; raises LookupError for an unknown site."""
-        from cax.transfer.local import LocalMethod
+        from cax.transfer import features, local_method
         if host == self.site.name:
-            return self.site, LocalMethod(self.site, cancel=self.cancel)
+            return self.site, local_method(self.site, cancel=self.cancel)
         other = self.sites.get(host)
         if other is None:
             raise LookupError(f"site {host!r} is not in the config: its copy cannot be checked")
-        if other.method == "local":
-            return other, LocalMethod(other, cancel=self.cancel)
+        if features(other).local_paths:
+            return other, local_method(other, cancel=self.cancel)
         pool = self._pool
         if pool is None:
             if self._own_pool is None:
@@ -185,7 +185,7 @@ class CopyChecker:
         host, location = datum.get("host"), datum.get("location")
         try:
             site, method = self._method(host)
-            if method.name == "local":
+            if method.features.local_paths:
                 location = paths.check_location(site, location, datum.get("type"))
             else:
                 location = paths.check_remote_location(site, location, datum.get("type"))
@@ -211,12 +211,12 @@ class CopyChecker:
             return Check(True)
         algorithm = _ctype(ref)
         try:
-            if method.name == "local":  # here: hashed with the stop request honoured
+            if method.features.local_paths:  # here: hashed with the stop request honoured
                 from cax.checksum import checksum
                 digest = checksum(location, algorithm, cancel=self.cancel)
             else:
                 digest = method.checksum(location, algorithm) \
-                    if getattr(method, "remote_checksum", False) else None
+                    if method.features.remote_checksum else None
         except (SourceNotFound, FileNotFoundError):
             return Check(False, LOST, f"copy missing at {host}:{location} (checked "
                                       f"{self.occasion})")
@@ -298,26 +298,6 @@ def _other_claim(db, site, run, datum, location) -> str:
 #: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
 #: and the admin would never see why its copy was not deleted)
 REFUSED_KIND = ErrorKind.UNSAFE_LOCATION
-
-
-def remove_path(location: str) -> bool:
-    """Remove a file or directory tree without following symlinks; False if it was already gone."""
-    if not os.path.lexists(location):
-        return False
-    def gone_already(func, path, exc_info):
-        # another daemon of this site finishing the same 'deleting' datum: not an error
-        if not issubclass(exc_info[0], FileNotFoundError):
-            raise exc_info[1]
-
-    try:
-        if os.path.isdir(location) and not os.path.islink(location):
-            # rmtree unlinks symlinks inside; it never follows them
-            shutil.rmtree(location, onerror=gone_already)
-        else:
-            os.unlink(location)
-    except FileNotFoundError:
-        pass
-    return True
 
 
 def delete_steps(db, site, run_id, key: dict, *, min_copies: int,
@@ -470,7 +450,7 @@ def finish_steps(db, site, run_id, key: dict, *, say: Say = _default_say):
         db.apply(lifecycle.refused(run_id, key, "deleting", reason))
         return Outcome("refused", str(e))
     try:
-        removed = remove_path(location)
+        removed = remove_local(location)
     except OSError as e:
         # stays 'deleting' (never counted as good) and is retried next pass; the DB says why
         reason = f"removing {location} failed: {type(e).__name__}: {e}"

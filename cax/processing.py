@@ -20,7 +20,6 @@ import collections
 import logging
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from cax.runsdb import RunsDBError, connect, lifecycle, now
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Context, Task
 from cax.tasks.checksum import verify
+from cax.transfer import policy
 from cax.tasks.process import (
     HEARTBEAT_SECONDS,
     fill_command,
@@ -63,14 +63,6 @@ class ProcessRun(Task):
 
 def _own_job_id():
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("CAX_JOB_ID")
-
-
-def _remove(path: str) -> None:
-    """Remove a leftover file, link or directory at ``path`` (a link itself, never its target)."""
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
 
 
 def _run_command(argv, beat=None) -> tuple:
@@ -185,7 +177,7 @@ def _process_owned(task, site, p, run, key, version) -> int:
         return 1
     partial = partial_path(final)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    _remove(partial)  # leftovers of a killed attempt
+    policy.clear_leftovers(final)  # leftovers of a killed attempt
     argv = fill_command(p["command"], {"name": run["name"], "number": int(run["number"]),
                                        "input": source, "output": partial, "version": version,
                                        "ncpus": p["ncpus"]})
@@ -201,7 +193,7 @@ def _process_owned(task, site, p, run, key, version) -> int:
         return 127
     seconds = time.monotonic() - started
     if rc != 0:
-        _remove(partial)
+        policy.remove_local(partial)
         last = " | ".join(tail) if tail else "(no output)"
         task.record_error(run, key, "processing",
                           f"command exited with code {rc} after {seconds:.0f} s; last output: {last}",
@@ -212,8 +204,7 @@ def _process_owned(task, site, p, run, key, version) -> int:
                           f"command exited 0 after {seconds:.0f} s but wrote nothing to {partial}",
                           kind=PROCESSING_FAILED)
         return 1
-    _remove(final)
-    os.rename(partial, final)
+    policy.place_local(partial, final, replace=True)  # a re-run replaces its older output
     task.log(logging.INFO, run, f"processing done in {seconds:.1f} s: {final}", datum=key)
     if not db.apply(lifecycle.job_ended(run["_id"], key, processing_seconds=round(seconds, 3))):
         task.log(logging.WARNING, run, "datum changed while processing (marked dead?); "

@@ -343,21 +343,6 @@ def test_no_fd_leak_after_cancel(tree):
 
 
 # ---------------------------------------------------------------------------------------------
-# digest_matches
-
-
-def test_digest_matches():
-    assert cx.digest_matches("sha512", "ab" * 64, "sha512", "AB" * 64) is True
-    assert cx.digest_matches("sha512", "ab" * 64, "sha512", "ac" * 64) is False
-    assert cx.digest_matches("sha512", "ab" * 64, "adler32", "0000abcd") is None
-    assert cx.digest_matches("adler32", "0000abcd", "ADLER32", "abcd") is True  # zero padding ignored
-    assert cx.digest_matches("adler32", "0000abcd", "adler32", "0000abce") is False
-    assert cx.digest_matches("xxh3", "00", "blake3", "00") is None
-    assert cx.digest_matches(None, "00", "sha512", "00") is None
-    assert cx.digest_matches("sha512", None, "sha512", "00") is None
-
-
-# ---------------------------------------------------------------------------------------------
 # the reference itself
 
 

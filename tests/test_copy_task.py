@@ -55,7 +55,7 @@ class GatedLocal(LocalMethod):
     """Holds each push until ``max_transfers`` of them are in flight and the main thread waits
     for a slot, then records how many copies the Runs DB has claimed."""
 
-    def put(self, local, remote, expect=None):
+    def send(self, local, partial, remote, expect):
         name = os.path.basename(remote)
         Probe.claimed_at_start.append(buffer_datum(Probe.db, name)["status"])
         with Probe.lock:
@@ -70,7 +70,7 @@ class GatedLocal(LocalMethod):
         finally:
             with Probe.lock:
                 Probe.active -= 1
-        super().put(local, remote, expect)
+        super().send(local, partial, remote, expect)
 
 
 class WatchedSemaphore(threading.Semaphore):
@@ -106,14 +106,14 @@ def test_at_most_max_transfers_copies_claimed_and_running(tmp_path, monkeypatch)
 class SlowLocal(LocalMethod):
     """A copy that makes progress while its heartbeat in the Runs DB is an hour old."""
 
-    def put(self, local, remote, expect=None):
+    def send(self, local, partial, remote, expect):
         name = os.path.basename(remote)
         old = now() - timedelta(hours=1)
         Probe.db.collection.update_one({"name": name, "data.host": "buffer"},
                                        {"$set": {"data.$.heartbeat": old}})
         self.progress(1)
         Probe.heartbeats.append(buffer_datum(Probe.db, name)["heartbeat"] - old)
-        super().put(local, remote, expect)
+        super().send(local, partial, remote, expect)
 
 
 @pytest.mark.parametrize("heartbeat_seconds, refreshed", [(0.0, True), (3600.0, False)])

@@ -357,7 +357,7 @@ def test_retry_removes_leftovers_of_a_killed_pull(tmp_path):
     """The retry of an interrupted pull clears its partial copy and an rsync holder directory,
     so nothing of the dead copy is left even when no new copy follows."""
     from cax.tasks.retry import RetryStalledTransfer
-    from cax.transfer import local_leftovers
+    from cax.transfer.policy import leftovers as local_leftovers
     cfg = sites(tmp_path)
     db = mongomock_db()
     setup_run(tmp_path, db)

@@ -19,7 +19,7 @@ from cax.runsdb import RunsDBLost, datum_key, last_beat, lifecycle, now
 from cax.runsdb.copies import expected_checksum, reference
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
-from cax.transfer import Interrupted, TransferError
+from cax.transfer import Interrupted, TransferError, features
 
 #: how often a long checksum refreshes its datum's heartbeat (as copies do), so the stalled-copy
 #: check never takes a live verification of a big run for a dead one and removes its files
@@ -226,8 +226,9 @@ def verify_copy(task, run, datum) -> None:
     location = datum.get("location")
     here = datum["host"] == task.host
     site = task.site if here else task.ctx.config.site(datum["host"])
+    local_paths = here or features(site).local_paths
     try:
-        if here or site.method == "local":
+        if local_paths:
             location = paths.check_location(site, location, datum["type"])
         else:
             paths.check_remote_location(site, location, datum["type"])
@@ -244,7 +245,7 @@ def verify_copy(task, run, datum) -> None:
                lambda algo: compute_checksum(location, algo, cancel=task.ctx.stop.is_set,
                                              progress=beat))
         return
-    if site.method == "local":
+    if local_paths:
         def compute(algo):
             return compute_checksum(location, algo, cancel=task.ctx.stop.is_set)
     else:
@@ -253,7 +254,7 @@ def verify_copy(task, run, datum) -> None:
         except TransferError as e:
             task.log(logging.WARNING, run, f"cannot reach {site.name} to verify: {e}", datum=key)
             return
-        if not getattr(method, "remote_checksum", False):
+        if not method.features.remote_checksum:
             return  # the destination's own AddChecksum will
 
         def compute(algo):

@@ -1,7 +1,7 @@
 """CopyPush and CopyPull: make the copies that the sites' upload/download options ask for.
 
 A copy is claimed in the Runs DB before a byte moves (exactly one daemon wins), goes to a temporary
-name and is renamed into place by the transfer method only once it holds exactly the source's bytes
+name and is renamed into place (:mod:`cax.transfer.policy`) only once it holds exactly the source's bytes
 and files (the source datum's recorded ``size`` and ``files``, else measured where the source is),
 and ends ``verifying`` (or straight ``transferred`` when its checksum can be computed where the data
 now are). Any failure leaves the datum ``error`` with the reason and the error's kind (``no-space``
@@ -22,7 +22,7 @@ from cax.runsdb.copies import expected_checksum
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
-from cax.transfer import Interrupted, SourceNotFound, TransferError
+from cax.transfer import Interrupted, SourceNotFound, TransferError, policy
 from cax.transfer.base import local_tree
 
 
@@ -175,9 +175,9 @@ class _Copy(Task):
             # no makedirs here: put and get create the destination's parent themselves (a
             # pull's parent is local, and asking the remote site to make it was wrong)
             if self.direction == "push":
-                method.put(src_path, dst_path, expect=expect)
+                policy.put(method, src_path, dst_path, expect=expect)
             else:
-                method.get(src_path, dst_path, expect=expect)
+                policy.get(method, src_path, dst_path, expect=expect)
         except Interrupted:
             self.record_error(run, key, "transferring", "interrupted", kind=ErrorKind.INTERRUPTED)
             return
@@ -196,12 +196,12 @@ class _Copy(Task):
         if not self.db.apply(lifecycle.copied(run["_id"], key)):
             self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
             return
-        if self.direction == "pull" or remote.method == "local":
+        if policy.verifies_here(method, self.direction):
             beat = heartbeat(self, run["_id"], key)
             verify(self, run["_id"], key,
                    lambda algo: checksum(dst_path, algo, cancel=self.ctx.stop.is_set,
                                          progress=beat))
-        elif getattr(method, "remote_checksum", False):
+        elif method.features.remote_checksum:
             with kept_alive(self, run["_id"], key):
                 verify(self, run["_id"], key, lambda algo: method.checksum(dst_path, algo))
 

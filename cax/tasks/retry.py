@@ -18,9 +18,8 @@ from cax.tasks import scrub
 from cax.tasks.base import Task
 from cax.tasks.checksum import verify_copy
 from cax.tasks.space import waits_for_space
-from cax.transfer import ServiceUnavailable, TransferError, local_leftovers, partial_path
+from cax.transfer import ServiceUnavailable, TransferError, policy
 from cax.transfer.base import SourceNotFound
-from cax.transfer.local import LocalMethod
 
 #: kinds RetryStalledTransfer heals: copies that never landed, stalled, or could not be verified
 HEALABLE = (ErrorKind.STALLED, *lifecycle.NOT_LANDED, ErrorKind.UNVERIFIED)
@@ -59,18 +58,14 @@ class _Heal(Task):
                                          datum.get("pax_version"))
             else:
                 paths.check_location(self.site, location, datum["type"])
-            method, leftovers = LocalMethod(self.site), local_leftovers(location)
+            method = None
         else:
             site = self.ctx.config.site(datum["host"])
             paths.check_remote_location(site, location, datum["type"])
             if final:
                 paths.check_run_name(location, run.get("name"), datum["type"])
-            # the pass's connection, not one per datum
-            method, leftovers = self.connections().method(site), (partial_path(location),)
-        for left in leftovers:
-            method.remove(left)
-        if final:
-            method.remove(location)
+            method = self.connections().method(site)  # the pass's connection, not one per datum
+        policy.discard(method, location, final=final)
 
     def retry(self, run, datum, index, why: str) -> None:
         """error -> retrying -> files removed -> datum pulled (claim again on a later pass)."""
@@ -183,7 +178,7 @@ class RetryStalledTransfer(_Heal):
         """(bytes, files) at ``location`` of ``site``, through the site's method (a local read
         for this site): what a complete copy must equal."""
         if site.name == self.host:
-            return LocalMethod(site).tree(paths.check_location(site, location, dtype))
+            return policy.existing_tree(paths.check_location(site, location, dtype))
         paths.check_remote_location(site, location, dtype)
         return self.connections().method(site).tree(location)
 

@@ -1,4 +1,6 @@
-"""Transfer methods, looked up by the site's ``method`` key."""
+"""Transfer methods, looked up by the site's ``method`` key in one registry (:data:`METHODS`):
+a new method is a class implementing :class:`cax.transfer.base.TransferMethod` and one line here
+(the conformance suite, tests/test_transfer_contract.py, runs every registered method)."""
 from __future__ import annotations
 
 import importlib
@@ -11,9 +13,9 @@ from cax.transfer.base import (  # noqa: F401
     SourceNotFound,
     TransferError,
     TransferFailed,
+    Features,
     TransferMethod,
     is_partial_name,
-    local_leftovers,
     partial_path,
 )
 
@@ -36,3 +38,14 @@ def method_class(name: str):
 def open_method(site, **kwargs) -> TransferMethod:
     """An unconnected method object for reaching ``site``; use it as a context manager."""
     return method_class(site.method)(site, **kwargs)
+
+
+def local_method(site, **kwargs) -> TransferMethod:
+    """The method for data on this filesystem (a site's own copies, whatever method other
+    sites use to reach them)."""
+    return method_class("local")(site, **kwargs)
+
+
+def features(site) -> Features:
+    """What the method reaching ``site`` declares it can do (no connection needed)."""
+    return method_class(site.method).features

@@ -1,29 +1,24 @@
-"""The one interface every transfer method implements (DESIGN.md "Transfer methods").
+"""The contract every transfer method keeps (docs/design.rst "Transfer methods").
 
-Tasks only ever talk to this interface and catch these error types, so the choice of transport
-(local filesystem, scp, sftp, rsync, later grid tools) never leaks into task logic.
+Tasks talk only to this interface, to :mod:`cax.transfer.policy` (the one copy policy: partial
+name, send, check, verify, rename into place, leftovers) and catch these error types, so the choice
+of transport (local filesystem, scp, sftp, rsync, later grid tools) never leaks into task logic.
 
-Contract every method keeps:
-- ``put(local, remote)`` and ``get(remote, local)`` copy a file or a whole directory tree. Nothing
-  appears under the final name until the copy is complete: data go to ``partial_path(final)`` (a
-  hidden name in the same directory, so the rename is atomic) and are renamed into place at the end.
-  Before that rename the partial copy must hold exactly the expected bytes and regular files
-  (``expect=(bytes, files)``; a push defaults to the local source's :func:`local_tree`), else
-  ``TransferFailed`` and no final name. On any failure the partial copy is removed (best effort)
-  and a typed error is raised; a stale partial left by a copy that died with its connection is
-  removed before a new copy starts. A destination without room for the copy raises ``NoSpace``.
-- ``progress(nbytes)`` (optional callable given to the constructor) is called as bytes move; the task
-  uses it for heartbeats and progress bars.
-- ``cancel()`` (optional callable) is polled between files and chunks; when it returns True the copy
-  stops, the partial copy is removed and ``Interrupted`` is raised.
-- ``checksum(path, algorithm)`` returns the digest cax would record (see ``cax.checksum``) computed
-  where the data are, or ``None`` when the method cannot compute it remotely.
+A method is a small backend: it implements the abstract verbs of :class:`TransferMethod` and
+declares what it can do in its :class:`Features` (never probed with ``getattr``). Every verb's
+errors are typed (subclasses of :class:`TransferError`) and documented on the verb; any verb may
+also raise ``ServiceUnavailable`` (the site cannot be reached now), ``HostKeyError`` /
+``DestinationNotAccessible`` (refused login, unknown or changed host key) and ``Interrupted``
+(``cancel()`` said stop). ``progress(nbytes)`` (optional callable given to the constructor) is
+called as bytes move; ``cancel()`` (optional) is polled between files and chunks.
 """
 from __future__ import annotations
 
 import errno
 import os
 import stat
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 
@@ -109,13 +104,6 @@ def partial_path(final: str) -> str:
 HOLDER_SUFFIX = ".d"
 
 
-def local_leftovers(final: str) -> tuple:
-    """What a copy into the local ``final`` may leave when the daemon dies mid-copy: the partial
-    copy, and an rsync pull's holder directory. Both must go before the next attempt (a
-    leftover holder made every later pull of that run fail with "File exists")."""
-    partial = partial_path(final)
-    return partial, partial + HOLDER_SUFFIX
-
 
 def local_tree(location: str) -> tuple:
     """(bytes, regular files) under a local ``location``: what a copy must reproduce exactly.
@@ -142,36 +130,62 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(".") and PARTIAL_MARK in name
 
 
-class TransferMethod:
-    """Base class; subclasses set ``name`` and implement the operations they support.
+@dataclass(frozen=True)
+class Features:
+    """What a method can do beyond the abstract verbs, declared once per method class (rclone's
+    ``fs.Features``): the copy policy and the tasks read these, never the class or its name."""
 
-    ``site`` is the :class:`cax.config.Site` being reached (hostname, port, username, key_file,
-    known_hosts, ...). For ``local`` all paths are local.
+    #: ``checksum`` computes the digest where the data are (a push is verified without pulling
+    #: the data back)
+    remote_checksum: bool
+    #: ``send`` checks the partial copy and renames it to its final name itself, in the copy's own
+    #: session (the rsync push: the rename rides in the receiving rsync's ``--rsync-path`` script);
+    #: the policy then skips :meth:`TransferMethod.place`
+    places_final_name: bool = False
+    #: the site's paths are paths of this filesystem (``local``): its data are read, hashed and
+    #: removed here, with no session
+    local_paths: bool = False
+    #: method objects may share one connection (``share()``): the pool opens one per site per
+    #: pass and hands the others its ``share()``
+    shares_connection: bool = False
+
+
+class TransferMethod(ABC):
+    """A transport to one site. Subclasses set ``name`` and ``features`` and implement every
+    abstract verb; ``site`` is the :class:`cax.config.Site` being reached (hostname, port,
+    username, key_file, known_hosts, ...). For ``local`` all paths are local.
+
+    The copy verbs (:meth:`prepare`, :meth:`send`, :meth:`place`, :meth:`receive`) are steps of
+    :mod:`cax.transfer.policy`, which alone decides the order, the checks and the clean-up; call
+    ``policy.put``/``policy.get``, not them.
     """
 
     name = "base"
-    #: True when ``checksum`` can run where the data are (no pulling back to verify a push).
-    remote_checksum = False
+    features: Features  # every concrete method class declares its own
 
     def __init__(self, site, *, progress: Optional[Callable[[int], None]] = None,
                  cancel: Optional[Callable[[], bool]] = None):
         self.site = site
+        #: how messages name the site
+        self.label = self.name
         self.progress = progress or (lambda n: None)
         self.cancel = cancel or (lambda: False)
 
-    #: False for a method object riding on another one's connection (see ``share``)
+    #: False for a method object riding on another one's connection (see ``share``): the pool
+    #: closes those first
     owns_connection = True
 
     # connection life cycle: connections are reused across runs within one pass
     def connect(self) -> None:
-        pass
+        """Open (or re-open a lost) connection. Raises ``ServiceUnavailable``, ``HostKeyError``,
+        ``DestinationNotAccessible`` (login refused)."""
 
     def share(self) -> dict:
         """Constructor arguments that make another method object use this one's connection."""
         return {}
 
     def close(self) -> None:
-        pass
+        """Close the connection this object owns; never raises for a dead one."""
 
     def __enter__(self):
         self.connect()
@@ -184,40 +198,86 @@ class TransferMethod:
         if self.cancel():
             raise Interrupted("interrupted")
 
-    # remote-side operations (on the site this method reaches)
+    # inspection and housekeeping on the site this method reaches ----------------------------
+    @abstractmethod
     def exists(self, path: str) -> bool:
-        raise NotImplementedError
+        """Whether anything (a link included) is at ``path``. Raises only connection errors."""
 
+    @abstractmethod
     def size(self, path: str) -> int:
-        """Total bytes of a file, or of all files below a directory."""
-        raise NotImplementedError
+        """Total bytes of a file, or of all files below a directory. ``SourceNotFound`` when
+        nothing is there."""
 
+    @abstractmethod
     def tree(self, path: str) -> tuple:
         """(bytes, regular files) at ``path`` on the site, counted as :func:`local_tree` counts:
         the cheap check that a copy is whole (before a rename into place, before a purge trusts
-        it). Raises ``SourceNotFound`` when nothing is there."""
-        raise NotImplementedError
+        it). ``SourceNotFound`` when nothing is there."""
 
-    def remove(self, path: str) -> None:
-        """Remove a file or a whole tree; a missing path is not an error."""
-        raise NotImplementedError
-
-    def makedirs(self, path: str) -> None:
-        raise NotImplementedError
-
+    @abstractmethod
     def free_bytes(self, path: str) -> int:
         """Bytes still free for cax on the filesystem that holds (or would hold) ``path`` on the
         site: what a retry of a copy that found no space compares with the copy's size."""
-        raise NotImplementedError
 
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Remove a file or a whole tree (links unlinked, never followed); a missing path is not
+        an error. ``DestinationNotAccessible`` when it may not be removed."""
+
+    @abstractmethod
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and its parents; an existing directory is fine.
+        ``DestinationNotAccessible`` when it cannot be created."""
+
+    @abstractmethod
     def checksum(self, path: str, algorithm: str = "sha512") -> Optional[str]:
-        return None
+        """The digest cax would record (see ``cax.checksum``) of ``path`` on the site, computed
+        where the data are (``features.remote_checksum``); None for an algorithm it cannot
+        compute. ``SourceNotFound`` when nothing is there."""
 
-    # copies: ``expect`` is the (bytes, regular files) the copy must hold before it is renamed
-    # into place; None means the local source's for a put, and the method's own accounting of
-    # what the far side sent for a get
-    def put(self, local: str, remote: str, expect: Optional[tuple] = None) -> None:
-        raise NotImplementedError
+    # the steps of a copy (driven by cax.transfer.policy) --------------------------------------
+    @abstractmethod
+    def prepare(self, final: str) -> None:
+        """Before a push: refuse an existing ``final`` (``DestinationNotAccessible``, "refusing to
+        overwrite"), create its parent, remove a stale partial copy. A method that
+        ``places_final_name`` may do this in ``send``'s session instead."""
 
-    def get(self, remote: str, local: str, expect: Optional[tuple] = None) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def send(self, local: str, partial: str, final: str, expect: tuple) -> None:
+        """Copy the local file or tree ``local`` to ``partial`` on the site (its parent exists,
+        it does not). With ``features.places_final_name`` also check that ``partial`` holds
+        ``expect`` = (bytes, regular files) and rename it to ``final`` in the same session.
+        ``SourceNotFound``, ``NoSpace``, ``DestinationNotAccessible``, ``TransferFailed``
+        ("incomplete copy" when ``expect`` is not met), ``Interrupted``."""
+
+    @abstractmethod
+    def place(self, partial: str, final: str, expect: tuple) -> None:
+        """Rename ``partial`` to ``final`` on the site only if it holds exactly ``expect`` and
+        ``final`` does not exist: ``TransferFailed`` (incomplete), ``DestinationNotAccessible``
+        (exists)."""
+
+    @abstractmethod
+    def receive(self, remote: str, partial: str) -> None:
+        """Copy the site's ``remote`` to the local ``partial`` (its parent exists, it does
+        not). ``SourceNotFound``, ``NoSpace``, ``TransferFailed``, ``Interrupted``."""
+
+    def remove_partial(self, partial: str) -> None:
+        """Best-effort removal of the partial copy of a failed push: never raises (the next
+        attempt's ``prepare`` removes what is left)."""
+        try:
+            self.remove(partial)
+        except (TransferError, OSError):
+            pass
+
+    def classify(self, e: BaseException, what: str, local_dest: bool = False) -> BaseException:
+        """``e`` (raised during the copy ``what``) as a typed :class:`TransferError`; other
+        ``BaseException`` (KeyboardInterrupt, ...) unchanged. Methods refine it."""
+        if isinstance(e, TransferError) or not isinstance(e, Exception):
+            return e
+        if isinstance(e, OSError):
+            if e.errno in NO_SPACE_ERRNOS:
+                return NoSpace(f"{what}: {e.strerror or e}")
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return DestinationNotAccessible(f"{what}: {e.strerror or e}")
+            return TransferFailed(f"{what} failed: {e.strerror or e}")
+        return TransferFailed(f"{what} failed: {type(e).__name__}: {e}")

@@ -2,21 +2,17 @@
 (shared disks, NFS, and the demo). Copies stream in 1 MiB chunks so cancel and progress work."""
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 
 from cax.checksum import checksum as _checksum
+from cax.transfer import policy
 from cax.transfer.base import (
-    NO_SPACE_ERRNOS,
     DestinationNotAccessible,
-    NoSpace,
+    Features,
     SourceNotFound,
-    TransferFailed,
     TransferMethod,
-    check_complete,
     local_free_bytes,
-    local_tree,
     partial_path,
 )
 
@@ -25,12 +21,14 @@ CHUNK = 1 << 20
 
 class LocalMethod(TransferMethod):
     name = "local"
-    remote_checksum = True
+    features = Features(remote_checksum=True, local_paths=True)
 
     def exists(self, path):
         return os.path.lexists(path)
 
     def size(self, path):
+        if not os.path.lexists(path):
+            raise SourceNotFound(f"{self.label}: {path}: No such file or directory")
         if os.path.isfile(path):
             return os.path.getsize(path)
         total = 0
@@ -39,16 +37,13 @@ class LocalMethod(TransferMethod):
         return total
 
     def tree(self, path):
-        try:
-            return local_tree(path)
-        except FileNotFoundError:
-            raise SourceNotFound(f"{path}: No such file or directory")
+        return policy.existing_tree(path)
 
     def remove(self, path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        try:
+            policy.remove_local(path)
+        except OSError as e:
+            raise DestinationNotAccessible(f"cannot remove {path}: {e.strerror or e}") from e
 
     def makedirs(self, path):
         try:
@@ -60,43 +55,33 @@ class LocalMethod(TransferMethod):
         return local_free_bytes(path)
 
     def checksum(self, path, algorithm="sha512"):
+        if not os.path.lexists(path):
+            raise SourceNotFound(f"{path}: No such file or directory")
         return _checksum(path, algorithm)
 
-    def put(self, local, remote, expect=None):
-        self._copy(local, remote, expect)
+    # the steps of a copy (cax.transfer.policy) ------------------------------------------------
+    def prepare(self, final):
+        if os.path.lexists(final):
+            raise DestinationNotAccessible(f"destination {final} already exists and is not ours; "
+                                           f"refusing to overwrite")
+        self.makedirs(os.path.dirname(final))
+        self.remove(partial_path(final))  # stale, from a copy that was killed
 
-    def get(self, remote, local, expect=None):
-        self._copy(remote, local, expect)
+    def send(self, local, partial, final, expect):
+        self._copy(local, partial)
+
+    def place(self, partial, final, expect):
+        policy.place_local(partial, final, expect, self.label)
+
+    def receive(self, remote, partial):
+        self._copy(remote, partial)
 
     # ---------------------------------------------------------------------------------------
-    def _copy(self, src: str, dst: str, expect=None) -> None:
-        if not os.path.exists(src):
-            raise SourceNotFound(f"source {src} does not exist")
-        expect = tuple(expect) if expect is not None else local_tree(src)
-        if os.path.lexists(dst):
-            raise DestinationNotAccessible(f"destination {dst} already exists and is not ours; "
-                                           f"refusing to overwrite")
-        parent = os.path.dirname(dst)
-        self.makedirs(parent)
-        tmp = partial_path(dst)
-        self.remove(tmp)  # stale, from a copy that was killed
-        try:
-            if os.path.isdir(src):
-                self._copy_tree(src, tmp)
-            else:
-                self._copy_file(src, tmp)
-            self.check_cancel()
-            check_complete("local", tmp, local_tree(tmp), expect)
-            os.rename(tmp, dst)
-        except BaseException as e:
-            self.remove(tmp)
-            if isinstance(e, OSError):
-                if e.errno in NO_SPACE_ERRNOS:
-                    raise NoSpace(f"cannot write {dst}: {e.strerror}") from e
-                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise DestinationNotAccessible(f"cannot write {dst}: {e.strerror}") from e
-                raise TransferFailed(f"copy {src} -> {dst} failed: {e.strerror or e}") from e
-            raise
+    def _copy(self, src: str, dst: str) -> None:
+        if os.path.isdir(src):
+            self._copy_tree(src, dst)
+        else:
+            self._copy_file(src, dst)
 
     def _copy_tree(self, src: str, dst: str) -> None:
         os.mkdir(dst)

@@ -57,8 +57,9 @@ class ConnectionPool:
         if m is None:
             with self._lock:
                 owner = self._owners.get(site.name)
-                m = open_method(site, cancel=self._cancel, **(owner.share() if owner else {}))
-                if owner is None:
+                shared = owner.share() if owner is not None else {}
+                m = open_method(site, cancel=self._cancel, **shared)
+                if owner is None and m.features.shares_connection:
                     self._owners[site.name] = m
                 self._methods.append(m)
             mine[site.name] = m

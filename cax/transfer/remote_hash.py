@@ -3,7 +3,9 @@
 It computes checksums where the data are (the same digest as :func:`cax.checksum.checksum`: a
 file's plain digest; for a directory checksumdir's ``dirhash``, the digest of the sorted hex digests
 of every file below it, names not counted, hidden files counted) and does the few filesystem
-operations the methods need (stat, size, remove, makedirs, a rename that never overwrites).
+operations the methods need (size, tree, free space, remove, ``expect`` and ``place``: a rename
+of a complete copy that never overwrites). The frequent cheap ones (exists, makedirs, prepare,
+remove) are POSIX ``sh`` one-liners instead (``SH_OPS`` in :mod:`cax.transfer.ssh`).
 
 It needs only ``python3`` (3.6+) on the remote host. The program is sent base64-encoded inside
 ``python3 -c``, so it survives any login shell; every argument is passed separately and quoted with
@@ -83,10 +85,7 @@ def need(p):
         sys.exit(3)
 
 def main(op, args):
-    if op == "stat":
-        need(args[0])
-        print("%s %d" % ("d" if os.path.isdir(args[0]) else "f", total_size(args[0])))
-    elif op == "tree":
+    if op == "tree":
         need(args[0])
         print("%d %d" % tree(args[0]))
     elif op == "expect":
@@ -94,8 +93,6 @@ def main(op, args):
         expect(args[2], args[0], args[1])
     elif op == "free":
         print(free(args[0]))
-    elif op == "exists":
-        sys.exit(0 if os.path.lexists(args[0]) else 3)
     elif op == "size":
         need(args[0])
         print(total_size(args[0]))
@@ -118,21 +115,10 @@ def main(op, args):
             shutil.rmtree(p)
         elif os.path.lexists(p):
             os.unlink(p)
-    elif op == "makedirs":
-        os.makedirs(args[0], exist_ok=True)
-    elif op == "prepare":
-        if os.path.lexists(args[0]):
-            sys.stderr.write("%s already exists\n" % args[0])
-            sys.exit(4)
-        os.makedirs(os.path.dirname(args[0]) or ".", exist_ok=True)
-    elif op in ("rename", "place"):
-        if op == "place":  # BYTES FILES SRC DST: a rename only of a complete copy
-            nbytes, nfiles, src, dst = args
-        else:
-            src, dst = args
+    elif op == "place":  # BYTES FILES SRC DST: a rename only of a complete copy
+        nbytes, nfiles, src, dst = args
         need(src)
-        if op == "place":
-            expect(src, nbytes, nfiles)
+        expect(src, nbytes, nfiles)
         if os.path.lexists(dst):
             sys.stderr.write("%s already exists\n" % dst)
             sys.exit(4)
@@ -173,5 +159,6 @@ def argv(op: str, *args: str) -> list:
 
 
 def command(op: str, *args: str) -> str:
-    """The remote command line: every word quoted, for the remote login shell."""
-    return " ".join(shlex.quote(a) for a in argv(op, *args))
+    """The remote command line: every word quoted, for the remote login shell; its messages in
+    the C locale, as they are classified by their text."""
+    return " ".join(shlex.quote(a) for a in ["env", "LC_ALL=C", *argv(op, *args)])

@@ -1,4 +1,4 @@
-"""The ``rsync`` method: OpenSSH ``rsync -a --partial`` through one ControlMaster connection per
+"""The ``rsync`` method: OpenSSH ``rsync -a`` through one ControlMaster connection per
 site per pass (socket in a private 0700 directory), argument lists only, ``--protect-args`` so no
 remote shell ever word-splits or expands a path rsync sends.
 
@@ -23,9 +23,8 @@ import subprocess
 import threading
 import time
 
-from cax import children
-from cax.transfer import remote_hash
-from cax.transfer.base import HOLDER_SUFFIX, Interrupted, NoSpace, says_no_space
+from cax.transfer import policy, remote_hash
+from cax.transfer.base import HOLDER_SUFFIX, Features, Interrupted, NoSpace, says_no_space
 from cax.transfer.ssh import (
     SH_OPS,
     DestinationNotAccessible,
@@ -34,6 +33,8 @@ from cax.transfer.ssh import (
     SourceNotFound,
     SshMethod,
     TransferFailed,
+    c_locale_env,
+    check_path,
     classify_ssh_stderr,
     one_line,
     username,
@@ -46,16 +47,10 @@ POLL = 0.1  # seconds between cancel checks / progress reports while rsync runs
 FINISH_GRACE = 10.0  # seconds a stop request waits for an rsync whose every file is sent
 
 
-def c_locale_env() -> dict:
-    """rsync's environment: its messages in the C locale, as :meth:`RsyncMethod._error` reads
-    them (a full disk must be told from other failures)."""
-    return children.environment({"LC_ALL": "C"})
-
-
 class RsyncMethod(SshMethod):
     name = "rsync"
+    features = Features(remote_checksum=True, places_final_name=True, shares_connection=True)
     shell_class = OpenSSHMaster
-    put_places_final = True
 
     def __init__(self, site, **kw):
         super().__init__(site, **kw)
@@ -67,13 +62,13 @@ class RsyncMethod(SshMethod):
             host = f"[{host}]"
         return f"{username(self.site)}@{host}:{path}"
 
-    def _prepare(self, remote: str) -> None:
+    def prepare(self, final: str) -> None:
         # no round trip: the remote shell that starts rsync does it (see SH_OPS["rsync-push"])
-        self._final = remote.rstrip("/") or "/"
+        check_path(final, self.label)
 
-    def _put(self, local: str, partial: str) -> None:
-        final = self._final
-        nbytes, nfiles = self._expect
+    def send(self, local: str, partial: str, final: str, expect: tuple) -> None:
+        final = final.rstrip("/") or "/"
+        nbytes, nfiles = expect
         rsync_path = shlex.join(["sh", "-c", SH_OPS["rsync-push"], "sh",
                                  posixpath.dirname(final) or "/", partial, final, str(nbytes),
                                  str(nfiles), remote_hash.boot()])
@@ -86,7 +81,7 @@ class RsyncMethod(SshMethod):
     def _get(self, remote: str, partial: str) -> None:
         # rsync HOST:remote into a private holder directory, so a file and a tree need no stat
         # round trip; the result is moved to ``partial`` (same directory, atomic)
-        holder = partial + HOLDER_SUFFIX  # a stale one was removed by get()
+        holder = partial + HOLDER_SUFFIX  # a stale one was removed by the policy
         os.mkdir(holder, 0o700)
         try:
             self._run(self.command(self._remote(remote.rstrip("/") or "/"), holder + "/"),
@@ -94,13 +89,15 @@ class RsyncMethod(SshMethod):
             name = posixpath.basename(remote.rstrip("/"))
             os.rename(os.path.join(holder, name), partial)
         finally:
-            shutil.rmtree(holder, ignore_errors=True)
+            policy.remove_local(holder, best_effort=True)
 
     def command(self, src: str, dst: str, rsync_path: str = "") -> list:
         """The rsync argument vector (never run through a shell)."""
         # connected first: the control socket's path changes when a lost master is restarted
         self.shell.connect()
-        cmd = [self.rsync, "-a", "--partial", "--protect-args", "--info=progress2", "--outbuf=N",
+        # no --partial: a failed copy's partial copy is always removed (nothing resumes), so
+        # keeping rsync's partly sent file only delayed that removal
+        cmd = [self.rsync, "-a", "--protect-args", "--info=progress2", "--outbuf=N",
                "--no-inc-recursive", "-e", self.shell.rsh()]
         if rsync_path:
             cmd.append(f"--rsync-path={rsync_path}")

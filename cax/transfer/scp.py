@@ -90,7 +90,7 @@ class ScpMethod(SshMethod):
             raise NoSpace(f"{self.label}: remote scp failed (status {status}): {text}")
         raise TransferFailed(f"{self.label}: remote scp failed (status {status}): {text}")
 
-    def _put(self, local: str, partial: str) -> None:
+    def send(self, local: str, partial: str, final: str, expect: tuple) -> None:
         import os
         client = self._client()
         self._run(client, lambda: client.put(local, remote_path=partial,

@@ -75,9 +75,10 @@ class SftpMethod(SshMethod):
         try:
             return self._lexists(self.sftp(), path)
         except Exception as e:  # noqa: BLE001
-            raise self._translate(e, f"exists {path}") from e
+            raise self.classify(e, f"exists {path}") from e
 
-    def _prepare(self, remote: str) -> None:
+    def prepare(self, remote: str) -> None:
+        check_path(remote, self.label)
         sftp = self.sftp()
         try:
             if self._lexists(sftp, remote):
@@ -92,7 +93,7 @@ class SftpMethod(SshMethod):
             if not missing and self._lexists(sftp, partial_path(remote)):
                 self.remove(partial_path(remote))  # stale, from a copy that died with its link
         except Exception as e:  # noqa: BLE001
-            raise self._translate(e, f"prepare {remote}") from e
+            raise self.classify(e, f"prepare {remote}") from e
 
     def _tree(self, sftp, path: str) -> tuple:
         """(bytes, regular files) at ``path`` as :func:`cax.transfer.base.local_tree` counts
@@ -109,16 +110,16 @@ class SftpMethod(SshMethod):
                 total, files = total + a.st_size, files + 1
         return total, files
 
-    def _finish(self, partial: str, remote: str) -> None:
+    def place(self, partial: str, remote: str, expect: tuple) -> None:
         sftp = self.sftp()
-        check_complete(self.label, partial, self._tree(sftp, partial), self._expect)
+        check_complete(self.label, partial, self._tree(sftp, partial), expect)
         if self._lexists(sftp, remote):
             raise DestinationNotAccessible(f"{self.label}: {remote} already exists; refusing to "
                                            f"overwrite")
         sftp.rename(partial, remote)  # plain SFTP rename never replaces an existing path
 
     # ------------------------------------------------------------------ push
-    def _put(self, local: str, partial: str) -> None:
+    def send(self, local: str, partial: str, final: str, expect: tuple) -> None:
         sftp = self.sftp()
         if not os.path.isdir(local):
             self._put_file(sftp, local, partial)

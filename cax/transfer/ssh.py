@@ -45,11 +45,8 @@ from cax.transfer.base import (
     SourceNotFound,
     TransferError,
     TransferFailed,
+    Features,
     TransferMethod,
-    check_complete,
-    local_free_bytes,
-    local_leftovers,
-    local_tree,
     partial_path,
     says_no_space,
 )
@@ -113,17 +110,6 @@ def one_line(text, limit: int = 300) -> str:
         text = text.decode("utf-8", "replace")
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def remove_local(path: str) -> None:
-    """Best-effort removal of a local file or tree."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 #: POSIX sh one-liners for the frequent operations (no Python start-up on the remote side).
@@ -285,6 +271,13 @@ class ParamikoShell:
 
 
 # --------------------------------------------------------------------------- OpenSSH
+def c_locale_env() -> dict:
+    """The environment of OpenSSH and rsync children: their messages in the C locale, as
+    :func:`classify_ssh_stderr` and the rsync method read them (a refused login, a full disk,
+    a lost link must be told apart by their text)."""
+    return children.environment({"LC_ALL": "C"})
+
+
 def classify_ssh_stderr(label: str, status: int, stderr, what: str) -> TransferError:
     """Map an OpenSSH client's failure to a typed error."""
     text = one_line(stderr)
@@ -315,7 +308,7 @@ def _exit_master(ssh: str, control_path: str, destination: str) -> None:
     try:
         subprocess.run([ssh, "-o", f"ControlPath={control_path}", "-O", "exit", "--", destination],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
-                       env=children.environment())
+                       env=c_locale_env())
     except (OSError, subprocess.TimeoutExpired):
         pass
 
@@ -425,7 +418,7 @@ class OpenSSHMaster:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", MASTER_WATCH, self.tmpdir, errlog, *argv],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                env=children.environment(), start_new_session=True)
+                env=c_locale_env(), start_new_session=True)
         deadline = time.monotonic() + CONNECT_TIMEOUT + 5
         while not os.path.exists(self.control_path):
             if self.proc.poll() is not None:
@@ -464,7 +457,7 @@ class OpenSSHMaster:
         try:
             r = subprocess.run([self.ssh, *self.options(), "--", self.destination, command],
                                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                               env=children.environment())
+                               env=c_locale_env())
         except subprocess.TimeoutExpired:
             raise ServiceUnavailable(f"{self.label}: remote command took over {timeout:.0f} s")
         if r.returncode == 255:
@@ -476,10 +469,8 @@ class OpenSSHMaster:
 class SshMethod(TransferMethod):
     """Base of scp/sftp/rsync: remote operations through the helper, atomic put/get."""
 
-    remote_checksum = True
+    features = Features(remote_checksum=True, shares_connection=True)
     shell_class = ParamikoShell
-    #: True when ``_put`` itself renames the finished copy into place (no ``_finish``)
-    put_places_final = False
 
     def __init__(self, site, *, shell=None, **kw):
         super().__init__(site, **kw)
@@ -565,86 +556,28 @@ class SshMethod(TransferMethod):
             return None
         return self._helper("checksum", path, extra=(algorithm,))
 
-    # copies ------------------------------------------------------------------
-    def put(self, local: str, remote: str, expect=None) -> None:
-        check_path(remote, self.label)
-        local = os.path.abspath(local)
-        if not os.path.exists(local):
-            raise SourceNotFound(f"{self.label}: local source {local} does not exist")
-        #: (bytes, regular files) the partial copy must hold before ``_finish`` names it final
-        self._expect = tuple(expect) if expect is not None else local_tree(local)
-        self.check_cancel()
-        self._prepare(remote)
-        partial = partial_path(remote)
+    # the steps of a copy (cax.transfer.policy) -------------------------------
+    def prepare(self, final: str) -> None:
+        """Refuse an existing ``final``; create its parent; clear a stale partial copy (one
+        remote command)."""
+        check_path(final, self.label)
         try:
-            self._put(local, partial)
-            if not self.put_places_final:
-                self.check_cancel()
-                self._finish(partial, remote)
-        except BaseException as e:
-            self._remove_remote_partial(partial)
-            err = self._translate(e, f"put {local} -> {remote}")
-            raise self._no_room(err, remote, self._expect[0]) from e
-
-    def _no_room(self, err, where: str, need: int, local: bool = False):
-        """``err`` as :class:`NoSpace` when the destination has less room than the copy needs.
-
-        Some servers say nothing more than "Failure" for a full disk (SFTP), others say it in
-        the remote host's language: after a failed copy (its partial copy already removed) the
-        free space decides. Costs one remote command, only on a failure."""
-        if type(err) is not TransferFailed:
-            return err
-        parent = os.path.dirname(where.rstrip("/")) or "/"
-        try:
-            free = local_free_bytes(parent) if local else self.free_bytes(parent)
-        except (TransferError, OSError, ValueError):
-            return err
-        if free >= need:
-            return err
-        return NoSpace(f"{err}; {free} bytes free at {parent}, the copy needs {need}")
-
-    def get(self, remote: str, local: str, expect=None) -> None:
-        check_path(remote, self.label)
-        local = os.path.abspath(local)
-        if os.path.lexists(local):
-            raise DestinationNotAccessible(f"{self.label}: local destination {local} already "
-                                           f"exists; refusing to overwrite")
-        self.check_cancel()
-        try:
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-        except OSError as e:
-            raise DestinationNotAccessible(f"cannot create {os.path.dirname(local)}: {e.strerror}")
-        partial = partial_path(local)
-        for stale in local_leftovers(local):  # from a copy that died with its connection
-            remove_local(stale)
-        try:
-            self._get(remote, partial)
-            self.check_cancel()
-            if expect is not None:
-                check_complete(self.label, partial, local_tree(partial), expect)
-            os.rename(partial, local)
-        except BaseException as e:
-            for left in local_leftovers(local):
-                remove_local(left)
-            err = self._translate(e, f"get {remote} -> {local}", local_dest=True)
-            if expect is not None:
-                err = self._no_room(err, local, expect[0], local=True)
-            raise err from e
-
-    def _prepare(self, remote: str) -> None:
-        """Refuse an existing ``remote``; create its parent; clear a stale partial copy."""
-        try:
-            self._shell_op("prepare", remote, posixpath.dirname(remote.rstrip("/")) or "/",
-                           partial_path(remote))
+            self._shell_op("prepare", final, posixpath.dirname(final.rstrip("/")) or "/",
+                           partial_path(final))
         except DestinationNotAccessible as e:
             raise DestinationNotAccessible(f"{e}; refusing to overwrite") from None
 
-    def _finish(self, partial: str, remote: str) -> None:
-        """Rename the copy into place only if it is complete, never over an existing path."""
-        nbytes, nfiles = self._expect
-        self._helper("place", partial, remote, extra=(str(nbytes), str(nfiles)))
+    def place(self, partial: str, final: str, expect: tuple) -> None:
+        """Rename the copy into place only if it is complete, never over an existing path: the
+        helper's ``place``, in one session."""
+        nbytes, nfiles = expect
+        self._helper("place", partial, final, extra=(str(nbytes), str(nfiles)))
 
-    def _remove_remote_partial(self, partial: str) -> None:
+    def receive(self, remote: str, partial: str) -> None:
+        check_path(remote, self.label)
+        self._get(remote, partial)
+
+    def remove_partial(self, partial: str) -> None:
         if not self.shell.alive:
             log.warning("%s: connection lost; partial copy %s left behind", self.label, partial)
             return
@@ -653,7 +586,7 @@ class SshMethod(TransferMethod):
         except TransferError as e:
             log.warning("%s: could not remove partial copy %s: %s", self.label, partial, e)
 
-    def _translate(self, e: BaseException, what: str, local_dest: bool = False) -> BaseException:
+    def classify(self, e: BaseException, what: str, local_dest: bool = False) -> BaseException:
         """Any failure of a copy as a typed TransferError (others pass unchanged)."""
         if isinstance(e, TransferError) or not isinstance(e, Exception):
             return e
@@ -691,9 +624,7 @@ class SshMethod(TransferMethod):
             return any(w in low for w in ("closed", "dropped", "eof", "reset", "timeout"))
         return "no response from server" in str(e).lower() or "channel was closed" in str(e)
 
-    # subclasses implement these two; ``partial`` never exists beforehand and its parent does
-    def _put(self, local: str, partial: str) -> None:
-        raise NotImplementedError
-
+    # subclasses implement ``send`` (``partial`` never exists beforehand and its parent does)
+    # and this
     def _get(self, remote: str, partial: str) -> None:
         raise NotImplementedError
