@@ -79,6 +79,14 @@ def resolve_host(config, host):
     return host
 
 
+def check_reach(config, host, itself=True):
+    """Exit 2 when this host cannot do its work with this cax (see Config.reach_problem);
+    ``itself=False`` lets ``config check`` describe an unreachable host instead."""
+    problem = config.reach_problem(host)
+    if problem and (itself or not config.site(host).unreachable):
+        raise Fatal(problem, 2)
+
+
 def open_db(config, dry_run=False, create=False, missing_ok=False):
     from cax.runsdb import RunsDBError, connect
     try:
@@ -126,6 +134,7 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     except job_credential.CredentialError as e:
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
+    check_reach(config, host)
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)
@@ -406,10 +415,18 @@ def config_check(ctx, config_path, host):
                f"collection {config.collection!r})")
     for s in config.sites.values():
         dirs = ", ".join(f"{t}={d}" for t, d in s.dirs.items())
+        if s.unreachable:
+            click.echo(f"site {s.name}: not reachable from this cax ({s.unreachable})")
+            continue
         click.echo(f"site {s.name}: method={s.method} host={s.hostname}:{s.port} {dirs}; "
                    f"pushes to {s.upload_options or '-'}; pulls from {s.download_options or '-'}; "
                    f"purge={s.purge or 'off'}")
     if host in config.sites:
+        check_reach(config, host, itself=False)
+    if host in config.sites and config.site(host).unreachable:
+        click.echo(f"this host: {host}: not reachable from this cax ({config.site(host).unreachable})"
+                   f"; a cax daemon started as {host} exits 2")
+    elif host in config.sites:
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
         from cax.tasks.process import describe
         click.echo(describe(config.site(host)))

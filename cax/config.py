@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import jsonschema
 
+from cax import classic
+
 log = logging.getLogger("cax.config")
 
 DATA_TYPES = ("raw", "processed", "untriggered")
@@ -110,11 +112,12 @@ SITE_SCHEMA = {
     "required": ["name"],
     "properties": {
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},
-        "hostname": {"type": "string"},
+        "hostname": {"type": ["string", "null"]},  # null: a classic pseudo-site (tsm-server)
         "username": {"type": ["string", "null"]},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "method": {"enum": list(METHODS)},
-        "receive": {"enum": list(METHODS)},
+        # null and the classic methods cax does not offer load as "not reachable" (cax.classic)
+        "method": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
+        "receive": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
         # null: no directory (classic configs write "dir_processed": null at raw-only sites)
         "directory": _path_or_null,
         "dir_raw": _path_or_null,
@@ -199,6 +202,8 @@ class Site:
     group: Optional[str] = None
     mode: Optional[int] = None
     stray_grace_days: float = 7.0
+    #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
+    unreachable: Optional[str] = None
     raw: dict = field(default_factory=dict, repr=False)  # the site object as written
 
     def data_dir(self, dtype: str) -> Optional[str]:
@@ -236,6 +241,21 @@ class Config:
         if not wanted:
             return list(DEFAULT_TASKS)
         return [t for t in DEFAULT_TASKS if t in wanted]
+
+    def reach_problem(self, host: str) -> Optional[str]:
+        """Why a cax acting as ``host`` cannot do its work, or None: the host itself, or a site
+        its upload/download options name, is not reachable from this cax. Other unreachable
+        sites are only warned about at load (no site's tasks touch them)."""
+        me = self.site(host)
+        if me.unreachable:
+            return f"{self.path}: site {host!r}: this host is not reachable from this cax: " \
+                   f"{me.unreachable}"
+        for key in ("upload_options", "download_options"):
+            for other in getattr(me, key):
+                if self.sites[other].unreachable:
+                    return f"{_where(self.path, host, key)}: names site {other!r}, which is not " \
+                           f"reachable from this cax: {self.sites[other].unreachable}"
+        return None
 
     def datasets_for(self, host: str) -> Optional[list]:
         return self.site(host).dataset_list or self.dataset_list
@@ -309,7 +329,12 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     name = raw["name"]
     for key in sorted(set(raw) - KNOWN_SITE_KEYS):
         log.warning("%s: site %r: unknown key %r ignored", path, name, key)
-    method = raw.get("method") or raw.get("receive") or "local"
+    method, unreachable, notes = classic.resolve_method(raw, METHODS)
+    for note in notes:
+        log.warning("%s: site %r: %s", path, name, note)
+    if unreachable:
+        log.warning("%s: site %r: not reachable from this cax: %s; its copies are left to other "
+                    "tools", path, name, unreachable)
 
     def absolute(p: str) -> str:
         p = os.path.expanduser(p)
@@ -323,7 +348,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
             dirs[dtype] = absolute(d)
     data_type = raw.get("data_type") or [t for t in ("raw", "processed") if t in dirs] or ["raw"]
     for dtype in data_type:
-        if dtype not in dirs:
+        if dtype not in dirs and not unreachable:
             raise ConfigError(f"{_where(path, name, 'dir_' + dtype)}: site handles {dtype!r} data "
                               f"but has no directory for it (set 'directory' or 'dir_{dtype}')")
 
@@ -392,7 +417,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     mode = raw.get("mode")
     return Site(
         name=name,
-        hostname=raw.get("hostname", "localhost"),
+        hostname=raw.get("hostname", "localhost") or "",
         username=raw.get("username"),
         port=raw.get("port", 22),
         method=method,
@@ -416,6 +441,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         group=raw.get("group"),
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),
+        unreachable=unreachable,
         raw=raw,
     )
 
@@ -600,7 +626,8 @@ def _parse(text: str, path: str) -> Config:
                 if other == site.name:
                     raise ConfigError(f"{_where(path, site.name, key)}: names the site itself")
 
-    _check_shared_directories(path, list(sites.values()))
+    # cax never reads or writes an unreachable site's directories
+    _check_shared_directories(path, [s for s in sites.values() if not s.unreachable])
 
     from cax.tasks import TASK_NAMES  # late import: tasks import config
 
