@@ -46,3 +46,58 @@ def resolve_method(raw: dict, offered) -> tuple[str, Optional[str], list[str]]:
                         f"reached with scp, as the classic cax did")
         return "scp", None, warnings
     return method, None, warnings
+
+
+#: classic task names whose work a cax task does under its new name
+RENAMED_TASKS = {"SCPPush": "CopyPush", "SCPPull": "CopyPull"}
+
+_CORRECTIONS = ("wrote detector corrections into the Runs DB; corrections are made by other "
+                "tools now")
+#: classic tasks whose work this cax does not do, and why: skipped, never mapped onto another
+#: task (ClearDAQBuffer is not BufferPurger: mapping it would delete data)
+NOT_DONE_TASKS = {
+    "ClearDAQBuffer": "dropped the untriggered buffer held in MongoDB at the DAQ; cax does not "
+                      "touch that buffer",
+    "AddElectronLifetime": _CORRECTIONS,
+    "AddGains": _CORRECTIONS,
+    "AddSlowControlInformation": _CORRECTIONS,
+    "ProcessBatchQueueHax": "made hax minitrees; minitrees are made by other tools now",
+    "RucioRule": "managed Rucio rules; this cax has no rucio method",
+}
+
+
+def map_tasks(names, known) -> tuple[list, list, list]:
+    """(task names for this cax, warnings, unknown names) for a classic ``task_list``."""
+    tasks, warnings, unknown = [], [], []
+    for name in names:
+        if name in known:
+            tasks.append(name)
+        elif name in RENAMED_TASKS:
+            tasks.append(RENAMED_TASKS[name])
+            warnings.append(f"classic task {name!r} runs as {RENAMED_TASKS[name]!r}")
+        elif name in NOT_DONE_TASKS:
+            warnings.append(f"classic task {name!r} skipped: it {NOT_DONE_TASKS[name]}")
+        else:
+            unknown.append(name)
+    return tasks, warnings, unknown
+
+
+def from_extended_json(value):
+    """``value`` with MongoDB extended JSON (mongoexport's ``{"$date": ...}``, ``{"$oid": ...}``,
+    ``{"$numberLong": ...}``) turned into the Python values pymongo would have read: a classic
+    Runs DB is exported that way. Raises ValueError naming what does not convert."""
+    from bson import json_util
+
+    def walk(v):
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            v = {k: walk(x) for k, x in v.items()}
+            if any(isinstance(k, str) and k.startswith("$") for k in v):
+                try:
+                    return json_util.object_hook(v)
+                except Exception as e:  # bson raises several types for one bad value
+                    raise ValueError(f"extended JSON {v!r} does not convert: {e}") from None
+        return v
+
+    return walk(value)

@@ -107,9 +107,14 @@ def open_db(config, dry_run=False, create=False, missing_ok=False):
               help="Also write the log to this file (default: stderr only).")
 @click.option("--disable-database-update", "--dry-run", "dry_run", is_flag=True,
               help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
+@click.option("--disable_database_update", "classic_no_db", is_flag=True, hidden=True,
+              help="The classic spelling: a dry run here (see docs/upgrading.rst).")
+@click.option("--ncpu", type=click.IntRange(1), default=None,
+              help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
-def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run):
+def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
+        classic_no_db, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
@@ -121,6 +126,12 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         logs.setup(log_level, log_file)
     except OSError as e:
         raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
+    if classic_no_db:
+        # the classic cax still copied and deleted without recording it, leaving a Runs DB that
+        # no longer says where the data are; here nothing changes and nothing is recorded
+        log.warning("site=- --disable_database_update (classic): a dry run here; the classic cax "
+                    "moved and deleted data without recording it, this cax changes nothing")
+        dry_run = True
     ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
     if ctx.invoked_subcommand is not None:
         return
@@ -135,6 +146,12 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
     check_reach(config, host)
+    if ncpu is not None:
+        site = config.site(host)
+        if site.processing is None:
+            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
+        else:
+            site.processing["ncpus"] = ncpu
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)
@@ -368,7 +385,8 @@ def runs_add(ctx, config_path, host, source):
         if isinstance(doc, dict):
             label = f"run #{i + 1} {doc.get('number')!r} ({doc.get('name')!r})"
         try:
-            doc = validate_run(doc, config)
+            from cax.classic import from_extended_json
+            doc = validate_run(from_extended_json(doc), config)
             if dry_run:  # nothing is inserted, so ask what the insert would have refused
                 if db.run_by(number=doc["number"]) or db.run_by(name=doc["name"]):
                     raise DuplicateKeyError("exists")

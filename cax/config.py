@@ -204,6 +204,9 @@ class Site:
     stray_grace_days: float = 7.0
     #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
     unreachable: Optional[str] = None
+    #: the config error a cax acting as this site stops on (an unknown name in its task_list);
+    #: other sites' daemons only warn about it
+    task_problem: Optional[str] = None
     raw: dict = field(default_factory=dict, repr=False)  # the site object as written
 
     def data_dir(self, dtype: str) -> Optional[str]:
@@ -237,8 +240,10 @@ class Config:
 
     def tasks_for(self, host: str) -> list:
         """Task names to run at ``host``, in the default order, narrowed by task_list."""
-        wanted = self.site(host).task_list or self.task_list
-        if not wanted:
+        site = self.site(host)
+        # None: not given; [] from a classic list whose every task cax skips: run nothing
+        wanted = site.task_list if site.task_list is not None else self.task_list
+        if wanted is None:
             return list(DEFAULT_TASKS)
         return [t for t in DEFAULT_TASKS if t in wanted]
 
@@ -247,6 +252,8 @@ class Config:
         its upload/download options name, is not reachable from this cax. Other unreachable
         sites are only warned about at load (no site's tasks touch them)."""
         me = self.site(host)
+        if me.task_problem:
+            return me.task_problem
         if me.unreachable:
             return f"{self.path}: site {host!r}: this host is not reachable from this cax: " \
                    f"{me.unreachable}"
@@ -632,14 +639,26 @@ def _parse(text: str, path: str) -> Config:
     from cax.tasks import TASK_NAMES  # late import: tasks import config
 
     def check_tasks(names, site_name):
-        for t in names or []:
-            if t not in TASK_NAMES:
-                raise ConfigError(f"{_where(path, site_name, 'task_list')}: unknown task {t!r} "
-                                  f"(known: {', '.join(DEFAULT_TASKS)})")
+        """The task_list in this cax's names (None: not given), and the error for an unknown
+        name (or None). Classic names are mapped or skipped, each with a warning."""
+        if not names:
+            return None, None
+        tasks, notes, unknown = classic.map_tasks(names, TASK_NAMES)
+        for note in notes:
+            log.warning("%s: %s", _where(path, site_name, "task_list"), note)
+        problem = None
+        if unknown:
+            problem = (f"{_where(path, site_name, 'task_list')}: unknown task {unknown[0]!r} "
+                       f"(known: {', '.join(DEFAULT_TASKS)})")
+        return tasks, problem
 
-    check_tasks(doc.get("task_list"), None)
+    task_list, problem = check_tasks(doc.get("task_list"), None)
+    if problem:  # the top-level list is every site's
+        raise ConfigError(problem)
     for site in sites.values():
-        check_tasks(site.task_list, site.name)
+        site.task_list, site.task_problem = check_tasks(site.raw.get("task_list"), site.name)
+        if site.task_problem:
+            log.warning("%s; a cax daemon started as %r exits 2", site.task_problem, site.name)
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
     packaged = os.path.abspath(path) == packaged_config_path()
@@ -661,7 +680,7 @@ def _parse(text: str, path: str) -> Config:
         password_env=doc.get("password_env", "MONGO_PASSWORD"),
         database=doc.get("database", "run"),
         collection=doc.get("collection", "runs_new"),
-        task_list=doc.get("task_list"),
+        task_list=task_list,
         dataset_list=doc.get("dataset_list"),
         interval=float(doc.get("interval", 60)),
         wake_on_change=bool(doc.get("wake_on_change", False)),

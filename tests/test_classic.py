@@ -107,3 +107,120 @@ def test_no_method_reaches_an_unreachable_site():
             pool.method(site)
     finally:
         pool.close()
+
+
+# ---- classic task names and flags -----------------------------------------------------------
+RUCIAX = os.path.join(DATA, "cax_ruciax.json")
+
+
+def sites_with_tasks(tmp_path, daq_tasks, buffer_tasks=None):
+    from tests.helpers import three_sites
+    path = three_sites(tmp_path)
+    with open(path) as f:
+        doc = json.load(f)
+    doc["sites"][0]["task_list"] = daq_tasks
+    if buffer_tasks is not None:
+        doc["sites"][1]["task_list"] = buffer_tasks
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return path
+
+
+def test_classic_task_names_map_to_their_successors(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "cax.config")
+    config = cfgmod.load(sites_with_tasks(tmp_path, ["SCPPush", "SCPPull", "AddChecksum"]))
+    assert config.tasks_for("daq") == ["CopyPush", "CopyPull", "AddChecksum"]
+    said = [r.getMessage() for r in caplog.records if "classic task" in r.getMessage()]
+    assert len(said) == 2, said
+    assert any("'SCPPush'" in m and "'CopyPush'" in m for m in said), said
+
+
+@pytest.mark.parametrize("name", ["ClearDAQBuffer", "AddGains", "AddElectronLifetime",
+                                  "ProcessBatchQueueHax", "RucioRule"])
+def test_classic_tasks_cax_does_not_do_are_skipped_never_mapped(tmp_path, caplog, name):
+    caplog.set_level(logging.WARNING, "cax.config")
+    config = cfgmod.load(sites_with_tasks(tmp_path, ["CopyPush", name]))
+    assert config.tasks_for("daq") == ["CopyPush"]
+    said = [r.getMessage() for r in caplog.records if f"classic task {name!r}" in r.getMessage()]
+    assert len(said) == 1 and "skipped" in said[0], said
+
+
+def test_a_task_list_of_only_skipped_tasks_runs_nothing(tmp_path):
+    # "task_list": ["ClearDAQBuffer"] must not become "every task", BufferPurger included
+    config = cfgmod.load(sites_with_tasks(tmp_path, ["ClearDAQBuffer"]))
+    assert config.tasks_for("daq") == []
+    assert "BufferPurger" in config.tasks_for("buffer")  # no task_list: the defaults
+
+
+def test_the_classic_ruciax_config_loads_for_its_reachable_site():
+    result = run("--config", RUCIAX, "config", "check", "--host", "lena")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_unknown_task_breaks_only_the_site_naming_it(tmp_path):
+    path = sites_with_tasks(tmp_path, ["CopyPush"], buffer_tasks=["Teleport"])
+    ok = run("--config", path, "config", "check", "--host", "daq")
+    assert ok.exit_code == 0, ok.output
+    bad = run("--config", path, "config", "check", "--host", "buffer")
+    assert bad.exit_code == 2, bad.output
+    line = error_line(bad)
+    assert "site 'buffer'" in line and "'Teleport'" in line and "task_list" in line, line
+    daemon = run("--config", path, "--host", "buffer", "--once")
+    assert daemon.exit_code == 2 and "'Teleport'" in error_line(daemon)
+
+
+def test_classic_disable_database_update_is_a_dry_run(tmp_path):
+    from cax.runsdb import connect
+    from tests.helpers import make_raw, run_doc
+    path = sites_with_tasks(tmp_path, ["CopyPush"])
+    config = cfgmod.load(path)
+    src = make_raw(str(tmp_path / "daq"), "160101_0000")
+    db = connect(config)
+    db.insert_run(run_doc(1, "160101_0000", src, status="transferred"))
+    db.close()
+    result = run("--config", path, "--host", "daq", "--once", "--disable_database_update")
+    assert result.exit_code == 0, result.output
+    assert "--disable_database_update" in result.stderr and "dry run" in result.stderr
+    assert not os.path.exists(tmp_path / "buffer" / "160101_0000")  # nothing copied
+    db = connect(config)
+    try:
+        assert [d["host"] for d in db.run_by(number=1)["data"]] == ["daq"]  # nothing recorded
+    finally:
+        db.close()
+
+
+def test_ncpu_sets_this_hosts_processing_cpus_and_is_bounded(tmp_path):
+    path = sites_with_tasks(tmp_path, ["CopyPush"])
+    assert run("--config", path, "--host", "daq", "--ncpu", "0", "--once").exit_code == 2
+    result = run("--config", path, "--host", "daq", "--ncpu", "4", "--once", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "--ncpu 4 ignored" in result.stderr  # daq does not process
+
+
+def test_runs_add_reads_mongoexport_extended_json(tmp_path):
+    from cax.runsdb import connect
+    from tests.helpers import three_sites
+    path = three_sites(tmp_path)
+    export = [{"_id": {"$oid": "57f1a2b3c4d5e6f708192a3b"}, "number": 7, "name": "160101_0007",
+               "detector": "tpc", "start": {"$date": "2016-01-01T00:00:00.000Z"},
+               "end": {"$date": {"$numberLong": "1451610000000"}},
+               "data": [{"host": "daq", "type": "raw", "status": "transferred",
+                         "location": "/data/160101_0007",
+                         "creation_time": {"$date": 1451606400000}}]},
+              {"number": 8, "name": "160101_0008", "detector": "tpc",
+               "start": {"$date": "not a date"}}]
+    p = tmp_path / "runs.json"
+    p.write_text(json.dumps(export))
+    result = run("--config", path, "runs", "add", str(p))
+    assert result.exit_code == 1, result.output  # the second one is refused, in one line
+    assert "added 1 run(s), rejected 1" in result.output
+    bad = [ln for ln in result.stderr.splitlines() if ln.startswith("cax: error")]
+    assert len(bad) == 1 and "160101_0008" in bad[0] and "$date" in bad[0], bad
+    db = connect(cfgmod.load(path))
+    try:
+        doc = db.run_by(number=7)
+        assert doc["start"].isoformat() == "2016-01-01T00:00:00+00:00"
+        assert doc["end"].isoformat() == "2016-01-01T01:00:00+00:00"
+        assert doc["data"][0]["creation_time"].isoformat() == "2016-01-01T00:00:00+00:00"
+    finally:
+        db.close()
