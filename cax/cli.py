@@ -64,8 +64,10 @@ def _settings(ctx, config_path=None, host=None):
 
 
 def load_config(config_path):
+    ctx = click.get_current_context(silent=True)
+    obj = (ctx.find_root().obj if ctx is not None else None) or {}
     try:
-        return cfgmod.load(config_path)
+        return cfgmod.load(config_path, runs_db=obj.get("runs_db"))
     except cfgmod.ConfigError as e:
         raise Fatal(str(e), 2)
 
@@ -109,12 +111,15 @@ def open_db(config, dry_run=False, create=False, missing_ok=False):
               help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
 @click.option("--disable_database_update", "classic_no_db", is_flag=True, hidden=True,
               help="The classic spelling: a dry run here (see docs/upgrading.rst).")
+@click.option("--runs-db", "runs_db", default=None, metavar="URI_OR_PATH",
+              help="Runs DB to use: a mongodb:// URI or an embedded store's path (wins over "
+                   "$CAX_RUNS_DB, which wins over the config's runs_db).")
 @click.option("--ncpu", type=click.IntRange(1), default=None,
               help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
 def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
-        classic_no_db, ncpu):
+        classic_no_db, runs_db, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
@@ -132,7 +137,9 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         log.warning("site=- --disable_database_update (classic): a dry run here; the classic cax "
                     "moved and deleted data without recording it, this cax changes nothing")
         dry_run = True
-    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
+    if runs_db == "":
+        raise Fatal("--runs-db: empty; give a mongodb:// URI or a path", 2)
+    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run, "runs_db": runs_db}
     if ctx.invoked_subcommand is not None:
         return
     from cax.daemon import AlreadyRunning, SiteLock, run_loop
@@ -146,6 +153,10 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
     check_reach(config, host)
+    if not config.runs_db_named:
+        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
+                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
+                    f"\"runs_db\"", 2)
     if ncpu is not None:
         site = config.site(host)
         if site.processing is None:

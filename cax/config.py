@@ -230,6 +230,10 @@ class Config:
     lock_dir: Optional[str] = None
     #: the embedded store lives in the user state directory, created on first use
     runs_db_in_state_dir: bool = False
+    #: whether a Runs DB was named (``runs_db``, ``--runs-db``, ``$CAX_RUNS_DB``) or the object
+    #: form's default applies; a classic list config names none, and a daemon refuses to start
+    #: on a store nobody named
+    runs_db_named: bool = True
 
     def site(self, name: str) -> Site:
         try:
@@ -545,10 +549,15 @@ def _check_shared_directories(path: str, sites: list) -> None:
                             f"count as two")
 
 
-def parse(text: str, path: str) -> Config:
-    """Parse and validate config text; raises ConfigError with a one-line message."""
+#: the environment variable naming the Runs DB (URI or path); ``--runs-db`` wins over it
+RUNS_DB_ENV = "CAX_RUNS_DB"
+
+
+def parse(text: str, path: str, runs_db: Optional[str] = None) -> Config:
+    """Parse and validate config text; raises ConfigError with a one-line message.
+    ``runs_db`` (``--runs-db``) or else ``$CAX_RUNS_DB`` replaces the config's ``runs_db``."""
     try:
-        return _parse(text, path)
+        return _parse(text, path, runs_db)
     except RecursionError:
         # the JSON scanner, the schema and cax's own walks all recurse per level
         raise ConfigError(f"{path}: {TOO_DEEP}")
@@ -593,7 +602,7 @@ def uri_problem(uri: str) -> str:
     return ""
 
 
-def _parse(text: str, path: str) -> Config:
+def _parse(text: str, path: str, override: Optional[str] = None) -> Config:
     try:
         doc = strict_json(text)
     except json.JSONDecodeError as e:
@@ -603,7 +612,8 @@ def _parse(text: str, path: str) -> Config:
         raise ConfigError(f"{_where(path, site, key)}: appears twice in the object starting at "
                           f"line {line}")
     _non_finite(doc, path, text)
-    if isinstance(doc, list):  # the classic form: a bare list of sites
+    classic_form = isinstance(doc, list)
+    if classic_form:  # the classic form: a bare list of sites
         doc = {"sites": doc}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a list of sites or an object with 'sites'")
@@ -661,16 +671,24 @@ def _parse(text: str, path: str) -> Config:
             log.warning("%s; a cax daemon started as %r exits 2", site.task_problem, site.name)
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
+    named = "runs_db" in doc or not classic_form
+    where = _where(path, None, "runs_db")
     packaged = os.path.abspath(path) == packaged_config_path()
+    db_dir = state_dir() if packaged else base_dir
+    if override is None and os.environ.get(RUNS_DB_ENV):
+        override, where = os.environ[RUNS_DB_ENV], f"${RUNS_DB_ENV}"
+    elif override is not None:
+        where = "--runs-db"
+    if override is not None:  # a path on the command line or in the environment is the shell's
+        runs_db, named, packaged, db_dir = override, True, False, os.getcwd()
     if runs_db.startswith(("mongodb://", "mongodb+srv://")):
         problem = uri_problem(runs_db)
         if problem:
             from cax.runsdb import redact_uri
-            raise ConfigError(f"{_where(path, None, 'runs_db')}: not a valid MongoDB URI "
+            raise ConfigError(f"{where}: not a valid MongoDB URI "
                               f"{redact_uri(runs_db)}: {problem}")
     else:
-        runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
-                                                os.path.expanduser(runs_db)))
+        runs_db = os.path.normpath(os.path.join(db_dir, os.path.expanduser(runs_db)))
     from cax import children
     children.hide(doc.get("password_env", "MONGO_PASSWORD"))  # no child of cax inherits it
     return Config(
@@ -687,14 +705,15 @@ def _parse(text: str, path: str) -> Config:
         runs_db_timeout=float(doc.get("runs_db_timeout", 5.0)),
         lock_dir=doc.get("lock_dir"),
         runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
+        runs_db_named=named,
     )
 
 
-def load(path: Optional[str] = None) -> Config:
+def load(path: Optional[str] = None, runs_db: Optional[str] = None) -> Config:
     path = os.path.abspath(path or default_config_path())
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}")
-    return parse(utf8_text(data, path), path)
+    return parse(utf8_text(data, path), path, runs_db)

@@ -224,3 +224,76 @@ def test_runs_add_reads_mongoexport_extended_json(tmp_path):
         assert doc["data"][0]["creation_time"].isoformat() == "2016-01-01T00:00:00+00:00"
     finally:
         db.close()
+
+
+# ---- naming the Runs DB ---------------------------------------------------------------------
+def list_config(tmp_path):
+    doc = [{"name": "daq", "directory": str(tmp_path / "daq"), "upload_options": ["buffer"]},
+           {"name": "buffer", "directory": str(tmp_path / "buffer")}]
+    for s in doc:
+        os.makedirs(s["directory"], exist_ok=True)
+    p = tmp_path / "cax.json"
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def store_with_run(path, number):
+    from cax.runsdb import connect
+    from tests.helpers import init_store, run_doc
+    init_store(path)
+    config = cfgmod.load(config_for_store(path))
+    db = connect(config)
+    try:
+        db.insert_run(run_doc(number, f"16010{number}_0000", "/nowhere", status="transferred"))
+    finally:
+        db.close()
+
+
+def config_for_store(path):
+    p = os.path.join(os.path.dirname(path), "store_cax.json")
+    with open(p, "w") as f:
+        json.dump({"runs_db": path, "sites": [{"name": "daq", "directory": "/tmp/daq"}]}, f)
+    return p
+
+
+def numbers(result):
+    assert result.exit_code == 0, result.output
+    return sorted(r["number"] for r in json.loads(result.output))
+
+
+def test_a_daemon_on_a_list_config_naming_no_runs_db_exits_2(tmp_path):
+    path = list_config(tmp_path)
+    result = run("--config", path, "--host", "daq", "--once", env={"CAX_RUNS_DB": None})
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "--runs-db" in line and "CAX_RUNS_DB" in line and path in line, line
+    assert not os.path.exists(tmp_path / "cax.runsdb")  # no empty store made behind its back
+
+
+def test_runs_db_flag_wins_over_the_variable_which_wins_over_the_config(tmp_path):
+    from tests.helpers import three_sites
+    path = three_sites(tmp_path)  # object form, its own runs_db (empty)
+    flag, var = str(tmp_path / "flag.runsdb"), str(tmp_path / "var.runsdb")
+    store_with_run(flag, 1)
+    store_with_run(var, 2)
+    assert numbers(run("--config", path, "status", "--json", env={"CAX_RUNS_DB": None})) == []
+    assert numbers(run("--config", path, "status", "--json", env={"CAX_RUNS_DB": var})) == [2]
+    assert numbers(run("--runs-db", flag, "--config", path, "status", "--json",
+                       env={"CAX_RUNS_DB": var})) == [1]
+
+
+def test_a_list_config_runs_with_a_runs_db_named_outside_it(tmp_path):
+    path = list_config(tmp_path)
+    store = str(tmp_path / "named.runsdb")
+    store_with_run(store, 3)
+    for args, env in ((["--runs-db", store], {"CAX_RUNS_DB": None}), ([], {"CAX_RUNS_DB": store})):
+        result = run(*args, "--config", path, "--host", "daq", "--once", "--dry-run", env=env)
+        assert result.exit_code == 0, result.output
+        assert store in result.stderr  # the starting line names the Runs DB in use
+
+
+def test_a_bad_uri_in_the_variable_is_named_as_coming_from_it(tmp_path):
+    path = list_config(tmp_path)
+    result = run("--config", path, "config", "check", env={"CAX_RUNS_DB": "mongodb://h:99999/"})
+    assert result.exit_code == 2, result.output
+    assert "$CAX_RUNS_DB" in error_line(result)
