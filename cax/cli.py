@@ -67,7 +67,7 @@ def load_config(config_path):
     ctx = click.get_current_context(silent=True)
     obj = (ctx.find_root().obj if ctx is not None else None) or {}
     try:
-        return cfgmod.load(config_path, runs_db=obj.get("runs_db"))
+        return cfgmod.load(config_path, runs_db=obj.get("runs_db"), strict=bool(obj.get("strict")))
     except cfgmod.ConfigError as e:
         raise Fatal(str(e), 2)
 
@@ -114,12 +114,14 @@ def open_db(config, dry_run=False, create=False, missing_ok=False):
 @click.option("--runs-db", "runs_db", default=None, metavar="URI_OR_PATH",
               help="Runs DB to use: a mongodb:// URI or an embedded store's path (wins over "
                    "$CAX_RUNS_DB, which wins over the config's runs_db).")
+@click.option("--strict", is_flag=True,
+              help="Unknown config keys are errors, not warnings (also: \"strict\": true).")
 @click.option("--ncpu", type=click.IntRange(1), default=None,
               help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
 def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
-        classic_no_db, runs_db, ncpu):
+        classic_no_db, runs_db, strict, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
@@ -139,7 +141,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         dry_run = True
     if runs_db == "":
         raise Fatal("--runs-db: empty; give a mongodb:// URI or a path", 2)
-    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run, "runs_db": runs_db}
+    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run, "runs_db": runs_db,
+               "strict": strict}
     if ctx.invoked_subcommand is not None:
         return
     from cax.daemon import AlreadyRunning, SiteLock, run_loop

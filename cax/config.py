@@ -164,6 +164,8 @@ TOP_SCHEMA = {
         "wake_on_change": {"type": "boolean"},
         "runs_db_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "lock_dir": _path,
+        # unknown keys are errors, not warnings (also: cax --strict)
+        "strict": {"type": "boolean"},
     },
 }
 KNOWN_TOP_KEYS = set(TOP_SCHEMA["properties"])
@@ -315,6 +317,19 @@ def _schema_error(path: str, site: Optional[str], err: jsonschema.ValidationErro
     key = ".".join(keys) if keys else None
     if key_prefix:
         key = key_prefix + ("." + key if key else "")
+    if err.validator in ("anyOf", "oneOf") and isinstance(err.instance, dict):
+        # "purge": {...} also may be true or a number: report what is wrong inside the object
+        for sub in err.validator_value:
+            if sub.get("type") == "object":
+                inner = _first_error(sub, err.instance)
+                if inner is not None:
+                    return _schema_error(path, site, inner, key or "")
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        if extra:
+            where = (key + "." if key else "") + extra[0]
+            return ConfigError(f"{_where(path, site, where)}: "
+                               f"{unknown_key(extra[0], err.schema.get('properties', {}))}")
     if err.validator == "required":
         missing = err.message.split("'")[1] if "'" in err.message else err.message
         key = (key + "." if key else "") + missing
@@ -330,16 +345,40 @@ def _schema_error(path: str, site: Optional[str], err: jsonschema.ValidationErro
     return ConfigError(f"{_where(path, site, key)}: {msg}")
 
 
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with one character inserted, deleted, replaced or two adjacent ones
+    swapped: the typos worth a "did you mean" (a wider net suggests unrelated keys)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def unknown_key(key: str, known) -> str:
+    """``unknown key 'x'``, with a "did you mean" when a known key is one edit away."""
+    import difflib
+    close = [k for k in difflib.get_close_matches(key, list(known), n=5, cutoff=0.6)
+             if _one_edit(key, k)]
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def _first_error(schema: dict, instance: Any):
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(instance),
                     key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     return errors[0] if errors else None
 
 
-def _site_from(raw: dict, path: str, base_dir: str) -> Site:
+def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Site:
     name = raw["name"]
     for key in sorted(set(raw) - KNOWN_SITE_KEYS):
-        log.warning("%s: site %r: unknown key %r ignored", path, name, key)
+        if strict:
+            raise ConfigError(f"{_where(path, name, key)}: {unknown_key(key, KNOWN_SITE_KEYS)} "
+                              f"(strict)")
+        log.warning("%s: site %r: %s ignored", path, name, unknown_key(key, KNOWN_SITE_KEYS))
     method, unreachable, notes = classic.resolve_method(raw, METHODS)
     for note in notes:
         log.warning("%s: site %r: %s", path, name, note)
@@ -553,11 +592,11 @@ def _check_shared_directories(path: str, sites: list) -> None:
 RUNS_DB_ENV = "CAX_RUNS_DB"
 
 
-def parse(text: str, path: str, runs_db: Optional[str] = None) -> Config:
+def parse(text: str, path: str, runs_db: Optional[str] = None, strict: bool = False) -> Config:
     """Parse and validate config text; raises ConfigError with a one-line message.
     ``runs_db`` (``--runs-db``) or else ``$CAX_RUNS_DB`` replaces the config's ``runs_db``."""
     try:
-        return _parse(text, path, runs_db)
+        return _parse(text, path, runs_db, strict)
     except RecursionError:
         # the JSON scanner, the schema and cax's own walks all recurse per level
         raise ConfigError(f"{path}: {TOO_DEEP}")
@@ -602,7 +641,7 @@ def uri_problem(uri: str) -> str:
     return ""
 
 
-def _parse(text: str, path: str, override: Optional[str] = None) -> Config:
+def _parse(text: str, path: str, override: Optional[str] = None, strict: bool = False) -> Config:
     try:
         doc = strict_json(text)
     except json.JSONDecodeError as e:
@@ -620,8 +659,12 @@ def _parse(text: str, path: str, override: Optional[str] = None) -> Config:
     err = _first_error(TOP_SCHEMA, doc)
     if err is not None:
         raise _schema_error(path, None, err)
+    strict = strict or bool(doc.get("strict"))
     for key in sorted(set(doc) - KNOWN_TOP_KEYS):
-        log.warning("%s: unknown top-level key %r ignored", path, key)
+        if strict:
+            raise ConfigError(f"{_where(path, None, key)}: {unknown_key(key, KNOWN_TOP_KEYS)} "
+                              f"at the top level (strict)")
+        log.warning("%s: %s at the top level ignored", path, unknown_key(key, KNOWN_TOP_KEYS))
 
     base_dir = os.path.dirname(os.path.abspath(path))
     sites: dict = {}
@@ -632,7 +675,7 @@ def _parse(text: str, path: str, override: Optional[str] = None) -> Config:
             raise _schema_error(path, label, err)
         if raw["name"] in sites:
             raise ConfigError(f"{_where(path, raw['name'], 'name')}: duplicate site name")
-        sites[raw["name"]] = _site_from(raw, path, base_dir)
+        sites[raw["name"]] = _site_from(raw, path, base_dir, strict)
 
     for site in sites.values():
         for key in ("upload_options", "download_options"):
@@ -709,11 +752,11 @@ def _parse(text: str, path: str, override: Optional[str] = None) -> Config:
     )
 
 
-def load(path: Optional[str] = None, runs_db: Optional[str] = None) -> Config:
+def load(path: Optional[str] = None, runs_db: Optional[str] = None, strict: bool = False) -> Config:
     path = os.path.abspath(path or default_config_path())
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}")
-    return parse(utf8_text(data, path), path, runs_db)
+    return parse(utf8_text(data, path), path, runs_db, strict)

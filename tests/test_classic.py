@@ -297,3 +297,68 @@ def test_a_bad_uri_in_the_variable_is_named_as_coming_from_it(tmp_path):
     result = run("--config", path, "config", "check", env={"CAX_RUNS_DB": "mongodb://h:99999/"})
     assert result.exit_code == 2, result.output
     assert "$CAX_RUNS_DB" in error_line(result)
+
+
+# ---- strictness -----------------------------------------------------------------------------
+def two_sites(tmp_path, daq_extra=None, **top):
+    doc = {"runs_db": str(tmp_path / "x.runsdb"), **top,
+           "sites": [dict({"name": "daq", "directory": str(tmp_path / "daq"),
+                           "upload_options": ["buffer"]}, **(daq_extra or {})),
+                     {"name": "buffer", "directory": str(tmp_path / "buffer")}]}
+    p = tmp_path / "cax.json"
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def test_a_key_one_edit_from_a_known_one_gets_a_suggestion(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "cax.config")
+    cfgmod.load(two_sites(tmp_path, {"upload_option": ["buffer"], "grid_cert": "/x"}))
+    said = [r.getMessage() for r in caplog.records if "unknown key" in r.getMessage()]
+    typo = [m for m in said if "'upload_option'" in m]
+    assert len(typo) == 1 and "did you mean 'upload_options'?" in typo[0], said
+    other = [m for m in said if "'grid_cert'" in m]
+    assert len(other) == 1 and "did you mean" not in other[0], said  # no far-fetched guess
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_strict_makes_unknown_keys_errors(tmp_path, how):
+    top = {"strict": True} if how == "config" else {}
+    path = two_sites(tmp_path, {"upload_option": ["buffer"]}, **top)
+    args = ["--strict"] if how == "flag" else []
+    result = run(*args, "--config", path, "config", "check", "--host", "daq")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "site 'daq'" in line and "'upload_option'" in line and "'upload_options'" in line, line
+    # without strict the same file loads (a warning)
+    path = two_sites(tmp_path, {"upload_option": ["buffer"]})
+    assert run("--config", path, "config", "check", "--host", "daq").exit_code == 0
+
+
+def test_strict_top_level_key(tmp_path):
+    path = two_sites(tmp_path, intreval=30, strict=True)
+    line = error_line(run("--config", path, "config", "check", "--host", "daq"))
+    assert "'intreval'" in line and "'interval'" in line, line
+
+
+@pytest.mark.parametrize("section,value,needle", [
+    ("purge", {"min_copy": 2}, "key 'purge.min_copy'"),
+    ("purge", {"min_copies": 0}, "key 'purge.min_copies'"),
+    ("scrub", {"every_day": 3}, "key 'scrub.every_day'"),
+    ("processing", {"ncpu": 2}, "key 'processing.ncpu'"),
+])
+def test_errors_inside_purge_and_processing_name_the_bad_key(tmp_path, section, value, needle):
+    path = two_sites(tmp_path, {section: value})
+    result = run("--config", path, "config", "check", "--host", "daq")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert needle in line, line
+    if "min_copy" in value:  # two edits from min_copies: named, no guess
+        assert "did you mean" not in line, line
+    if "every_day" in value:
+        assert "did you mean 'every_days'?" in line, line
+
+
+def test_a_typo_inside_purge_is_named_with_a_suggestion(tmp_path):
+    path = two_sites(tmp_path, {"purge": {"older_than_day": 3}})
+    line = error_line(run("--config", path, "config", "check", "--host", "daq"))
+    assert "key 'purge.older_than_day'" in line and "did you mean 'older_than_days'?" in line, line
