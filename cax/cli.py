@@ -166,6 +166,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
             log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
         else:
             site.processing["ncpus"] = ncpu
+            from cax.tasks.process import describe
+            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)

@@ -195,6 +195,15 @@ def test_ncpu_sets_this_hosts_processing_cpus_and_is_bounded(tmp_path):
     result = run("--config", path, "--host", "daq", "--ncpu", "4", "--once", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "--ncpu 4 ignored" in result.stderr  # daq does not process
+    with open(path) as f:
+        doc = json.load(f)
+    doc["sites"][1].update(dir_processed=str(tmp_path / "processed"), processing={
+        "versions": ["v1"], "command": ["true", "{input}", "{output}"], "ncpus": 2})
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    result = run("--config", path, "--host", "buffer", "--ncpu", "4", "--once", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "ncpus=4" in result.stderr and "ncpus=2" not in result.stderr, result.stderr
 
 
 def test_runs_add_reads_mongoexport_extended_json(tmp_path):
