@@ -64,8 +64,10 @@ def _settings(ctx, config_path=None, host=None):
 
 
 def load_config(config_path):
+    ctx = click.get_current_context(silent=True)
+    obj = (ctx.find_root().obj if ctx is not None else None) or {}
     try:
-        return cfgmod.load(config_path)
+        return cfgmod.load(config_path, runs_db=obj.get("runs_db"), strict=bool(obj.get("strict")))
     except cfgmod.ConfigError as e:
         raise Fatal(str(e), 2)
 
@@ -77,6 +79,14 @@ def resolve_host(config, host):
     except cfgmod.ConfigError as e:
         raise Fatal(str(e), 2)
     return host
+
+
+def check_reach(config, host, itself=True):
+    """Exit 2 when this host cannot do its work with this cax (see Config.reach_problem);
+    ``itself=False`` lets ``config check`` describe an unreachable host instead."""
+    problem = config.reach_problem(host)
+    if problem and (itself or not config.site(host).unreachable):
+        raise Fatal(problem, 2)
 
 
 def open_db(config, dry_run=False, create=False, missing_ok=False):
@@ -99,9 +109,19 @@ def open_db(config, dry_run=False, create=False, missing_ok=False):
               help="Also write the log to this file (default: stderr only).")
 @click.option("--disable-database-update", "--dry-run", "dry_run", is_flag=True,
               help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
+@click.option("--disable_database_update", "classic_no_db", is_flag=True, hidden=True,
+              help="The classic spelling: a dry run here (see docs/upgrading.rst).")
+@click.option("--runs-db", "runs_db", default=None, metavar="URI_OR_PATH",
+              help="Runs DB to use: a mongodb:// URI or an embedded store's path (wins over "
+                   "$CAX_RUNS_DB, which wins over the config's runs_db).")
+@click.option("--strict", is_flag=True,
+              help="Unknown config keys are errors, not warnings (also: \"strict\": true).")
+@click.option("--ncpu", type=click.IntRange(1), default=None,
+              help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
-def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run):
+def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
+        classic_no_db, runs_db, strict, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
@@ -113,7 +133,16 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         logs.setup(log_level, log_file)
     except OSError as e:
         raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
-    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run}
+    if classic_no_db:
+        # the classic cax still copied and deleted without recording it, leaving a Runs DB that
+        # no longer says where the data are; here nothing changes and nothing is recorded
+        log.warning("site=- --disable_database_update (classic): a dry run here; the classic cax "
+                    "moved and deleted data without recording it, this cax changes nothing")
+        dry_run = True
+    if runs_db == "":
+        raise Fatal("--runs-db: empty; give a mongodb:// URI or a path", 2)
+    ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run, "runs_db": runs_db,
+               "strict": strict}
     if ctx.invoked_subcommand is not None:
         return
     from cax.daemon import AlreadyRunning, SiteLock, run_loop
@@ -126,6 +155,19 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     except job_credential.CredentialError as e:
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
+    check_reach(config, host)
+    if not config.runs_db_named:
+        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
+                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
+                    f"\"runs_db\"", 2)
+    if ncpu is not None:
+        site = config.site(host)
+        if site.processing is None:
+            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
+        else:
+            site.processing["ncpus"] = ncpu
+            from cax.tasks.process import describe
+            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)
@@ -359,7 +401,8 @@ def runs_add(ctx, config_path, host, source):
         if isinstance(doc, dict):
             label = f"run #{i + 1} {doc.get('number')!r} ({doc.get('name')!r})"
         try:
-            doc = validate_run(doc, config)
+            from cax.classic import from_extended_json
+            doc = validate_run(from_extended_json(doc), config)
             if dry_run:  # nothing is inserted, so ask what the insert would have refused
                 if db.run_by(number=doc["number"]) or db.run_by(name=doc["name"]):
                     raise DuplicateKeyError("exists")
@@ -406,10 +449,18 @@ def config_check(ctx, config_path, host):
                f"collection {config.collection!r})")
     for s in config.sites.values():
         dirs = ", ".join(f"{t}={d}" for t, d in s.dirs.items())
+        if s.unreachable:
+            click.echo(f"site {s.name}: not reachable from this cax ({s.unreachable})")
+            continue
         click.echo(f"site {s.name}: method={s.method} host={s.hostname}:{s.port} {dirs}; "
                    f"pushes to {s.upload_options or '-'}; pulls from {s.download_options or '-'}; "
                    f"purge={s.purge or 'off'}")
     if host in config.sites:
+        check_reach(config, host, itself=False)
+    if host in config.sites and config.site(host).unreachable:
+        click.echo(f"this host: {host}: not reachable from this cax ({config.site(host).unreachable})"
+                   f"; a cax daemon started as {host} exits 2")
+    elif host in config.sites:
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
         from cax.tasks.process import describe
         click.echo(describe(config.site(host)))

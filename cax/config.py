@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import jsonschema
 
+from cax import classic
+
 log = logging.getLogger("cax.config")
 
 DATA_TYPES = ("raw", "processed", "untriggered")
@@ -110,11 +112,12 @@ SITE_SCHEMA = {
     "required": ["name"],
     "properties": {
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"},
-        "hostname": {"type": "string"},
+        "hostname": {"type": ["string", "null"]},  # null: a classic pseudo-site (tsm-server)
         "username": {"type": ["string", "null"]},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "method": {"enum": list(METHODS)},
-        "receive": {"enum": list(METHODS)},
+        # null and the classic methods cax does not offer load as "not reachable" (cax.classic)
+        "method": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
+        "receive": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
         # null: no directory (classic configs write "dir_processed": null at raw-only sites)
         "directory": _path_or_null,
         "dir_raw": _path_or_null,
@@ -161,6 +164,8 @@ TOP_SCHEMA = {
         "wake_on_change": {"type": "boolean"},
         "runs_db_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "lock_dir": _path,
+        # unknown keys are errors, not warnings (also: cax --strict)
+        "strict": {"type": "boolean"},
     },
 }
 KNOWN_TOP_KEYS = set(TOP_SCHEMA["properties"])
@@ -199,6 +204,11 @@ class Site:
     group: Optional[str] = None
     mode: Optional[int] = None
     stray_grace_days: float = 7.0
+    #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
+    unreachable: Optional[str] = None
+    #: the config error a cax acting as this site stops on (an unknown name in its task_list);
+    #: other sites' daemons only warn about it
+    task_problem: Optional[str] = None
     raw: dict = field(default_factory=dict, repr=False)  # the site object as written
 
     def data_dir(self, dtype: str) -> Optional[str]:
@@ -222,6 +232,10 @@ class Config:
     lock_dir: Optional[str] = None
     #: the embedded store lives in the user state directory, created on first use
     runs_db_in_state_dir: bool = False
+    #: whether a Runs DB was named (``runs_db``, ``--runs-db``, ``$CAX_RUNS_DB``) or the object
+    #: form's default applies; a classic list config names none, and a daemon refuses to start
+    #: on a store nobody named
+    runs_db_named: bool = True
 
     def site(self, name: str) -> Site:
         try:
@@ -232,10 +246,29 @@ class Config:
 
     def tasks_for(self, host: str) -> list:
         """Task names to run at ``host``, in the default order, narrowed by task_list."""
-        wanted = self.site(host).task_list or self.task_list
-        if not wanted:
+        site = self.site(host)
+        # None: not given; [] from a classic list whose every task cax skips: run nothing
+        wanted = site.task_list if site.task_list is not None else self.task_list
+        if wanted is None:
             return list(DEFAULT_TASKS)
         return [t for t in DEFAULT_TASKS if t in wanted]
+
+    def reach_problem(self, host: str) -> Optional[str]:
+        """Why a cax acting as ``host`` cannot do its work, or None: the host itself, or a site
+        its upload/download options name, is not reachable from this cax. Other unreachable
+        sites are only warned about at load (no site's tasks touch them)."""
+        me = self.site(host)
+        if me.task_problem:
+            return me.task_problem
+        if me.unreachable:
+            return f"{self.path}: site {host!r}: this host is not reachable from this cax: " \
+                   f"{me.unreachable}"
+        for key in ("upload_options", "download_options"):
+            for other in getattr(me, key):
+                if self.sites[other].unreachable:
+                    return f"{_where(self.path, host, key)}: names site {other!r}, which is not " \
+                           f"reachable from this cax: {self.sites[other].unreachable}"
+        return None
 
     def datasets_for(self, host: str) -> Optional[list]:
         return self.site(host).dataset_list or self.dataset_list
@@ -284,6 +317,19 @@ def _schema_error(path: str, site: Optional[str], err: jsonschema.ValidationErro
     key = ".".join(keys) if keys else None
     if key_prefix:
         key = key_prefix + ("." + key if key else "")
+    if err.validator in ("anyOf", "oneOf") and isinstance(err.instance, dict):
+        # "purge": {...} also may be true or a number: report what is wrong inside the object
+        for sub in err.validator_value:
+            if sub.get("type") == "object":
+                inner = _first_error(sub, err.instance)
+                if inner is not None:
+                    return _schema_error(path, site, inner, key or "")
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        if extra:
+            where = (key + "." if key else "") + extra[0]
+            return ConfigError(f"{_where(path, site, where)}: "
+                               f"{unknown_key(extra[0], err.schema.get('properties', {}))}")
     if err.validator == "required":
         missing = err.message.split("'")[1] if "'" in err.message else err.message
         key = (key + "." if key else "") + missing
@@ -299,17 +345,46 @@ def _schema_error(path: str, site: Optional[str], err: jsonschema.ValidationErro
     return ConfigError(f"{_where(path, site, key)}: {msg}")
 
 
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with one character inserted, deleted, replaced or two adjacent ones
+    swapped: the typos worth a "did you mean" (a wider net suggests unrelated keys)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def unknown_key(key: str, known) -> str:
+    """``unknown key 'x'``, with a "did you mean" when a known key is one edit away."""
+    import difflib
+    close = [k for k in difflib.get_close_matches(key, list(known), n=5, cutoff=0.6)
+             if _one_edit(key, k)]
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def _first_error(schema: dict, instance: Any):
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(instance),
                     key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     return errors[0] if errors else None
 
 
-def _site_from(raw: dict, path: str, base_dir: str) -> Site:
+def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Site:
     name = raw["name"]
     for key in sorted(set(raw) - KNOWN_SITE_KEYS):
-        log.warning("%s: site %r: unknown key %r ignored", path, name, key)
-    method = raw.get("method") or raw.get("receive") or "local"
+        if strict:
+            raise ConfigError(f"{_where(path, name, key)}: {unknown_key(key, KNOWN_SITE_KEYS)} "
+                              f"(strict)")
+        log.warning("%s: site %r: %s ignored", path, name, unknown_key(key, KNOWN_SITE_KEYS))
+    method, unreachable, notes = classic.resolve_method(raw, METHODS)
+    for note in notes:
+        log.warning("%s: site %r: %s", path, name, note)
+    if unreachable:
+        log.warning("%s: site %r: not reachable from this cax: %s; its copies are left to other "
+                    "tools", path, name, unreachable)
 
     def absolute(p: str) -> str:
         p = os.path.expanduser(p)
@@ -323,7 +398,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
             dirs[dtype] = absolute(d)
     data_type = raw.get("data_type") or [t for t in ("raw", "processed") if t in dirs] or ["raw"]
     for dtype in data_type:
-        if dtype not in dirs:
+        if dtype not in dirs and not unreachable:
             raise ConfigError(f"{_where(path, name, 'dir_' + dtype)}: site handles {dtype!r} data "
                               f"but has no directory for it (set 'directory' or 'dir_{dtype}')")
 
@@ -392,7 +467,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
     mode = raw.get("mode")
     return Site(
         name=name,
-        hostname=raw.get("hostname", "localhost"),
+        hostname=raw.get("hostname", "localhost") or "",
         username=raw.get("username"),
         port=raw.get("port", 22),
         method=method,
@@ -416,6 +491,7 @@ def _site_from(raw: dict, path: str, base_dir: str) -> Site:
         group=raw.get("group"),
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),
+        unreachable=unreachable,
         raw=raw,
     )
 
@@ -512,10 +588,15 @@ def _check_shared_directories(path: str, sites: list) -> None:
                             f"count as two")
 
 
-def parse(text: str, path: str) -> Config:
-    """Parse and validate config text; raises ConfigError with a one-line message."""
+#: the environment variable naming the Runs DB (URI or path); ``--runs-db`` wins over it
+RUNS_DB_ENV = "CAX_RUNS_DB"
+
+
+def parse(text: str, path: str, runs_db: Optional[str] = None, strict: bool = False) -> Config:
+    """Parse and validate config text; raises ConfigError with a one-line message.
+    ``runs_db`` (``--runs-db``) or else ``$CAX_RUNS_DB`` replaces the config's ``runs_db``."""
     try:
-        return _parse(text, path)
+        return _parse(text, path, runs_db, strict)
     except RecursionError:
         # the JSON scanner, the schema and cax's own walks all recurse per level
         raise ConfigError(f"{path}: {TOO_DEEP}")
@@ -560,7 +641,7 @@ def uri_problem(uri: str) -> str:
     return ""
 
 
-def _parse(text: str, path: str) -> Config:
+def _parse(text: str, path: str, override: Optional[str] = None, strict: bool = False) -> Config:
     try:
         doc = strict_json(text)
     except json.JSONDecodeError as e:
@@ -570,15 +651,20 @@ def _parse(text: str, path: str) -> Config:
         raise ConfigError(f"{_where(path, site, key)}: appears twice in the object starting at "
                           f"line {line}")
     _non_finite(doc, path, text)
-    if isinstance(doc, list):  # the classic form: a bare list of sites
+    classic_form = isinstance(doc, list)
+    if classic_form:  # the classic form: a bare list of sites
         doc = {"sites": doc}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a list of sites or an object with 'sites'")
     err = _first_error(TOP_SCHEMA, doc)
     if err is not None:
         raise _schema_error(path, None, err)
+    strict = strict or bool(doc.get("strict"))
     for key in sorted(set(doc) - KNOWN_TOP_KEYS):
-        log.warning("%s: unknown top-level key %r ignored", path, key)
+        if strict:
+            raise ConfigError(f"{_where(path, None, key)}: {unknown_key(key, KNOWN_TOP_KEYS)} "
+                              f"at the top level (strict)")
+        log.warning("%s: %s at the top level ignored", path, unknown_key(key, KNOWN_TOP_KEYS))
 
     base_dir = os.path.dirname(os.path.abspath(path))
     sites: dict = {}
@@ -589,7 +675,7 @@ def _parse(text: str, path: str) -> Config:
             raise _schema_error(path, label, err)
         if raw["name"] in sites:
             raise ConfigError(f"{_where(path, raw['name'], 'name')}: duplicate site name")
-        sites[raw["name"]] = _site_from(raw, path, base_dir)
+        sites[raw["name"]] = _site_from(raw, path, base_dir, strict)
 
     for site in sites.values():
         for key in ("upload_options", "download_options"):
@@ -600,31 +686,52 @@ def _parse(text: str, path: str) -> Config:
                 if other == site.name:
                     raise ConfigError(f"{_where(path, site.name, key)}: names the site itself")
 
-    _check_shared_directories(path, list(sites.values()))
+    # cax never reads or writes an unreachable site's directories
+    _check_shared_directories(path, [s for s in sites.values() if not s.unreachable])
 
     from cax.tasks import TASK_NAMES  # late import: tasks import config
 
     def check_tasks(names, site_name):
-        for t in names or []:
-            if t not in TASK_NAMES:
-                raise ConfigError(f"{_where(path, site_name, 'task_list')}: unknown task {t!r} "
-                                  f"(known: {', '.join(DEFAULT_TASKS)})")
+        """The task_list in this cax's names (None: not given), and the error for an unknown
+        name (or None). Classic names are mapped or skipped, each with a warning."""
+        if not names:
+            return None, None
+        tasks, notes, unknown = classic.map_tasks(names, TASK_NAMES)
+        for note in notes:
+            log.warning("%s: %s", _where(path, site_name, "task_list"), note)
+        problem = None
+        if unknown:
+            problem = (f"{_where(path, site_name, 'task_list')}: unknown task {unknown[0]!r} "
+                       f"(known: {', '.join(DEFAULT_TASKS)})")
+        return tasks, problem
 
-    check_tasks(doc.get("task_list"), None)
+    task_list, problem = check_tasks(doc.get("task_list"), None)
+    if problem:  # the top-level list is every site's
+        raise ConfigError(problem)
     for site in sites.values():
-        check_tasks(site.task_list, site.name)
+        site.task_list, site.task_problem = check_tasks(site.raw.get("task_list"), site.name)
+        if site.task_problem:
+            log.warning("%s; a cax daemon started as %r exits 2", site.task_problem, site.name)
 
     runs_db = doc.get("runs_db") or "cax.runsdb"
+    named = "runs_db" in doc or not classic_form
+    where = _where(path, None, "runs_db")
     packaged = os.path.abspath(path) == packaged_config_path()
+    db_dir = state_dir() if packaged else base_dir
+    if override is None and os.environ.get(RUNS_DB_ENV):
+        override, where = os.environ[RUNS_DB_ENV], f"${RUNS_DB_ENV}"
+    elif override is not None:
+        where = "--runs-db"
+    if override is not None:  # a path on the command line or in the environment is the shell's
+        runs_db, named, packaged, db_dir = override, True, False, os.getcwd()
     if runs_db.startswith(("mongodb://", "mongodb+srv://")):
         problem = uri_problem(runs_db)
         if problem:
             from cax.runsdb import redact_uri
-            raise ConfigError(f"{_where(path, None, 'runs_db')}: not a valid MongoDB URI "
+            raise ConfigError(f"{where}: not a valid MongoDB URI "
                               f"{redact_uri(runs_db)}: {problem}")
     else:
-        runs_db = os.path.normpath(os.path.join(state_dir() if packaged else base_dir,
-                                                os.path.expanduser(runs_db)))
+        runs_db = os.path.normpath(os.path.join(db_dir, os.path.expanduser(runs_db)))
     from cax import children
     children.hide(doc.get("password_env", "MONGO_PASSWORD"))  # no child of cax inherits it
     return Config(
@@ -634,21 +741,22 @@ def _parse(text: str, path: str) -> Config:
         password_env=doc.get("password_env", "MONGO_PASSWORD"),
         database=doc.get("database", "run"),
         collection=doc.get("collection", "runs_new"),
-        task_list=doc.get("task_list"),
+        task_list=task_list,
         dataset_list=doc.get("dataset_list"),
         interval=float(doc.get("interval", 60)),
         wake_on_change=bool(doc.get("wake_on_change", False)),
         runs_db_timeout=float(doc.get("runs_db_timeout", 5.0)),
         lock_dir=doc.get("lock_dir"),
         runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
+        runs_db_named=named,
     )
 
 
-def load(path: Optional[str] = None) -> Config:
+def load(path: Optional[str] = None, runs_db: Optional[str] = None, strict: bool = False) -> Config:
     path = os.path.abspath(path or default_config_path())
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}")
-    return parse(utf8_text(data, path), path)
+    return parse(utf8_text(data, path), path, runs_db, strict)

@@ -47,5 +47,8 @@ def local_method(site, **kwargs) -> TransferMethod:
 
 
 def features(site) -> Features:
-    """What the method reaching ``site`` declares it can do (no connection needed)."""
+    """What the method reaching ``site`` declares it can do (no connection needed); nothing
+    for a site no method of this cax reaches (Site.unreachable)."""
+    if getattr(site, "unreachable", None):
+        return Features(remote_checksum=False)
     return method_class(site.method).features

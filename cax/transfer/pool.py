@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Optional
 
 from cax.transfer import open_method
-from cax.transfer.base import TransferError, TransferMethod
+from cax.transfer.base import ServiceUnavailable, TransferError, TransferMethod
 
 log = logging.getLogger("cax.transfer.pool")
 
@@ -49,6 +49,9 @@ class ConnectionPool:
         A failure to connect is remembered for the rest of the pass and raised again (same type
         and reason) without another attempt.
         """
+        if getattr(site, "unreachable", None):
+            raise ServiceUnavailable(f"site {site.name} is not reachable from this cax: "
+                                     f"{site.unreachable}")
         failed = self._failed.get(site.name)
         if failed is not None:
             raise type(failed)(*failed.args)

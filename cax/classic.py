@@ -1,0 +1,103 @@
+"""What the classic cax's ``cax.json`` means, in this cax's terms.
+
+The classic cax ran at XENON1T's sites for years; its config files (the 2016 list form with
+``receive``, the 2018 form with ``method``, the ruciax/tsm variants) must load unchanged. Each
+place where this cax does something different from what the file asked for is warned about once
+at load, naming the site and the key. The mapping lives here so :mod:`cax.config` stays about
+validating the current form.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+#: Methods of the classic cax that this cax does not offer: a site using one of them is loaded
+#: as *not reachable from this cax* (its datums are other sites' business). One place on
+#: purpose: when cax gains a method (a ``gfal`` one is planned), it leaves this set.
+UNREACHABLE_METHODS = frozenset({"tsm", "gfal-copy", "lcg-cp", "rucio"})
+
+#: hostnames that mean "this machine": a site without a method there is reached with ``local``
+LOCAL_HOSTNAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def resolve_method(raw: dict, offered) -> tuple[str, Optional[str], list[str]]:
+    """(method, why the site is unreachable or None, warnings) for one classic site object.
+
+    ``method`` wins over ``receive`` (its 2016 name). A site without either (or with ``null``,
+    as the classic DAQ sites wrote it) is reached with scp when it has a hostname of its own:
+    the classic cax reached every remote site with scp, and ``local`` there would copy from
+    another machine's path on this disk.
+    """
+    warnings = []
+    method = raw.get("method") if raw.get("method") is not None else raw.get("receive")
+    hostname = raw.get("hostname", "localhost")
+    if not hostname:  # null, or "" (the classic rucio-catalogue pseudo-site)
+        reason = f"no hostname ({'null' if hostname is None else repr(hostname)})"
+        if method in UNREACHABLE_METHODS:
+            reason = f"method {method!r} and {reason}"
+        return method or "local", reason, warnings
+    if method in UNREACHABLE_METHODS:
+        return method, f"method {method!r} is not offered by this cax (it offers "\
+                       f"{', '.join(offered)})", warnings
+    if method is None:
+        if hostname in LOCAL_HOSTNAMES:
+            return "local", None, warnings
+        key = "receive" if "receive" in raw else "method"
+        warnings.append(f"key {key!r}: no method given; the site (hostname {hostname!r}) is "
+                        f"reached with scp, as the classic cax did")
+        return "scp", None, warnings
+    return method, None, warnings
+
+
+#: classic task names whose work a cax task does under its new name
+RENAMED_TASKS = {"SCPPush": "CopyPush", "SCPPull": "CopyPull"}
+
+_CORRECTIONS = ("wrote detector corrections into the Runs DB; corrections are made by other "
+                "tools now")
+#: classic tasks whose work this cax does not do, and why: skipped, never mapped onto another
+#: task (ClearDAQBuffer is not BufferPurger: mapping it would delete data)
+NOT_DONE_TASKS = {
+    "ClearDAQBuffer": "dropped the untriggered buffer held in MongoDB at the DAQ; cax does not "
+                      "touch that buffer",
+    "AddElectronLifetime": _CORRECTIONS,
+    "AddGains": _CORRECTIONS,
+    "AddSlowControlInformation": _CORRECTIONS,
+    "ProcessBatchQueueHax": "made hax minitrees; minitrees are made by other tools now",
+    "RucioRule": "managed Rucio rules; this cax has no rucio method",
+}
+
+
+def map_tasks(names, known) -> tuple[list, list, list]:
+    """(task names for this cax, warnings, unknown names) for a classic ``task_list``."""
+    tasks, warnings, unknown = [], [], []
+    for name in names:
+        if name in known:
+            tasks.append(name)
+        elif name in RENAMED_TASKS:
+            tasks.append(RENAMED_TASKS[name])
+            warnings.append(f"classic task {name!r} runs as {RENAMED_TASKS[name]!r}")
+        elif name in NOT_DONE_TASKS:
+            warnings.append(f"classic task {name!r} skipped: it {NOT_DONE_TASKS[name]}")
+        else:
+            unknown.append(name)
+    return tasks, warnings, unknown
+
+
+def from_extended_json(value):
+    """``value`` with MongoDB extended JSON (mongoexport's ``{"$date": ...}``, ``{"$oid": ...}``,
+    ``{"$numberLong": ...}``) turned into the Python values pymongo would have read: a classic
+    Runs DB is exported that way. Raises ValueError naming what does not convert."""
+    from bson import json_util
+
+    def walk(v):
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            v = {k: walk(x) for k, x in v.items()}
+            if any(isinstance(k, str) and k.startswith("$") for k in v):
+                try:
+                    return json_util.object_hook(v)
+                except Exception as e:  # bson raises several types for one bad value
+                    raise ValueError(f"extended JSON {v!r} does not convert: {e}") from None
+        return v
+
+    return walk(value)
