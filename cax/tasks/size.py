@@ -74,7 +74,8 @@ class AddSize(Task):
                       f"({refsize[0]} bytes)")
             self.log(logging.ERROR, run, f"error: {reason}", datum=key)
             self.db.update_datum(run["_id"], key, "transferred",
-                                 dict(fields, status="error", error=reason, error_time=now()))
+                                 dict(fields, status="error", error=reason, error_kind="size",
+                                      error_time=now()))
             return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would record size {size} bytes, {files} files",
