@@ -123,3 +123,39 @@ def test_module_map_names_every_module():
     assert not stale, "docs/design.rst 'Modules' names modules that do not exist: " + ", ".join(stale)
     short = [f for f, why in named.items() if len(why.split()) < 3]
     assert not short, f"say why these modules exist: {', '.join(short)}"
+
+
+# ---- one way to wait --------------------------------------------------------------------------
+
+#: sleeps that are no wait for a condition: the one that watches a job *stay* pending
+SLEEP_ALLOWED = {"tests/waiting.py", "tests/test_batch_backends.py:test_local_max_jobs_keeps_others_pending"}
+
+
+def _sleeps_and_binds(path: Path):
+    """(where, what) for every ``time.sleep(...)`` call and every bind to port 0 in ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel = path.relative_to(ROOT).as_posix()
+    found = []
+    for func in [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        where = rel if func is tree else f"{rel}:{func.name}"
+        body = func.body if func is not tree else [n for n in tree.body
+                                                      if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        for node in (n for stmt in body for n in ast.walk(stmt)):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            if node.func.attr == "sleep" and getattr(node.func.value, "id", None) == "time":
+                found.append((where, "time.sleep"))
+            elif node.func.attr == "bind" and node.args and isinstance(node.args[0], ast.Tuple) \
+                    and getattr(node.args[0].elts[-1], "value", None) == 0:
+                found.append((where, "bind to port 0"))
+    return found
+
+
+def test_tests_wait_and_pick_ports_through_tests_waiting():
+    """One poll loop and one free-port helper (tests/waiting.py) for the suite and benchmarks."""
+    files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    found = sorted({(w, what) for p in files for w, what in _sleeps_and_binds(p)
+                    if p.relative_to(ROOT).as_posix() != "tests/waiting.py"
+                    and w not in SLEEP_ALLOWED})
+    assert not found, ("poll loops or free ports outside tests/waiting.py (use wait_for / "
+                       "free_port): " + ", ".join(f"{w} ({what})" for w, what in found))
