@@ -97,7 +97,8 @@ def unfinished(datum) -> bool:
     status, kind = datum.get("status"), datum.get("error_kind")
     if status not in FINAL:
         return True
-    return status == "error" and (kind in REPLACED or (kind in RESENT and bool(datum.get("source"))))
+    return status == "error" and (kind in REPLACED
+                                  or (kind in RESENT and bool(datum.get("source"))))
 
 
 def finishers(datum, config) -> list:

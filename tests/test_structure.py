@@ -120,7 +120,8 @@ def test_module_map_names_every_module():
     stale = sorted(set(named) - files)
     assert not missing, ("docs/design.rst 'Modules' lacks a line for: " + ", ".join(missing)
                          + " (add ``<path>``  <why it exists>)")
-    assert not stale, "docs/design.rst 'Modules' names modules that do not exist: " + ", ".join(stale)
+    assert not stale, ("docs/design.rst 'Modules' names modules that do not exist: "
+                       + ", ".join(stale))
     short = [f for f, why in named.items() if len(why.split()) < 3]
     assert not short, f"say why these modules exist: {', '.join(short)}"
 
@@ -128,7 +129,8 @@ def test_module_map_names_every_module():
 # ---- one way to wait --------------------------------------------------------------------------
 
 #: sleeps that are no wait for a condition: the one that watches a job *stay* pending
-SLEEP_ALLOWED = {"tests/waiting.py", "tests/test_batch_backends.py:test_local_max_jobs_keeps_others_pending"}
+SLEEP_ALLOWED = {"tests/waiting.py",
+                 "tests/test_batch_backends.py:test_local_max_jobs_keeps_others_pending"}
 
 
 def _sleeps_and_binds(path: Path):
@@ -138,8 +140,8 @@ def _sleeps_and_binds(path: Path):
     found = []
     for func in [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         where = rel if func is tree else f"{rel}:{func.name}"
-        body = func.body if func is not tree else [n for n in tree.body
-                                                      if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        body = func.body if func is not tree else [
+            n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         for node in (n for stmt in body for n in ast.walk(stmt)):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
