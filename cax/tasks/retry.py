@@ -274,7 +274,7 @@ class RetryStalledTransfer(_Heal):
 
 
 #: a copy found bad where it lies (by a purge's check or the scrub), healed like a mismatch
-FOUND_BAD = ("lost", "corrupt", "size")
+FOUND_BAD = ("lost", "corrupt")
 
 
 class RetryBadChecksumTransfer(_Heal):
