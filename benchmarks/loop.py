@@ -31,12 +31,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
+
+from tests.waiting import WaitTimeout, free_port, wait_for_port
 
 HOSTS = ("daq", "buffer", "archive")
 
@@ -85,23 +86,6 @@ def write_config(root: str, runs_db: str, database: str = "run") -> str:
 
 
 # -- counting ---------------------------------------------------------------------------------------
-
-class CountingCollection:
-    """Counts every call that reaches the collection object (as tests/test_safety.py does)."""
-
-    def __init__(self, coll):
-        self._coll = coll
-        self.calls = 0
-
-    def __getattr__(self, name):
-        attr = getattr(self._coll, name)
-        if callable(attr):
-            def counted(*a, **kw):
-                self.calls += 1
-                return attr(*a, **kw)
-            return counted
-        return attr
-
 
 class WireCounter:
     """pymongo CommandListener: round trips and their summed client-side durations."""
@@ -154,12 +138,6 @@ def wire_counter() -> WireCounter:
 
 # -- the wire server --------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WireServer:
     """``secantusd-py`` in its own process (so its CPU is not charged to the measured client)."""
 
@@ -172,24 +150,17 @@ class WireServer:
         conf = storage.rstrip("/") + ".secantusd.toml"
         with open(conf, "w"):
             pass  # an empty config disables the launcher's auto-discovery
-        self.port = _free_port()
+        self.port = free_port()
         self.log = open(storage.rstrip("/") + ".log", "ab")
         self.proc = subprocess.Popen(
             [exe, "--config", conf, "--host", "127.0.0.1", "--port", str(self.port),
              "--storage-path", storage, "--log-level", "WARNING"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"secantusd-py exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError("secantusd-py did not listen within 30 s")
-                time.sleep(0.05)  # poll interval while waiting for the port
+        try:
+            wait_for_port("127.0.0.1", self.port, 30, self.proc)
+        except WaitTimeout:
+            self.stop()
+            raise TimeoutError("secantusd-py did not listen within 30 s") from None
 
     @property
     def uri(self) -> str:
@@ -259,6 +230,7 @@ def measure_pass(config, db, *, dry_run: bool) -> dict:
     from cax.daemon import run_pass
     from cax.runsdb import RunsDB
     from cax.tasks.base import Context
+    from tests.helpers import CountingCollection  # the query-count tests' counter
 
     raw = db.collection
     counting = CountingCollection(raw)

@@ -1,4 +1,4 @@
-"""The site admin's file tools: ``cax mv``, ``cax rm``, ``cax stray`` (and ``cax-status``).
+"""The site admin's file tools: ``cax mv``, ``cax rm``, ``cax stray``.
 
 Hand-moving or hand-deleting data behind cax's back is how Runs DBs drift from the disks: a datum
 names files that are gone (and may be counted as a good copy), or files sit where no datum names
@@ -20,23 +20,12 @@ import time
 import click
 
 from cax import deletion, logs, paths
+from cax.cli_common import Fatal, load_config, open_db, resolve_host, settings
 from cax.runsdb import key_str, lifecycle, redact_uri
 from cax.transfer import TransferError, policy
 from cax.transfer.base import local_tree
 
 log = logging.getLogger("cax.admin")
-
-
-class _CliHelpers:
-    """``cax.cli`` imported on first use: cli.py registers these commands at import time, so a
-    module-level import here would be circular whichever module is imported first."""
-
-    def __getattr__(self, name):
-        from cax import cli
-        return getattr(cli, name)
-
-
-_cli = _CliHelpers()
 
 
 class Admin:
@@ -46,12 +35,12 @@ class Admin:
         root = ctx.find_root()
         if root.obj is None:  # run as cax-mv etc., not under the cax group: set up logging here
             logs.setup("WARNING")
-        config_path, host = _cli._settings(ctx, config_path, host)
+        config_path, host = settings(ctx, config_path, host)
         self.dry_run = bool(dry_run or (root.obj or {}).get("dry_run"))
-        self.config = _cli.load_config(config_path)
-        self.host = _cli.resolve_host(self.config, host)
+        self.config = load_config(config_path)
+        self.host = resolve_host(self.config, host)
         self.site = self.config.site(self.host)
-        self.db = _cli.open_db(self.config, self.dry_run)
+        self.db = open_db(self.config, self.dry_run)
 
     def check(self, path, what) -> str:
         """Absolute, normalised, inside the data directories; one-line refusal otherwise."""
@@ -59,7 +48,7 @@ class Admin:
         try:
             paths.check_location(self.site, p)
         except paths.UnsafePath as e:
-            raise _cli.Fatal(f"{what}: {e}", 2)
+            raise Fatal(f"{what}: {e}", 2)
         return p
 
     def datums_at(self, location):
@@ -104,17 +93,17 @@ def mv(ctx, config_path, host, dry_run, src, dst):
     a = Admin(ctx, config_path, host, dry_run)
     src, dst = a.check(src, "--input"), a.check(dst, "--output")
     if os.path.islink(src):
-        raise _cli.Fatal(f"--input {src} is a symlink; move the data it points to instead", 2)
+        raise Fatal(f"--input {src} is a symlink; move the data it points to instead", 2)
     if not os.path.lexists(src):
-        raise _cli.Fatal(f"--input {src} does not exist", 2)
+        raise Fatal(f"--input {src} does not exist", 2)
     if os.path.lexists(dst):
-        raise _cli.Fatal(f"--output {dst} already exists; refusing to overwrite it", 2)
+        raise Fatal(f"--output {dst} already exists; refusing to overwrite it", 2)
     found = a.datums_at(src)
     if not found:
-        raise _cli.Fatal(f"no datum of site {a.host} has location {src}; "
+        raise Fatal(f"no datum of site {a.host} has location {src}; "
                          f"nothing to move (see cax stray)", 1)
     if len(found) > 1:
-        raise _cli.Fatal(f"{len(found)} datums of site {a.host} name {src}; fix the Runs DB first", 1)
+        raise Fatal(f"{len(found)} datums of site {a.host} name {src}; fix the Runs DB first", 1)
     run, datum = found[0]
     key, status = deletion.key_of(datum), datum.get("status")
     label = f"run {run.get('name')} datum {key_str(key)}"
@@ -124,22 +113,22 @@ def mv(ctx, config_path, host, dry_run, src, dst):
         paths.check_run_location(a.site, dst, run.get("name"), datum.get("type"),
                                  datum.get("pax_version"))
     except paths.UnsafePath as e:
-        raise _cli.Fatal(f"--output: {e}", 2)
+        raise Fatal(f"--output: {e}", 2)
     if status not in ("transferred", "error"):
-        raise _cli.Fatal(f"{label} is {status!r} (in flight); try again when it is settled", 1)
+        raise Fatal(f"{label} is {status!r} (in flight); try again when it is settled", 1)
     if a.dry_run:
         click.echo(f"dry-run: would move {src} -> {dst} and set the location of {label}")
         return
     # 1. say in the Runs DB that a move is under way: a crash leaves a trace, not a mystery
     if not a.db.apply(lifecycle.moving(run["_id"], key, status, dst)):
-        raise _cli.Fatal(f"{label} changed meanwhile; nothing moved", 1)
+        raise Fatal(f"{label} changed meanwhile; nothing moved", 1)
     try:
         _move(src, dst)
     except (OSError, TransferError) as e:
         a.db.apply(lifecycle.move_undone(run["_id"], key, status))
-        raise _cli.Fatal(f"moving {src} -> {dst} failed: {e}; nothing changed", 1)
+        raise Fatal(f"moving {src} -> {dst} failed: {e}; nothing changed", 1)
     if not a.db.apply(lifecycle.moved(run["_id"], key, status, dst)):
-        raise _cli.Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
+        raise Fatal(f"moved {src} -> {dst} but {label} changed meanwhile; its location was "
                          f"NOT updated (moving_to names the new place)", 1)
     log.debug("run=%s task=mv site=%s datum=%s moved %s -> %s", run.get("name"), a.host,
               key_str(key), src, dst)
@@ -188,18 +177,18 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     location = a.check(location, "--location")
     run = a.db.run_by(number=int(run_id)) if run_id.isdigit() else a.db.run_by(name=run_id)
     if run is None:
-        raise _cli.Fatal(f"no run {run_id!r} in the Runs DB", 1)
+        raise Fatal(f"no run {run_id!r} in the Runs DB", 1)
     datum = next((d for d in run.get("data") or [] if d.get("host") == a.host
                   and isinstance(d.get("location"), str)
                   and os.path.normpath(d["location"]) in (location, os.path.realpath(location))),
                  None)
     if datum is None:
-        raise _cli.Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
+        raise Fatal(f"run {run.get('name')} has no datum of site {a.host} at {location}", 1)
     key = deletion.key_of(datum)
     if min_copies is not None and min_copies < 1 and not force:
         # with no other good copy required, a typo here deletes the last good copy: that is what
         # --force is for, and --force makes the admin type the run name
-        raise _cli.Fatal(f"--min-copies {min_copies} would allow deleting the last good copy; "
+        raise Fatal(f"--min-copies {min_copies} would allow deleting the last good copy; "
                          f"use --force to delete {location} knowingly", 2)
     if min_copies is None:
         min_copies = (a.site.purge or {}).get("min_copies", 2)
@@ -209,9 +198,9 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
                                  f"Type the run name ({run.get('name')}) to confirm",
                                  default="", show_default=False)
             if typed.strip() != run.get("name"):
-                raise _cli.Fatal("confirmation did not match the run name; nothing deleted", 1)
+                raise Fatal("confirmation did not match the run name; nothing deleted", 1)
         elif not yes:
-            raise _cli.Fatal("--force needs a typed confirmation and stdin is not a terminal; "
+            raise Fatal("--force needs a typed confirmation and stdin is not a terminal; "
                              "add --yes-i-know-this-deletes-data to delete anyway", 2)
     say = lambda level, msg: _echo_say(level, f"run={run.get('name')} datum={key_str(key)} {msg}")  # noqa: E731
     from cax.transfer.pool import ConnectionPool
@@ -227,9 +216,9 @@ def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes
     if outcome.action in ("deleted", "would-delete"):
         return
     if outcome.action == "unsafe":
-        raise _cli.Fatal(f"refusing to delete {location}: {outcome.reason} (deleting it could "
+        raise Fatal(f"refusing to delete {location}: {outcome.reason} (deleting it could "
                          f"lose the data; --force overrides)", 1)
-    raise _cli.Fatal(f"{location} not deleted: {outcome.reason}", 1)
+    raise Fatal(f"{location} not deleted: {outcome.reason}", 1)
 
 
 # ---- stray ----------------------------------------------------------------------------------
@@ -423,7 +412,7 @@ def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
         suspect = (f"{len(strays)} of the {entries} entries in the data directories of site "
                    f"{a.host} would be strays (more than half) for the Runs DB {a.db.description}")
     if suspect and delete and not force:
-        raise _cli.Fatal(f"refusing to delete strays: {suspect}; a Runs DB that lost its records "
+        raise Fatal(f"refusing to delete strays: {suspect}; a Runs DB that lost its records "
                          f"looks like this: check runs_db, or use --force if they really are "
                          f"strays", 2)
     if suspect:
@@ -519,11 +508,6 @@ def rm_main():
 
 def stray_main():
     stray(prog_name="cax-stray")
-
-
-def status_main():
-    logs.setup("WARNING")
-    _cli.status(prog_name="cax-status")
 
 
 COMMANDS = (mv, rm, stray)

@@ -19,21 +19,12 @@ import click
 from cax import __version__
 from cax import config as cfgmod
 from cax import logs
+from cax.cli_common import Fatal, check_reach, load_config, open_db, resolve_host
+from cax.cli_common import settings as _settings
 
 log = logging.getLogger("cax")
 
 LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
-
-
-class Fatal(click.ClickException):
-    """An error that ends cax with a one-line message and the given exit status."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.exit_code = code
-
-    def show(self, file=None):
-        click.echo(f"cax: error: {self.message}", err=True)
 
 
 class Seconds(click.FloatRange):
@@ -55,46 +46,6 @@ def _common(f):
                           "whose embedded Runs DB is $XDG_STATE_HOME/cax/cax.runsdb, by default "
                           "~/.local/state/cax/cax.runsdb).")(f)
     return f
-
-
-def _settings(ctx, config_path=None, host=None):
-    obj = ctx.find_root().obj or {}
-    # `--host ""` is a mistake to report, not a request for the default
-    return config_path or obj.get("config_path"), host if host is not None else obj.get("host")
-
-
-def load_config(config_path):
-    ctx = click.get_current_context(silent=True)
-    obj = (ctx.find_root().obj if ctx is not None else None) or {}
-    try:
-        return cfgmod.load(config_path, runs_db=obj.get("runs_db"), strict=bool(obj.get("strict")))
-    except cfgmod.ConfigError as e:
-        raise Fatal(str(e), 2)
-
-
-def resolve_host(config, host):
-    host = host if host is not None else cfgmod.default_host()
-    try:
-        config.site(host)
-    except cfgmod.ConfigError as e:
-        raise Fatal(str(e), 2)
-    return host
-
-
-def check_reach(config, host, itself=True):
-    """Exit 2 when this host cannot do its work with this cax (see Config.reach_problem);
-    ``itself=False`` lets ``config check`` describe an unreachable host instead."""
-    problem = config.reach_problem(host)
-    if problem and (itself or not config.site(host).unreachable):
-        raise Fatal(problem, 2)
-
-
-def open_db(config, dry_run=False, create=False, missing_ok=False):
-    from cax.runsdb import RunsDBError, connect
-    try:
-        return connect(config, dry_run=dry_run, create=create, missing_ok=missing_ok)
-    except RunsDBError as e:
-        raise Fatal(str(e), 1)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -550,6 +501,12 @@ def _register_subcommands():
     cli.add_command(massive)
     for command in admin.COMMANDS:
         cli.add_command(command)
+
+
+def status_main():
+    """``cax-status``: ``cax status`` under its own name, warnings only."""
+    logs.setup("WARNING")
+    status(prog_name="cax-status")
 
 
 _register_subcommands()

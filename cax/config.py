@@ -19,27 +19,16 @@ from typing import Any, Optional
 import jsonschema
 
 from cax import classic
+from cax.tasks import TASK_NAMES
 
 log = logging.getLogger("cax.config")
 
 DATA_TYPES = ("raw", "processed", "untriggered")
 METHODS = ("local", "scp", "sftp", "rsync")
 
-#: Default task order (DESIGN.md); ``task_list`` narrows it and keeps this order.
-DEFAULT_TASKS = (
-    "CopyPush",
-    "CompareChecksums",
-    "RetryStalledTransfer",
-    "RetryBadChecksumTransfer",
-    "CopyPull",
-    "AddChecksum",
-    "AddSize",
-    "SetPermission",
-    "VerifyCopies",
-    "ProcessBatchQueue",
-    "PurgeProcessed",
-    "BufferPurger",
-)
+#: Default task order (DESIGN.md); ``task_list`` narrows it and keeps this order. The order lives
+#: with the task registry (cax.tasks), which needs nothing from the config.
+DEFAULT_TASKS = TASK_NAMES
 
 #: longest pause between passes (a week); longer waits overflow the timers, and mean no daemon
 MAX_INTERVAL = 7 * 24 * 3600
@@ -452,7 +441,7 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
                 raise ConfigError(f"{_where(path, name, 'processing.command')}: is required when "
                                   f"'versions' are set")
         if "command" in processing:
-            from cax.tasks.process import check_template  # late import: tasks import config
+            from cax.tasks.process import check_template  # late import: task modules import config
             try:
                 check_template(processing["command"])
             except ValueError as e:
@@ -688,8 +677,6 @@ def _parse(text: str, path: str, override: Optional[str] = None, strict: bool = 
 
     # cax never reads or writes an unreachable site's directories
     _check_shared_directories(path, [s for s in sites.values() if not s.unreachable])
-
-    from cax.tasks import TASK_NAMES  # late import: tasks import config
 
     def check_tasks(names, site_name):
         """The task_list in this cax's names (None: not given), and the error for an unknown

@@ -13,16 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import missing_component
+from tests.waiting import free_port, wait_for_port
 
 BACKENDS = ["mongomock", "embedded", "wire", "mongodb"]
 
@@ -95,28 +94,6 @@ def backend_of(request) -> str:
     return request.node.callspec.params["collection"]
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None):
-    """Return once ``host:port`` accepts TCP connections; raise after ``timeout`` s or if ``proc`` dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
-            # Poll interval while waiting for the condition, not a sleep standing in for it.
-            time.sleep(0.02)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WireDaemon:
     """SecantusDB as a separate process on a fixed port and storage dir, so it can be killed and
     restarted with the data kept (``--sync-on-commit``: acknowledged writes survive ``kill -9``)."""
@@ -130,7 +107,7 @@ class WireDaemon:
         # An empty config file disables the launcher's auto-discovery of ./secantusd.toml etc.
         self.config = self.storage.parent / f"{self.storage.name}.secantusd.toml"
         self.config.write_text("")
-        self.host, self.port = "127.0.0.1", port or _free_port()
+        self.host, self.port = "127.0.0.1", port or free_port()
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.log = self.storage.parent / f"{self.storage.name}.log"

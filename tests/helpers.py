@@ -75,3 +75,21 @@ def context(config_path, host, db, **kw):
 def statuses(db, number):
     run = db.collection.find_one({"number": number})
     return {(d["host"], d["type"]): d["status"] for d in run["data"]}
+
+
+class CountingCollection:
+    """Counts every call that reaches the database, whatever the RunsDB layer believes (the
+    query-count tests and ``benchmarks/loop.py`` wrap the collection in it)."""
+
+    def __init__(self, coll):
+        self._coll = coll
+        self.calls = 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._coll, name)
+        if callable(attr):
+            def counted(*a, **kw):
+                self.calls += 1
+                return attr(*a, **kw)
+            return counted
+        return attr

@@ -19,27 +19,16 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 
 from tests.conftest import missing_component
+from tests.waiting import free_port, wait_for
 
 SLURM_BINARIES = ["slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel"]
 MUNGE_BINARIES = ["munged", "munge", "unmunge"]
 START_TIMEOUT = 30.0
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass (TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:
@@ -51,12 +40,6 @@ def pid_alive(pid: int) -> bool:
         return False
     # state is the first field after the ")" closing the command name
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: str, lines: int = 8) -> str:

@@ -19,8 +19,9 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from typing import Optional
+
+from tests.waiting import WaitTimeout, free_port, wait_for
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -28,12 +29,6 @@ SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 
 class SshdError(RuntimeError):
     """sshd could not be set up or started; the message ends with the tail of its log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list:
@@ -132,18 +127,19 @@ class SshServer:
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.config], stdin=subprocess.DEVNULL,
                                      stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def up():
             if self.proc.poll() is not None:
                 raise SshdError(f"sshd exited with status {self.proc.returncode} on port "
                                 f"{self.port}: {self.log_tail()}")
-            if self._banner_ok():
-                return self
-            if time.monotonic() > deadline:
-                self.kill()
-                raise SshdError(f"sshd did not accept connections on port {self.port} within "
-                                f"{timeout:.0f} s: {self.log_tail()}")
-            time.sleep(0.02)  # polling interval of a condition wait with a deadline
+            return self._banner_ok()
+        try:
+            wait_for(up, timeout, f"sshd on port {self.port}")
+        except WaitTimeout:
+            self.kill()
+            raise SshdError(f"sshd did not accept connections on port {self.port} within "
+                            f"{timeout:.0f} s: {self.log_tail()}") from None
+        return self
 
     def _banner_ok(self) -> bool:
         try:
@@ -179,12 +175,16 @@ class SshServer:
 
     def wait_logins(self, n: int, timeout: float = 5.0) -> int:
         """Wait until the log shows at least ``n`` accepted logins; return the count seen."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.accepted_logins()
-            if seen >= n or time.monotonic() > deadline:
-                return seen
-            time.sleep(0.02)
+        seen = [0]
+
+        def enough():
+            seen[0] = self.accepted_logins()
+            return seen[0] >= n
+        try:
+            wait_for(enough, timeout, f"{n} logins")
+        except WaitTimeout:
+            pass  # the caller asserts on the count
+        return seen[0]
 
     def log_mark(self) -> int:
         """A position in sshd's log; :meth:`logins_since` counts the logins logged after it."""
@@ -210,18 +210,20 @@ class SshServer:
         """
         port = self._sentinel_login()
         tag = f" port {port}"
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def logged():
             with open(self.log, errors="replace") as f:
                 f.seek(mark)
                 lines = f.readlines()
-            if any("Accepted publickey" in line and tag + " " in line for line in lines):
-                return sum(needle in line and not line.rstrip().endswith(tag)
-                           and tag + " " not in line for line in lines)
-            if time.monotonic() > deadline:
-                raise SshdError(f"sshd never logged the sentinel login from port {port}: "
-                                f"{self.log_tail()}")
-            time.sleep(0.02)  # polling interval of a condition wait with a deadline
+            return lines if any("Accepted publickey" in line and tag + " " in line
+                                for line in lines) else None
+        try:
+            lines = wait_for(logged, timeout, f"the sentinel login from port {port}")
+        except WaitTimeout:
+            raise SshdError(f"sshd never logged the sentinel login from port {port}: "
+                            f"{self.log_tail()}") from None
+        return sum(needle in line and not line.rstrip().endswith(tag)
+                   and tag + " " not in line for line in lines)
 
     def _sentinel_login(self) -> int:
         import paramiko

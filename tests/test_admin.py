@@ -18,7 +18,11 @@ def env(tmp_path, tmp_path_factory, monkeypatch):
     # stray sightings live in the state directory: outside the tree the tests snapshot
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     coll = mongomock.MongoClient(tz_aware=True)["run"]["runs_new"]
-    monkeypatch.setattr(cli_mod, "open_db", lambda config, dry_run=False: RunsDB(coll, dry_run=dry_run))
+    def open_db(config, dry_run=False):
+        return RunsDB(coll, dry_run=dry_run)
+
+    monkeypatch.setattr(cli_mod, "open_db", open_db)  # cax status
+    monkeypatch.setattr(admin, "open_db", open_db)  # cax mv / rm / stray
     cfg = sites_config(tmp_path, purge={"buffer": 2},
                        extra={"buffer": {"stray_grace_days": 1}})
     return tmp_path, cfg, RunsDB(coll)

@@ -28,6 +28,7 @@ from cax.batch import (
     safe_job_name,
 )
 from cax.batch.base import walltime_seconds
+from tests.waiting import wait_for
 
 # Registering twice is harmless; this keeps the module runnable before conftest registers the plugin.
 pytest_plugins = ["tests.slurm"]
@@ -37,27 +38,17 @@ FINAL = (COMPLETED, FAILED, CANCELLED, TIMEOUT, GONE)
 
 
 def wait_state(backend, job_id, states, timeout=60.0, interval=0.1):
-    """Poll ``backend.status`` until it is one of ``states``; fail with the last state on timeout."""
+    """Poll ``backend.status`` until it is one of ``states``; fail with the states seen on timeout."""
     states = (states,) if isinstance(states, str) else tuple(states)
-    deadline = time.monotonic() + timeout
     seen = []
-    while True:
+
+    def reached():
         state = backend.status(job_id)
         if not seen or seen[-1] != state:
             seen.append(state)
-        if state in states:
-            return state
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id}: waited {timeout:.0f} s for {states}, states seen: {seen}")
-        time.sleep(interval)
-
-
-def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(interval)
+        return state if state in states else None
+    return wait_for(reached, timeout, f"job {job_id} to be {states}", interval=interval,
+                    diagnose=lambda: f"states seen: {seen}")
 
 
 def prefix():
@@ -245,7 +236,7 @@ def test_slurm_rejected_submission_is_submit_error(slurm, tmp_path):
 
 @pytest.mark.slurm
 def test_slurm_unreachable_is_backend_unavailable(slurm, tmp_path):
-    from tests.slurm import free_port
+    from tests.waiting import free_port
 
     conf = tmp_path / "dead.conf"
     text = open(slurm.conf).read()

@@ -5,13 +5,13 @@ through a real MongoDB wire server shared by every process (SecantusDB), as at a
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -26,6 +26,7 @@ from cax.tasks.base import Context
 from cax.processing import ProcessRun
 from cax.tasks.process import ProcessBatchQueue, fill_command
 from tests.conftest import missing_component
+from tests.waiting import wait_for
 
 pytest_plugins = ["tests.slurm"]
 
@@ -39,16 +40,8 @@ FAIL = [PY, "-c", "import sys; print('line one'); print('bad thing happened', sy
 SLEEP = [PY, "-c", "import time; time.sleep(120)"]
 
 
-def wait_until(predicate, timeout=30.0, what="condition", interval=0.1, site=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}"
-                        + (f"; {site.diagnostics()}" if site else ""))
-        time.sleep(interval)
+#: the batch system is asked by squeue/scontrol: poll it gently
+wait_until = functools.partial(wait_for, interval=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -210,7 +203,7 @@ def test_submitted_once_then_transferred_with_checksum(site):
     assert len(site.jobs()) == 1
     d = site.datum(1)
     assert d["job_id"] == site.jobs()[0][0] and d["job_backend"] == site.backend_name
-    wait_until(lambda: site.status(1) in ("transferred", "error"), 60, "the job to record its result", site=site)
+    wait_until(lambda: site.status(1) in ("transferred", "error"), 60, "the job to record its result", diagnose=site.diagnostics)
     d = site.datum(1)
     assert d["status"] == "transferred", d.get("error")
     final = str(site.data / VERSION / "160315_0001")
@@ -226,7 +219,7 @@ def test_failing_command_ends_error_with_exit_code_and_tail(site):
     site.configure(FAIL)
     site.add_run(2)
     site.run_pass()
-    wait_until(lambda: site.status(2) in ("transferred", "error"), 60, "the job to record its result", site=site)
+    wait_until(lambda: site.status(2) in ("transferred", "error"), 60, "the job to record its result", diagnose=site.diagnostics)
     d = site.datum(2)
     assert d["status"] == "error"
     assert "exited with code 3" in d["error"] and "bad thing happened 160315_0002" in d["error"]
@@ -276,7 +269,7 @@ def test_failed_attempt_retried_only_after_retry_delay(local_site):
     s = local_site.configure(FAIL, site_fields={"retry_delay": 1000}, max_retries=2)
     s.add_run(71)
     s.run_pass()
-    wait_until(lambda: s.status(71) == "error", 60, "the job to record its failure", site=s)
+    wait_until(lambda: s.status(71) == "error", 60, "the job to record its failure", diagnose=s.diagnostics)
     wait_until(lambda: not s.backend().queued("cax-proc-"), 30, "the job to end")
     s.run_pass()  # failed a moment ago: no retry yet
     assert s.status(71) == "error" and not s.run(71).get("processing_retries")
@@ -284,7 +277,7 @@ def test_failed_attempt_retried_only_after_retry_delay(local_site):
     backdate_error(s, 71, 1001)
     s.run_pass()
     assert len(s.run(71)["processing_retries"]) == 1 and len(s.jobs()) == 2
-    wait_until(lambda: s.status(71) == "error", 60, "the second job to record its failure", site=s)
+    wait_until(lambda: s.status(71) == "error", 60, "the second job to record its failure", diagnose=s.diagnostics)
     wait_until(lambda: not s.backend().queued("cax-proc-"), 30, "the second job to end")
     backdate_error(s, 71, 1001)  # the second retry waits twice as long
     s.run_pass()
@@ -321,7 +314,7 @@ def test_refused_submission_uses_no_retry_and_waits(tmp_path, wire_uri, slurm):
         s.configure(COPY, site_fields={"retry_delay": 600}, max_retries=0)
         backdate_error(s, 72, 601)
         s.run_pass()
-        wait_until(lambda: s.status(72) in ("transferred", "error"), 60, "the job", site=s)
+        wait_until(lambda: s.status(72) in ("transferred", "error"), 60, "the job", diagnose=s.diagnostics)
         assert s.status(72) == "transferred", s.datum(72).get("error")
     finally:
         s.cleanup()
@@ -335,7 +328,7 @@ def test_job_dying_in_env_setup_leaves_its_log_tail_in_the_datum(site):
     backend = site.backend()
     site.run_pass()
     job_id = site.datum(74)["job_id"]
-    wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the job to end", site=site)
+    wait_until(lambda: backend.status(job_id) in FINAL_STATES, 60, "the job to end", diagnose=site.diagnostics)
     assert site.status(74) == "processing"  # cax-process never ran
     site.run_pass()
     d = site.datum(74)
@@ -361,10 +354,10 @@ def test_max_queued_and_donotprocess(site):
     assert [site.status(n) for n in range(1, 7)] == ["processing", "processing", None, None, None, None]
     assert len(site.jobs()) == 2
     gate.write_text("go")
-    wait_until(lambda: site.status(1) == site.status(2) == "transferred", 60, "runs 1 and 2", site=site)
+    wait_until(lambda: site.status(1) == site.status(2) == "transferred", 60, "runs 1 and 2", diagnose=site.diagnostics)
     wait_until(lambda: not site.backend().queued("cax-proc-"), 30, "the queue to drain")
     site.run_pass()
-    wait_until(lambda: site.status(3) == site.status(6) == "transferred", 60, "runs 3 and 6", site=site)
+    wait_until(lambda: site.status(3) == site.status(6) == "transferred", 60, "runs 3 and 6", diagnose=site.diagnostics)
     site.run_pass()
     assert site.status(4) is None and site.status(5) is None
     assert len(site.jobs()) == 4
@@ -425,14 +418,14 @@ def test_cax_process_by_hand(local_site):
     s.run_pass()  # run 7 is done; run 8 is submitted
     assert [name.endswith("_8_" + VERSION) for _i, name, _a in s.jobs()] == [True]
     job_id = s.datum(8)["job_id"]
-    wait_until(lambda: "started" in s.datum(8), 60, "run 8's job to start its command", site=s)
+    wait_until(lambda: "started" in s.datum(8), 60, "run 8's job to start its command", diagnose=s.diagnostics)
     # a second run by hand on a datum another job owns does nothing
     res = subprocess.run(cmd + ["--run", "8"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and f"being processed by job {job_id}" in res.stderr, res.stderr
     d = s.datum(8)
     assert d["status"] == "processing" and d["job_id"] == job_id and d["job_backend"] == "local"
     gate.write_text("open")
-    wait_until(lambda: s.status(8) in ("transferred", "error"), 60, "run 8's job", site=s)
+    wait_until(lambda: s.status(8) in ("transferred", "error"), 60, "run 8's job", diagnose=s.diagnostics)
     assert s.status(8) == "transferred", s.datum(8).get("error")
 
 
@@ -755,19 +748,19 @@ def test_massive_on_slurm_keeps_the_documented_bound(tmp_path, wire_uri, slurm):
                                      "--interval", "0.3", "--timeout", "240"],
                                     stdout=f, stderr=subprocess.STDOUT, cwd=str(tmp_path))
         # run 91's massive job submits its (gated) processing job and ends; the queue stays full
-        wait_until(lambda: s.status(91) == "processing", 120, "run 91's processing job", site=s)
+        wait_until(lambda: s.status(91) == "processing", 120, "run 91's processing job", diagnose=s.diagnostics)
         wait_until(lambda: watcher.snapshots and watcher.snapshots[-1]
                    and all(n.startswith("cax-proc-") for n in watcher.snapshots[-1]), 120,
-                   "run 91's massive job to end, leaving its processing job queued", site=s)
+                   "run 91's massive job to end, leaving its processing job queued", diagnose=s.diagnostics)
         looks = out.read_text().count("queue full")
         wait_until(lambda: out.read_text().count("queue full") >= looks + 2, 60,
-                   "massive-cax to look at the full queue twice more", site=s)
+                   "massive-cax to look at the full queue twice more", diagnose=s.diagnostics)
         assert s.status(92) is None and s.status(93) is None
         gate.write_text("go")
         assert proc.wait(timeout=240) == 0, out.read_text()
         for n in (92, 93):
-            wait_until(lambda: s.status(n) in ("transferred", "error"), 120, f"run {n}", site=s)
-        wait_until(lambda: s.status(91) in ("transferred", "error"), 60, "run 91", site=s)
+            wait_until(lambda: s.status(n) in ("transferred", "error"), 120, f"run {n}", diagnose=s.diagnostics)
+        wait_until(lambda: s.status(91) in ("transferred", "error"), 60, "run 91", diagnose=s.diagnostics)
         assert [s.status(n) for n in (91, 92, 93)] == ["transferred"] * 3, s.diagnostics()
     finally:
         watcher.stop.set()
@@ -856,7 +849,7 @@ def test_queued_job_of_a_datum_without_job_id_is_adopted(local_site):
     assert d["status"] == "processing" and d["job_id"] == job_id, d
     assert len(s.jobs()) == 1
     gate.write_text("open")
-    wait_until(lambda: s.status(45) in ("transferred", "error"), 60, "the adopted job", site=s)
+    wait_until(lambda: s.status(45) in ("transferred", "error"), 60, "the adopted job", diagnose=s.diagnostics)
     assert s.status(45) == "transferred", s.datum(45).get("error")
 
 

@@ -11,7 +11,8 @@ import pytest
 from cax.runsdb import RunsDB
 
 from cax.daemon import run_pass
-from tests.helpers import context, make_raw, mongomock_db, run_doc, statuses, three_sites
+from tests.helpers import (CountingCollection, context, make_raw, mongomock_db, run_doc, statuses,
+                           three_sites)
 
 
 def tree_state(root):
@@ -91,23 +92,6 @@ def test_dry_run_logs_what_it_would_do(tmp_path, caplog):
         run_pass(context(cfg, "daq", db, dry_run=True))
     assert any("dry-run: would copy" in r.getMessage() and "buffer" in r.getMessage()
                for r in caplog.records)
-
-
-class CountingCollection:
-    """Counts every call that reaches the database, whatever the RunsDB layer believes."""
-
-    def __init__(self, coll):
-        self._coll = coll
-        self.calls = 0
-
-    def __getattr__(self, name):
-        attr = getattr(self._coll, name)
-        if callable(attr):
-            def counted(*a, **kw):
-                self.calls += 1
-                return attr(*a, **kw)
-            return counted
-        return attr
 
 
 def idle_pass_calls(tmp_path, nruns):

@@ -6,7 +6,8 @@ from cax.config import load
 from cax.runsdb import connect
 from cax.wakeup import interesting
 from tests.helpers import make_raw, run_doc, three_sites
-from tests.test_daemon import _drain, cax, wait_for
+from tests.test_daemon import _drain, cax
+from tests.waiting import wait_for
 
 
 def test_new_run_wakes_a_daemon_polling_hourly(tmp_path, wire_uri):

@@ -21,6 +21,7 @@ import pymongo
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
 
 from cax.runsdb import lifecycle
+from cax.runsdb.clock import as_utc, now  # noqa: F401 (re-exported)
 # the good-copy and reference rules (cax/runsdb/copies.py), importable from here as before
 from cax.runsdb.copies import expected_checksum, reference, reference_problem  # noqa: F401
 from cax.runsdb.lifecycle import DatumKey, ErrorKind, Status  # noqa: F401
@@ -73,18 +74,6 @@ class StoreExists(RunsDBError):
 
 #: every datum status of the state machine (DESIGN.md), including processing at a batch site
 STATUSES = tuple(s.value for s in Status)
-
-
-def now() -> datetime:
-    """Mongo keeps milliseconds; truncating here makes reads compare equal to what was written."""
-    t = datetime.now(timezone.utc)
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
-
-
-def as_utc(t: Optional[datetime]) -> Optional[datetime]:
-    """A datetime read back from a store that returns naive UTC (mongomock, old documents) made
-    comparable with :func:`now`."""
-    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def last_beat(datum: dict) -> Optional[datetime]:

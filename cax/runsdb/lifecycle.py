@@ -15,6 +15,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Iterable, Optional, Union
 
+from cax.runsdb.clock import now
+
 
 class Status(str, Enum):
     """A datum's ``status``; the values are the strings documents hold."""
@@ -68,7 +70,6 @@ def trim_reason(reason) -> str:
 
 
 def _now() -> datetime:
-    from cax.runsdb import now
     return now()
 
 

@@ -1,11 +1,27 @@
-"""Task registry: one class per duty, run in the order of cax.config.DEFAULT_TASKS."""
+"""Task registry: one class per duty, and the order a pass runs them in (DESIGN.md).
+
+``cax.config`` validates ``task_list`` against these names; this module needs nothing from the
+config, so the two do not import each other.
+"""
 from __future__ import annotations
 
 import importlib
 
-from cax.config import DEFAULT_TASKS
-
-TASK_NAMES = tuple(DEFAULT_TASKS)
+#: Default task order (DESIGN.md); a site's ``task_list`` narrows it and keeps this order.
+TASK_NAMES = (
+    "CopyPush",
+    "CompareChecksums",
+    "RetryStalledTransfer",
+    "RetryBadChecksumTransfer",
+    "CopyPull",
+    "AddChecksum",
+    "AddSize",
+    "SetPermission",
+    "VerifyCopies",
+    "ProcessBatchQueue",
+    "PurgeProcessed",
+    "BufferPurger",
+)
 
 _WHERE = {
     "CopyPush": "cax.tasks.copy",

@@ -1,13 +1,16 @@
 """AddSize: record how big each copy here is, and flag a copy whose size betrays a bad transfer.
 
 Sizes are what admins and disk planning read, and a size that differs from the reference copy's is
-the cheapest sign of a truncated or padded copy, found without re-reading the data.
+the cheapest sign of a truncated or padded copy. Which copy is bad the size cannot tell: a copy
+that differs is re-hashed once before it is flagged, so a reference copy that changed behind cax's
+back never gets the good copy flagged (and healed away).
 """
 from __future__ import annotations
 
 import logging
 
 from cax import paths
+from cax.checksum import checksum
 from cax.deletion import find_datum, key_of
 from cax.runsdb import lifecycle
 from cax.runsdb.copies import expected_checksum, is_good
@@ -74,13 +77,40 @@ class AddSize(Task):
         if refsize is not None and refsize[0] != size:
             reason = (f"size {size} bytes differs from reference copy at {refsize[1]} "
                       f"({refsize[0]} bytes)")
-            self.log(logging.ERROR, run, f"error: {reason}", datum=key)
-            self.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason,
-                                           ErrorKind.SIZE, **fields))
-            return
+            matches = self.still_matches(run, datum, location)
+            if matches is None:
+                return  # asked to stop mid-hash: decided on a later pass
+            if matches:
+                # the size recorded at the reference copy is what is wrong (that copy changed
+                # behind cax's back before it was measured): flagging this good copy would heal it
+                # away from a bad source. The purge's check and the scrub find the reference copy.
+                self.log(logging.WARNING, run, f"{reason}, but this copy still hashes to the "
+                         f"reference checksum: kept; the copy at {refsize[1]} is suspect",
+                         datum=key)
+            else:
+                self.log(logging.ERROR, run, f"error: {reason}", datum=key)
+                self.db.apply(lifecycle.failed(run["_id"], key, "transferred", reason,
+                                               ErrorKind.SIZE, **fields))
+                return
         if self.dry_run:
             self.log(logging.INFO, run, f"dry-run: would record size {size} bytes, {files} files",
                      datum=key)
             return
         if self.db.apply(lifecycle.measured(run["_id"], key, fields)):
             self.log(logging.INFO, run, f"size {size} bytes, {files} files", datum=key)
+
+    def still_matches(self, run, datum, location):
+        """Whether this copy, found with a size other than the reference copy's, still hashes to
+        the checksum it descends from: the size alone cannot say which of the two went bad. None
+        when the daemon is stopping."""
+        ref = expected_checksum(run, datum)
+        if ref is None or not ref.get("checksum"):
+            return False
+        try:
+            digest = checksum(location, ref.get("checksum_type") or "sha512",
+                              cancel=self.ctx.stop.is_set)
+        except InterruptedError:
+            return None
+        except (OSError, ValueError):
+            return False
+        return digest == ref["checksum"]

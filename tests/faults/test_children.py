@@ -32,7 +32,8 @@ from cax.runsdb import connect
 from cax.tasks.process import ProcessBatchQueue
 from cax.tasks.base import Context
 from tests.conftest import missing_component
-from tests.slurm import pid_alive, wait_for
+from tests.slurm import pid_alive
+from tests.waiting import wait_for
 
 pytest_plugins = ["tests.sshd"]
 

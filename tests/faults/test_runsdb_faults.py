@@ -17,7 +17,8 @@ from cax.checksum import checksum
 from cax.config import load
 from cax.runsdb import connect, now
 from tests.helpers import run_doc, three_sites
-from tests.test_daemon import _drain, _open_fifo_writer, _stderr_seen, cax, wait_for
+from tests.test_daemon import _drain, _open_fifo_writer, _stderr_seen, cax
+from tests.waiting import wait_for
 
 NAME = "160101_0000"
 PAYLOAD = b"run data fed through a fifo\n" * 4096  # ~112 KiB

@@ -16,9 +16,9 @@ from checksumdir import dirhash
 from cax.daemon import run_pass
 from tests.conftest import missing_component
 from tests.helpers import context, mongomock_db, run_doc, statuses
-from tests.slurm import wait_for
 from tests.test_ssh_sites import bytes_below, config
 from tests.sshd import live_sshd, sshd  # noqa: F401 - fixtures
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.sshd
 
