@@ -445,7 +445,7 @@ def test_failed_processing_is_error_kind_processing(local_site):
     s = local_site.configure(FAIL)
     s.add_run(10)
     s.run_pass()
-    wait_until(lambda: s.status(10) == "error", 60, "the job to record its failure", site=s)
+    wait_until(lambda: s.status(10) == "error", 60, "the job to record its failure", diagnose=s.diagnostics)
     assert s.datum(10)["error_kind"] == "processing", s.datum(10)
 
 
