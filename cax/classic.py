@@ -66,6 +66,24 @@ NOT_DONE_TASKS = {
 }
 
 
+#: copies the classic BufferPurger required before deleting a site's raw data: at least three
+#: verified copies in all, this one included ("we are deleting third")
+CLASSIC_PURGE_OTHER_COPIES = 2
+
+
+def purge_days(days: int) -> tuple[dict, str]:
+    """(purge settings, warning) for the classic integer ``purge``: an age in days, not a number
+    of copies. The classic BufferPurger deleted a site's raw data once the run was ``days`` old
+    and at least three verified copies existed; reading the number as ``min_copies`` made a
+    ``purge: 2`` site delete runs an hour after they started."""
+    settings = {"older_than_days": days, "min_copies": CLASSIC_PURGE_OTHER_COPIES,
+                "types": ["raw"]}
+    return settings, (f"key 'purge': classic {days} means raw data older than {days} days with "
+                      f"{CLASSIC_PURGE_OTHER_COPIES} other verified copies (purge: "
+                      f"{{\"older_than_days\": {days}, \"min_copies\": "
+                      f"{CLASSIC_PURGE_OTHER_COPIES}}})")
+
+
 def map_tasks(names, known) -> tuple[list, list, list]:
     """(task names for this cax, warnings, unknown names) for a classic ``task_list``."""
     tasks, warnings, unknown = [], [], []

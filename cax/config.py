@@ -397,7 +397,8 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
     elif purge is False or purge is None:
         purge = None
     elif isinstance(purge, int):
-        purge = {"min_copies": purge}
+        purge, note = classic.purge_days(purge)
+        log.warning("%s: site %r: %s", path, name, note)
     if purge is not None:
         purge = {"min_copies": 2, "older_than_days": 0, "min_free_fraction": 0.0,
                  "types": ["raw"], "reverify_days": None, **purge}

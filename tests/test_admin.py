@@ -23,7 +23,7 @@ def env(tmp_path, tmp_path_factory, monkeypatch):
 
     monkeypatch.setattr(cli_mod, "open_db", open_db)  # cax status
     monkeypatch.setattr(admin, "open_db", open_db)  # cax mv / rm / stray
-    cfg = sites_config(tmp_path, purge={"buffer": 2},
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}},
                        extra={"buffer": {"stray_grace_days": 1}})
     return tmp_path, cfg, RunsDB(coll)
 

@@ -105,7 +105,8 @@ def test_receive_and_purge_synonyms():
     doc = [dict(GOOD[0], receive="rsync", purge=3), GOOD[1]]
     site = cfgmod.parse(json.dumps(doc), "c.json").sites["daq"]
     assert site.method == "rsync"
-    assert site.purge["min_copies"] == 3
+    # the classic integer is an age in days, with the classic three copies (issue 12)
+    assert (site.purge["older_than_days"], site.purge["min_copies"]) == (3, 2)
 
 
 def test_task_list_narrows_keeping_order():

@@ -53,7 +53,7 @@ def test_not_enough_good_copies_keeps_data(tmp_path, others):
 
 
 def test_unknown_reference_never_deletes(tmp_path):
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
                               "archive": "transferred"})
@@ -68,7 +68,7 @@ def test_unknown_reference_never_deletes(tmp_path):
 def test_legacy_reference_needs_agreeing_origins(tmp_path, caplog):
     """Older cax wrote neither ``references`` nor ``source``: a bad copy listed first looked like
     the origin, became the reference, and the only true copy was purged."""
-    cfg = sites_config(tmp_path, purge={"daq": 1})
+    cfg = sites_config(tmp_path, purge={"daq": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"buffer": ("transferred", "bad"), "daq": "transferred",
                               "archive": ("transferred", "bad")})
@@ -91,7 +91,7 @@ def test_legacy_reference_needs_agreeing_origins(tmp_path, caplog):
 def test_one_copy_under_two_site_names_is_not_another_copy(tmp_path):
     """buffer2 names the very files of buffer (same machine, same path): deleting buffer's copy
     would delete it too, so it is no other good copy."""
-    cfg = sites_config(tmp_path, names=("daq", "buffer", "buffer2"), purge={"buffer": 1})
+    cfg = sites_config(tmp_path, names=("daq", "buffer", "buffer2"), purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": ("transferred", "bad"), "buffer": "transferred"},
             ref_host="buffer")
@@ -121,7 +121,7 @@ def _set_all_source(db):
 
 
 def test_checksum_type_compared_like_with_like(tmp_path):
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     db.collection.update_one({"number": 1}, {"$set": {"data.0.checksum_type": "xxh3"}})
@@ -139,6 +139,26 @@ def test_classic_numeric_purge_and_older_than(tmp_path):
     purge(cfg, "buffer", db)
     assert "buffer" not in copies(db, 1)
     assert copies(db, 2)["buffer"] == "transferred"
+
+
+def test_classic_integer_purge_is_an_age_in_days_with_three_copies(tmp_path, caplog):
+    """Issue 12: the classic ``purge: 2`` (the 2018 config's lena) meant "raw data older than 2
+    days, while three verified copies exist"; read as ``min_copies: 2`` it deleted a run an hour
+    after it started."""
+    from datetime import datetime, timedelta, timezone
+    cfg = sites_config(tmp_path, purge={"buffer": 2})
+    db = fresh_db()
+    hour_old = datetime.now(timezone.utc) - timedelta(hours=1)
+    add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"}, start=hour_old)
+    add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred",
+                              "archive": "transferred"})
+    add_run(db, tmp_path, 3, {"daq": "transferred", "buffer": "transferred"})
+    purge(cfg, "buffer", db)
+    assert "classic 2 means raw data older than 2 days" in caplog.text
+    assert copies(db, 1)["buffer"] == "transferred", "an hour-old run was purged"
+    assert "buffer" not in copies(db, 2)
+    assert copies(db, 3)["buffer"] == "transferred", "purged with only two copies in all"
 
 
 def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatch):
@@ -170,7 +190,7 @@ def test_min_free_fraction_dry_run_counts_what_it_would_free(tmp_path, monkeypat
 
 
 def test_dry_run_reports_and_deletes_nothing(tmp_path, caplog):
-    cfg = sites_config(tmp_path, purge={"buffer": 2})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
                               "archive": "transferred"})
@@ -264,7 +284,7 @@ def test_marking_update_semantics(kind, request, tmp_path):
 @pytest.mark.parametrize("stop_after", ["decided", "marked", "removed"])
 def test_interrupted_purge_is_finished_by_next_pass(tmp_path, stop_after):
     """Simulated crash: the protocol generator is abandoned after a step."""
-    cfg = sites_config(tmp_path, purge={"buffer": 2})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}})
     db = fresh_db()
     run = add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred",
                                     "archive": "transferred"})
@@ -300,7 +320,7 @@ def test_killed_purge_is_finished_by_next_pass(tmp_path, wire_server, crash_at):
     """A real crash: the purging process is SIGKILLed right after the step."""
     uri = wire_server.uri
     dbname = f"crash{crash_at}{abs(hash(str(tmp_path)))}"
-    cfg = sites_config(tmp_path, purge={"buffer": 2}, runs_db=uri)
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 2}}, runs_db=uri)
     import json
     doc = json.loads(open(cfg).read())
     doc["database"] = dbname
@@ -324,7 +344,7 @@ def test_killed_purge_is_finished_by_next_pass(tmp_path, wire_server, crash_at):
 # ---- paths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["outside", "symlink-out", "symlink-itself"])
 def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     secret = tmp_path / "secret"
@@ -351,7 +371,7 @@ def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
 @pytest.mark.parametrize("how", ["other-run", "dotdot", "symlinked-part", "shared-path"])
 def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
     """Only the only copy of run 2 is at risk; run 1's buffer datum points at it in some way."""
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     add_run(db, tmp_path, 2, {"buffer": "transferred"})   # the only copy of run 2
@@ -424,7 +444,7 @@ def test_processed_file_named_after_the_run_is_deleted(tmp_path):
 
 
 def test_deleting_datum_with_unsafe_location_is_reported_not_deleted(tmp_path):
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     db.collection.update_one({"number": 1}, {"$set": {"data.1.status": "deleting",
@@ -450,7 +470,7 @@ def test_deleting_copy_finished_at_site_without_purge_settings(tmp_path):
 
 
 def test_one_bad_run_does_not_stop_others(tmp_path):
-    cfg = sites_config(tmp_path, purge={"buffer": 1})
+    cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"})
@@ -524,7 +544,7 @@ def test_two_processes_purge_same_runs_at_once(tmp_path, request, kind):
             from tests.conftest import missing_component
             missing_component("cax.runsdb.embedded is not in this build")
         runs_db = str(tmp_path / "shared.runsdb")
-    cfg = sites_config(tmp_path, purge={"buffer": 2, "archive": 2}, runs_db=runs_db)
+    cfg = sites_config(tmp_path, purge={"buffer": 2, "archive": {"min_copies": 2}}, runs_db=runs_db)
     doc = json.loads(open(cfg).read())
     doc["database"] = f"race{abs(hash(str(tmp_path)))}"
     open(cfg, "w").write(json.dumps(doc))
@@ -642,7 +662,7 @@ def test_origin_deletion_rehashes_even_fresh_copies_by_default(tmp_path):
 
 
 def test_counted_copy_of_a_site_not_in_the_config_is_not_counted(tmp_path):
-    cfg = sites_config(tmp_path, names=("daq", "buffer"), purge={"buffer": 1})
+    cfg = sites_config(tmp_path, names=("daq", "buffer"), purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"}, ref_host="daq")
     db.collection.update_one({"number": 1}, {"$set": {"data.0.host": "gone"}})
