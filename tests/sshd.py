@@ -52,6 +52,27 @@ def _children(pid: int) -> list:
     return out
 
 
+def cmdline(pid: int) -> list:
+    """The argument vector of process ``pid`` ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def masters(pid: int) -> list:
+    """``[(pid, ControlPath)]`` of the OpenSSH ControlMasters below process ``pid`` (at any depth:
+    cax starts each master under a keeper process)."""
+    out = []
+    for child in _children(pid):
+        argv = cmdline(child)
+        if argv and os.path.basename(argv[0]) == "ssh" and "ControlMaster=yes" in argv:
+            path = next(a.split("=", 1)[1] for a in argv if a.startswith("ControlPath="))
+            out.append((child, path))
+    return out
+
+
 class SshServer:
     """One private sshd. ``user`` is the current user, who logs in with ``key_file``."""
 

@@ -69,28 +69,19 @@ def environ(pid: int) -> dict:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in items}
 
 
-def cmdline(pid: int) -> list:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def _children(pid: int) -> list:
     from tests.sshd import _children as below  # a plugin module: imported once pytest loaded it
     return below(pid)
 
 
+def cmdline(pid: int) -> list:
+    from tests.sshd import cmdline as argv_of
+    return argv_of(pid)
+
+
 def masters(pid: int) -> list:
-    """``[(pid, ControlPath)]`` of the OpenSSH ControlMasters below process ``pid``."""
-    out = []
-    for child in _children(pid):
-        argv = cmdline(child)
-        if argv and os.path.basename(argv[0]) == "ssh" and "ControlMaster=yes" in argv:
-            path = next(a.split("=", 1)[1] for a in argv if a.startswith("ControlPath="))
-            out.append((child, path))
-    return out
+    from tests.sshd import masters as below
+    return below(pid)
 
 
 def sshd_connections(sshd) -> int:

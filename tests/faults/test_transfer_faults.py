@@ -17,7 +17,7 @@ from cax.daemon import run_pass
 from tests.conftest import missing_component
 from tests.helpers import context, mongomock_db, run_doc, statuses
 from tests.test_ssh_sites import bytes_below, config
-from tests.sshd import live_sshd, sshd  # noqa: F401 - fixtures
+from tests.sshd import live_sshd, masters, sshd  # noqa: F401 - fixtures
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.sshd
@@ -75,27 +75,7 @@ class KillWhen(threading.Event):
 def _live_links():
     import paramiko
     ssh = [t for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_active()]
-    return ssh + _ssh_masters()
-
-
-def _ssh_masters():
-    """OpenSSH clients of this process still running (rsync's ControlMaster ends with sshd)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and argv and os.path.basename(argv[0]) == b"ssh" \
-                and b"-N" in argv and b"ControlMaster=yes" in argv:
-            out.append(int(pid))
-    return out
+    return ssh + masters(os.getpid())  # rsync's ControlMaster ends with sshd
 
 
 # the kill lands right after a whole file (scp's gap between two files: a dropped connection was
