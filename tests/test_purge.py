@@ -174,7 +174,7 @@ def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatc
 
 def test_min_free_fraction_dry_run_counts_what_it_would_free(tmp_path, monkeypatch, caplog):
     from collections import namedtuple
-    from cax.tasks import purge as purge_mod
+    from cax import purge_rule as purge_mod  # the purge rule reads the disk (shared with CopyPull)
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "min_free_fraction": 0.5}})
     db = fresh_db()
     for n in (1, 2, 3):
