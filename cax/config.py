@@ -411,8 +411,11 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
     if purge is not None and purge.get("enabled") is False:
         purge = None
     else:
-        purge, note = classic.version_purge(raw.get("pax_version_purge"), purge)
-        if note:
+        proc = raw.get("processing") or {}
+        current = set(raw.get("pax_versions") or []) | set(
+            proc.get("versions") or proc.get("pax_versions") or [])
+        purge, notes = classic.version_purge(raw.get("pax_version_purge"), purge, current)
+        for note in notes:
             log.warning("%s: site %r: %s", path, name, note)
     if purge is not None:
         purge = {"min_copies": 2, "older_than_days": 0, "min_free_fraction": 0.0,

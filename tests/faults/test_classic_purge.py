@@ -181,6 +181,15 @@ def test_pax_version_purge_with_classic_integer_purge(tmp_path):
     assert purge["versions"] == ["v0.9"] and purge["min_copies"] == 2
 
 
+def test_pax_version_purge_of_a_current_version_is_not_retired(tmp_path, caplog):
+    """Processing would make it again and the purge remove it again, every pass."""
+    cfg = sites_config(tmp_path, extra={"buffer": {"pax_version_purge": "v2",
+                                                   "pax_versions": ["v2"]}})
+    with caplog.at_level(logging.WARNING, logger="cax.config"):
+        assert cfgmod.load(cfg).site("buffer").purge is None
+    assert "'v2' is also a current version here" in caplog.text
+
+
 @pytest.mark.parametrize("value", [None, ""])
 def test_empty_pax_version_purge_purges_nothing(tmp_path, value):
     cfg = sites_config(tmp_path, extra={"buffer": {"pax_version_purge": value}})
