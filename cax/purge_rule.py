@@ -65,7 +65,7 @@ class PurgeRule:
         usage = shutil.disk_usage(self.site.data_dir(dtype))
         return min(1.0, (usage.free + would_free) / usage.total) if usage.total else 1.0
 
-    def disk_full(self, dtype: str) -> bool:
+    def space_allows(self, dtype: str) -> bool:
         """Whether ``min_free_fraction`` lets BufferPurger delete now (always, when unset; never
         when the free space cannot be read)."""
         if not self.min_free_fraction:
@@ -84,7 +84,7 @@ class PurgeRule:
         "other". The purge itself decides again, copy by copy, under the invariant."""
         if self.retires(dtype, version):
             why = f"version {version} is retired here (purge.versions/old_versions)"
-        elif self.buffers(dtype) and self.old_enough(run) and self.disk_full(dtype):
+        elif self.buffers(dtype) and self.old_enough(run) and self.space_allows(dtype):
             why = f"{dtype} data" + (f" older than {self.days:g} days" if self.days else "") \
                   + " are purged here"
         else:

@@ -16,8 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
-from cax.purge_rule import PurgeRule
 from cax.checksum import checksum
+from cax.purge_rule import PurgeRule
 from cax.runsdb import RunsDBLost, key_str, lifecycle, now
 from cax.runsdb.copies import expected_checksum
 from cax.runsdb.lifecycle import ErrorKind
