@@ -8,6 +8,7 @@ validating the current form.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 #: Methods of the classic cax that this cax does not offer: a site using one of them is loaded
@@ -82,6 +83,42 @@ def purge_days(days: int) -> tuple[dict, str]:
                       f"{CLASSIC_PURGE_OTHER_COPIES} other verified copies (purge: "
                       f"{{\"older_than_days\": {days}, \"min_copies\": "
                       f"{CLASSIC_PURGE_OTHER_COPIES}}})")
+
+
+#: good copies elsewhere the classic ``pax_version_purge`` needs here when the site sets no
+#: ``purge`` of its own: the classic PurgeProcessed counted none, and one is the least that never
+#: deletes the last good copy
+CLASSIC_VERSION_PURGE_OTHER_COPIES = 1
+
+
+def version_purge(value, purge: Optional[dict], current=()) -> tuple[Optional[dict], list]:
+    """(purge settings, warnings) with the classic ``pax_version_purge`` folded in.
+
+    The classic PurgeProcessed deleted this site's processed data of the one version the key
+    named (a string such as ``"v6.8.0"``; empty or null: none), whatever the run's age and
+    without counting copies. Here the version is retired (``purge.versions``) under the
+    invariant; a site with no ``purge`` of its own purges nothing else (``types: []``). A version
+    that is also ``current`` here (``pax_versions``, ``processing.versions``) is not retired:
+    processing would make it again and the purge remove it again, every pass."""
+    if not value:
+        return purge, []
+    named = [value] if isinstance(value, str) else [v for v in value if v]
+    notes = [f"key 'pax_version_purge': {v!r} is also a current version here (pax_versions/"
+             f"processing.versions); not purged" for v in named if v in current]
+    named = [v for v in named if v not in current]
+    if not named:
+        return purge, notes
+    if purge is None:
+        purge = {"types": [], "min_copies": CLASSIC_VERSION_PURGE_OTHER_COPIES}
+    versions = list(purge.get("versions") or [])
+    purge = dict(purge, versions=versions + [v for v in named if v not in versions])
+    shown = {k: purge[k] for k in ("versions", "types", "min_copies") if k in purge}
+    n = purge.get("min_copies", 2)
+    return purge, notes + [
+        f"key 'pax_version_purge': classic {value!r} means processed data of "
+        f"{', '.join(named)} are purged here once {n} other verified "
+        f"cop{'y exists' if n == 1 else 'ies exist'} (purge: {json.dumps(shown)}); the classic "
+        f"cax deleted them without counting copies"]
 
 
 def map_tasks(names, known) -> tuple[list, list, list]:

@@ -118,6 +118,9 @@ SITE_SCHEMA = {
         "purge": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 1}, PURGE_SCHEMA]},
         "scrub": {"anyOf": [{"type": "boolean"}, SCRUB_SCHEMA]},
         "pax_versions": {"type": "array", "items": {"type": "string"}},
+        # classic: this site's processed data of this version are purged (cax.classic)
+        "pax_version_purge": {"anyOf": [{"type": "null"}, {"type": "string"},
+                                        {"type": "array", "items": {"type": "string"}}]},
         "task_list": {"type": "array", "items": {"type": "string"}},
         "dataset_list": {"type": "array", "items": {"type": ["string", "integer"]}},
         "key_file": _path,
@@ -130,6 +133,9 @@ SITE_SCHEMA = {
         "parallel": {"type": "integer", "minimum": 1},
         "checksum_type": {"enum": ["sha512", "adler32", "xxh3", "blake3"]},
         "processing": PROCESSING_SCHEMA,
+        # where processing and copies write processed data: <version>/<name>, or the classic
+        # pax_<version>/<run>.root (both are read everywhere; cax.paths)
+        "processed_layout": {"enum": ["version", "classic"]},
         "group": {"type": "string"},
         "mode": {"type": "string", "pattern": "^0?[0-7]{3,4}$"},
         "stray_grace_days": _pos_num,
@@ -190,6 +196,9 @@ class Site:
     retry_delay: float = 300.0  # seconds before a failed copy is retried, doubled per retry
     checksum_type: str = "sha512"
     processing: Optional[dict] = None
+    #: "version": processed data written to <dir>/<version>/<name>; "classic": to the classic
+    #: cax's <dir>/pax_<version>/<run>.root (cax.paths reads both at every site)
+    processed_layout: str = "version"
     group: Optional[str] = None
     mode: Optional[int] = None
     stray_grace_days: float = 7.0
@@ -399,6 +408,15 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
     elif isinstance(purge, int):
         purge, note = classic.purge_days(purge)
         log.warning("%s: site %r: %s", path, name, note)
+    if purge is not None and purge.get("enabled") is False:
+        purge = None
+    else:
+        proc = raw.get("processing") or {}
+        current = set(raw.get("pax_versions") or []) | set(
+            proc.get("versions") or proc.get("pax_versions") or [])
+        purge, notes = classic.version_purge(raw.get("pax_version_purge"), purge, current)
+        for note in notes:
+            log.warning("%s: site %r: %s", path, name, note)
     if purge is not None:
         purge = {"min_copies": 2, "older_than_days": 0, "min_free_fraction": 0.0,
                  "types": ["raw"], "reverify_days": None, **purge}
@@ -478,6 +496,7 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
         retry_delay=float(raw.get("retry_delay", 300)),
         checksum_type=raw.get("checksum_type", "sha512"),
         processing=processing,
+        processed_layout=raw.get("processed_layout", "version"),
         group=raw.get("group"),
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),

@@ -295,8 +295,10 @@ def _other_claim(db, site, run, datum, location) -> str:
     return ""
 
 
-#: error_kind of a refused deletion: not one the healing tasks retry (a retry would pull the datum
-#: and the admin would never see why its copy was not deleted)
+#: error_kind of a ``deleting`` datum whose location is refused when the deletion is finished:
+#: not one the healing tasks retry (a retry would pull the datum and the admin would never see
+#: why its files were not removed). A good datum whose location is refused stays as it was: only
+#: the action is refused (lifecycle: ``refused`` is made from ``deleting`` only)
 REFUSED_KIND = ErrorKind.UNSAFE_LOCATION
 
 
@@ -386,12 +388,11 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
         try:
             location = check_deletable_location(site, run, datum, db)
         except paths.UnsafePath as e:
-            reason = f"not deleted: {e}"
-            if dry_run:
-                say(logging.ERROR, f"dry-run: would refuse and mark the datum error: {reason}")
-                return Outcome("refused", str(e))
-            say(logging.ERROR, f"error: {reason}")
-            db.apply(lifecycle.refused(run_id, key, status, reason))
+            # the copy is as good as it was: only this deletion is refused. Flipping the datum to
+            # error would take a good copy out of every count (and out of the copies made from
+            # it) because of where its record says it lies
+            say(logging.ERROR, f"{'dry-run: would be ' if dry_run else ''}refused: not deleted: "
+                f"{e}; the datum stays {status}")
             return Outcome("refused", str(e))
         ref = reference(run, key["type"], key.get("pax_version"))
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],

@@ -29,15 +29,47 @@ def check_name(name, what: str = "run name") -> str:
     return name
 
 
+#: ``processed_layout`` values: where a site writes processed data of a version
+LAYOUTS = ("version", "classic")
+#: the classic cax's version directories: ``<dir_processed>/pax_<version>/<run>.root``
+CLASSIC_VERSION_PREFIX = "pax_"
+CLASSIC_PROCESSED_SUFFIX = ".root"
+
+
+def version_dir(site, version) -> str:
+    """The directory name this site writes ``version``'s processed data in: the version itself,
+    or ``pax_<version>`` where the site keeps the classic layout (``processed_layout``)."""
+    name = check_name(str(version), "processor version")
+    if getattr(site, "processed_layout", "version") == "classic":
+        return CLASSIC_VERSION_PREFIX + name
+    return name
+
+
+def version_dirs(version) -> list:
+    """Every directory name ``version``'s processed data may be read from, whatever this site
+    writes: the version, and the classic ``pax_<version>`` (a classic Runs DB names those)."""
+    name = check_name(str(version), "processor version")
+    return [name, CLASSIC_VERSION_PREFIX + name]
+
+
+def processed_name(site, run_name: str) -> str:
+    """The name processing gives a run's output: the run name, or ``<run>.root`` (classic)."""
+    check_name(run_name)
+    if getattr(site, "processed_layout", "version") == "classic":
+        return run_name + CLASSIC_PROCESSED_SUFFIX
+    return run_name
+
+
 def data_path(site, dtype: str, run_name: str, version=None, filename=None) -> str:
-    """``<site dir for type>[/<version>]/<run name or file name>``."""
+    """``<site dir for type>[/<version dir>]/<run name or file name>`` (see :func:`version_dir`)."""
     base = site.data_dir(dtype)
     if not base:
         raise UnsafePath(f"site {site.name!r} has no directory for {dtype!r} data")
     check_name(run_name)
     parts = [base]
     if version is not None:
-        parts.append(check_name(str(version), "processor version"))
+        parts.append(version_dir(site, version) if dtype == "processed"
+                     else check_name(str(version), "processor version"))
     parts.append(check_name(filename, "file name") if filename else run_name)
     return os.path.join(*parts)
 
@@ -97,17 +129,18 @@ def _run_dirs(site, dtype: str, version) -> list:
     """(configured directory, sub-directory) pairs a ``dtype``/``version`` copy lives directly in.
 
     Processed data may also be written under the processing ``output_dir`` (inside the processed
-    directory), so both are places a processed copy can legitimately be.
+    directory), so both are places a processed copy can legitimately be; in either, a version's
+    directory is named after it or, as the classic cax named it, ``pax_<version>``.
     """
     bases = [site.data_dir(dtype)]
     if dtype == "processed":
         bases.append((site.processing or {}).get("output_dir"))
-    sub = check_name(str(version), "processor version") \
-        if dtype == "processed" and version is not None else ""
+    subs = version_dirs(version) if dtype == "processed" and version is not None else [""]
     out = []
     for b in bases:
-        if b and (b, sub) not in out:
-            out.append((b, sub))
+        for sub in subs:
+            if b and (b, sub) not in out:
+                out.append((b, sub))
     return out
 
 

@@ -174,7 +174,7 @@ def test_min_free_fraction_purges_oldest_first_while_needed(tmp_path, monkeypatc
 
 def test_min_free_fraction_dry_run_counts_what_it_would_free(tmp_path, monkeypatch, caplog):
     from collections import namedtuple
-    from cax.tasks import purge as purge_mod
+    from cax import purge_rule as purge_mod  # the purge rule reads the disk (shared with CopyPull)
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1, "min_free_fraction": 0.5}})
     db = fresh_db()
     for n in (1, 2, 3):
@@ -343,7 +343,7 @@ def test_killed_purge_is_finished_by_next_pass(tmp_path, wire_server, crash_at):
 
 # ---- paths -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["outside", "symlink-out", "symlink-itself"])
-def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
+def test_location_outside_or_through_symlink_never_deleted(tmp_path, how, caplog):
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
@@ -360,16 +360,20 @@ def test_location_outside_or_through_symlink_never_deleted(tmp_path, how):
         loc = str(tmp_path / "buffer" / "alias")
     db.collection.update_one({"number": 1, "data.host": "buffer"},
                              {"$set": {"data.1.location": loc}})
-    purge(cfg, "buffer", db)
+    before = db.collection.find_one({"number": 1})["data"][1]
+    with caplog.at_level(logging.ERROR, logger="cax.task"):
+        purge(cfg, "buffer", db)
     run = db.collection.find_one({"number": 1})
     datum = run["data"][1]
-    assert datum["status"] == "error" and "refusing location" in datum["error"]
+    # refused and said; the datum stays as it was (issue 12: never a good datum turned error)
+    assert datum == before and datum["status"] == "transferred"
+    assert "refused: not deleted: refusing location" in caplog.text
     assert (secret / "160301_1200" / "keep").exists()
     assert os.path.isdir(tmp_path / "daq" / "160301_1200")
 
 
 @pytest.mark.parametrize("how", ["other-run", "dotdot", "symlinked-part", "shared-path"])
-def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
+def test_location_not_this_runs_copy_never_deleted(tmp_path, how, caplog):
     """Only the only copy of run 2 is at risk; run 1's buffer datum points at it in some way."""
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
@@ -394,10 +398,13 @@ def test_location_not_this_runs_copy_never_deleted(tmp_path, how):
     before = sorted(os.listdir(run2))
     purge(cfg, "buffer", db, dry_run=True)   # a dry run reports the refusal, changes nothing
     assert copies(db, 1)["buffer"] == "transferred" and sorted(os.listdir(run2)) == before
-    purge(cfg, "buffer", db)
+    kept = db.collection.find_one({"number": 1})["data"][1]
+    with caplog.at_level(logging.ERROR, logger="cax.task"):
+        purge(cfg, "buffer", db)
     datum = db.collection.find_one({"number": 1})["data"][1]
-    assert datum["status"] == "error" and "refusing location" in datum["error"], datum
-    assert datum["error_kind"] == deletion.REFUSED_KIND
+    assert datum == kept and datum["status"] == "transferred", datum
+    assert "error_kind" not in datum
+    assert "refused: not deleted: refusing location" in caplog.text
     assert sorted(os.listdir(run2)) == before
 
 
@@ -415,7 +422,7 @@ def retired_v1_site(tmp_path, third_version):
     return cfg, db
 
 
-def test_processed_location_must_be_in_its_version_directory(tmp_path):
+def test_processed_location_must_be_in_its_version_directory(tmp_path, caplog):
     cfg, db = retired_v1_site(tmp_path, "v1")
     # run 1 names the whole version directory; run 3 names its copy under the wrong version
     os.makedirs(tmp_path / "buffer" / "v2")
@@ -423,12 +430,15 @@ def test_processed_location_must_be_in_its_version_directory(tmp_path):
     db.collection.update_one({"number": 1}, {"$set": {"data.0.location": str(tmp_path / "buffer" / "v1")}})
     db.collection.update_one({"number": 3}, {"$set": {
         "data.0.location": str(tmp_path / "buffer" / "v2" / "160303_1200")}})
-    PurgeProcessed(ctx(cfg, "buffer", db)).go()
+    with caplog.at_level(logging.WARNING, logger="cax.task"):
+        PurgeProcessed(ctx(cfg, "buffer", db)).go()
     assert os.path.isdir(tmp_path / "buffer" / "v1" / "160302_1200")
     assert os.path.isdir(tmp_path / "buffer" / "v2" / "160303_1200")
     for n in (1, 3):
         d = db.collection.find_one({"number": n})["data"][0]
-        assert d["status"] == "error" and "refusing location" in d["error"], d
+        assert d["status"] == "transferred" and "error" not in d, d
+        assert f"run=1603{n:02d}_1200" in caplog.text
+    assert caplog.text.count("refused: not deleted: refusing location") == 2, caplog.text
 
 
 def test_processed_file_named_after_the_run_is_deleted(tmp_path):
@@ -469,14 +479,17 @@ def test_deleting_copy_finished_at_site_without_purge_settings(tmp_path):
     assert not os.path.exists(tmp_path / "buffer" / "160301_1200")
 
 
-def test_one_bad_run_does_not_stop_others(tmp_path):
+def test_one_bad_run_does_not_stop_others(tmp_path, caplog):
     cfg = sites_config(tmp_path, purge={"buffer": {"min_copies": 1}})
     db = fresh_db()
     add_run(db, tmp_path, 1, {"daq": "transferred", "buffer": "transferred"})
     add_run(db, tmp_path, 2, {"daq": "transferred", "buffer": "transferred"})
     db.collection.update_one({"number": 1}, {"$set": {"data.1.location": None}})
-    purge(cfg, "buffer", db)
-    assert copies(db, 1)["buffer"] == "error"
+    with caplog.at_level(logging.ERROR, logger="cax.task"):
+        purge(cfg, "buffer", db)
+    # the deletion is refused and said; the datum stays as it was (issue 12)
+    assert copies(db, 1)["buffer"] == "transferred"
+    assert "run=160301_1200" in caplog.text and "refused: not deleted" in caplog.text
     assert "buffer" not in copies(db, 2)
 
 

@@ -194,9 +194,9 @@ TRANSITIONS = (
                doc="removing the files failed: stays deleting, the reason recorded"),
     Transition("deleted", (S.DELETING,), None, sides=("purger",),
                doc="files removed: the datum is pulled"),
-    Transition("refused", (S.TRANSFERRED, S.ERROR, S.DELETING), S.ERROR,
+    Transition("refused", (S.DELETING,), S.ERROR,
                kinds=(K.UNSAFE_LOCATION,), sides=("purger",),
-               doc="a purge refused a location that is not exactly this run's data"),
+               doc="finishing a deletion refused a location that is not this run's data"),
     Transition("moving", (S.TRANSFERRED, S.ERROR), SAME, sides=("admin",),
                doc="cax mv: a move is under way, then the new location (status stays)"),
 )

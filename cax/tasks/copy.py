@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cax import paths, progress
 from cax.checksum import checksum
+from cax.purge_rule import PurgeRule
 from cax.runsdb import RunsDBLost, key_str, lifecycle, now
 from cax.runsdb.copies import expected_checksum
 from cax.runsdb.lifecycle import ErrorKind
@@ -89,7 +90,13 @@ class _Copy(Task):
                         # no reference yet (AddChecksum makes one first), or a copy that
                         # disagrees with it: never spread it
                         continue
+                    if self.skip(run, datum):
+                        continue
                     self.copy(run, datum, src, dst, remote)
+
+    def skip(self, run, datum) -> bool:
+        """Whether this copy is not to be made at all (CopyPull: this site would purge it)."""
+        return False
 
     @staticmethod
     def _has_datum(run, host, dtype, version):
@@ -269,9 +276,25 @@ class CopyPush(_Copy):
 
 
 class CopyPull(_Copy):
-    """This site fetches verified data from the sites in its ``download_options``."""
+    """This site fetches verified data from the sites in its ``download_options``, except what
+    its own purge would remove again in the same pass (:mod:`cax.purge_rule`)."""
 
     direction = "pull"
+    projection = dict(_Copy.projection, start=1)  # the purge rule's age
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.rule = PurgeRule(self.site)
+
+    def skip(self, run, datum) -> bool:
+        why = self.rule.would_purge(run, datum["type"], datum.get("pax_version"))
+        if why:
+            key = {"host": self.host, "type": datum["type"]}
+            if datum.get("pax_version") is not None:
+                key["pax_version"] = datum["pax_version"]
+            self.log(logging.DEBUG, run, f"not pulled: this site would purge it in the same "
+                     f"pass ({why})", datum=key)
+        return bool(why)
 
     def pairs(self):
         cfg = self.ctx.config

@@ -106,10 +106,10 @@ def open_backend(p: dict):
 
 
 def output_path(site, p: dict, run_name: str, version: str) -> str:
-    """``<output_dir>/<version>/<run name>``, with the same name checks as every data path."""
-    paths.check_name(run_name)
-    paths.check_name(str(version), "processor version")
-    return os.path.join(p["output_dir"], version, run_name)
+    """``<output_dir>/<version>/<run name>``, or ``<output_dir>/pax_<version>/<run>.root`` where
+    the site keeps the classic layout, with the same name checks as every data path."""
+    return os.path.join(p["output_dir"], paths.version_dir(site, version),
+                        paths.processed_name(site, run_name))
 
 
 

@@ -9,11 +9,11 @@ finished by the next pass: any ``deleting`` datum of this host is finished first
 from __future__ import annotations
 
 import logging
-import shutil
 from datetime import timedelta
 
 from cax import deletion
-from cax.runsdb import as_utc, now
+from cax.purge_rule import PurgeRule
+from cax.runsdb import now
 from cax.tasks.base import Task
 
 
@@ -23,8 +23,10 @@ class _Purge(Task):
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        #: what this site's purge selects, shared with CopyPull (which does not fetch it)
+        self.rule = PurgeRule(self.site)
         self.settings = self.site.purge  # None: this site never starts new deletions
-        self.min_copies = (self.settings or {}).get("min_copies", 2)
+        self.min_copies = self.rule.min_copies
         self._disk_full_enough = False
         #: bytes a dry run would have freed so far, per data type: without it a dry run with
         #: min_free_fraction sees the disk as full as ever and lists every candidate
@@ -58,13 +60,11 @@ class _Purge(Task):
 
     # -- space ------------------------------------------------------------------------------
     def free_fraction(self, dtype: str) -> float:
-        usage = shutil.disk_usage(self.site.data_dir(dtype))
-        free = usage.free + self._would_free.get(dtype, 0)
-        return min(1.0, free / usage.total) if usage.total else 1.0
+        return self.rule.free_fraction(dtype, self._would_free.get(dtype, 0))
 
     def space_wanted(self, run, dtype) -> bool:
         """With ``min_free_fraction`` set, new deletions happen only while the disk is too full."""
-        threshold = (self.settings or {}).get("min_free_fraction") or 0
+        threshold = self.rule.min_free_fraction
         if not threshold:
             return True
         try:
@@ -79,13 +79,7 @@ class _Purge(Task):
         return True
 
     def old_enough(self, run) -> bool:
-        days = (self.settings or {}).get("older_than_days") or 0
-        if not days:
-            return True
-        start = run.get("start")
-        if start is None:
-            return False
-        return as_utc(start) < now() - timedelta(days=days)
+        return self.rule.old_enough(run)
 
     # -- the work ---------------------------------------------------------------------------
     def each_location(self, run, datum):
@@ -142,16 +136,17 @@ class BufferPurger(_Purge):
     """Delete this site's copies of ``purge.types`` once enough verified copies exist elsewhere."""
 
     def new_clause(self):
-        types = self.settings.get("types") or ["raw"]
-        clause: dict = {"data": {"$elemMatch": {"host": self.host, "type": {"$in": types},
+        if not self.rule.types:
+            return None  # "types": [] purges nothing here (PurgeProcessed may retire versions)
+        clause: dict = {"data": {"$elemMatch": {"host": self.host,
+                                                "type": {"$in": self.rule.types},
                                                 "status": "transferred"}}}
-        days = self.settings.get("older_than_days") or 0
-        if days:
-            clause["start"] = {"$lt": now() - timedelta(days=days)}
+        if self.rule.days:
+            clause["start"] = {"$lt": now() - timedelta(days=self.rule.days)}
         return clause
 
     def wants(self, datum) -> bool:
-        return datum.get("type") in (self.settings.get("types") or ["raw"])
+        return self.rule.buffers(datum.get("type"))
 
 
 class PurgeProcessed(_Purge):
@@ -163,15 +158,12 @@ class PurgeProcessed(_Purge):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        s = self.settings or {}
-        self.retired = list(s.get("versions") or [])
-        self.current = set(self.site.pax_versions) | set(
-            (self.site.processing or {}).get("versions") or [])
-        self.old_versions = bool(s.get("old_versions"))
-        if self.old_versions and not self.current and self.settings is not None:
+        self.retired = self.rule.retired
+        self.current = self.rule.current
+        self.old_versions = self.rule.old_versions
+        if (self.settings or {}).get("old_versions") and not self.current:
             self.log(logging.WARNING, None, "purge.old_versions is set but the site lists no "
                      "current versions (pax_versions/processing.versions); retiring nothing")
-            self.old_versions = False
 
     def finish_clause(self):
         return {"data": {"$elemMatch": {"host": self.host, "type": "processed",
@@ -194,10 +186,7 @@ class PurgeProcessed(_Purge):
                                                      status="transferred")}} for v in versions]}
 
     def wants(self, datum) -> bool:
-        v = datum.get("pax_version")
-        if datum.get("type") != "processed" or v is None:
-            return False
-        return v in self.retired or (self.old_versions and v not in self.current)
+        return self.rule.retires(datum.get("type"), datum.get("pax_version"))
 
     def each_location(self, run, datum):
         if datum.get("type") == "processed":

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from cax import paths
 from cax.checksum import checksum as compute_checksum
-from cax.deletion import CORRUPT, LOST, REFUSED_KIND, CopyChecker, find_datum
+from cax.deletion import CORRUPT, LOST, CopyChecker, find_datum
 from cax.runsdb import RunsDBLost, as_utc, datum_key, lifecycle, now
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
@@ -93,7 +93,10 @@ class VerifyCopies(Task):
         try:
             location = paths.check_location(self.site, datum.get("location"), datum["type"])
         except paths.UnsafePath as e:
-            self.record_error(run, key, "transferred", f"scrub: {e}", kind=REFUSED_KIND)
+            # cax does not read outside its data directories; the copy itself is not known bad,
+            # so only the scrub is refused and the datum stays as it is
+            self.log(logging.ERROR, run, f"refused: scrub: {e}; the datum stays transferred",
+                     datum=key)
             return 0
         recorded = (datum.get("size"), datum.get("files"))
         try:
