@@ -252,6 +252,39 @@ def test_a_classic_transferring_datum_that_may_be_the_only_data_is_never_removed
     assert os.path.isdir(loc)
 
 
+@pytest.mark.parametrize("where", ["daq", "reference"])
+def test_a_classic_error_at_a_site_no_copy_comes_to_or_the_reference_site_is_kept(tmp_path,
+                                                                                   where):
+    """An origin in ``error`` (the DAQ, where nothing would copy it back) and the reference
+    site's record (the classic cax never retried its master site's errors) stay, files too,
+    though a good copy exists elsewhere."""
+    cfg = classic_sites(tmp_path, daq_extra={"reference": True} if where == "reference" else {})
+    db = mongomock_db()
+    name = NAMES[0]
+    if where == "daq":
+        loc = make_raw(str(tmp_path / "daq"), name)
+        good = make_raw(str(tmp_path / "buffer" / "raw"), name)
+        data = [dict(daq_record(loc), status="error"),
+                {"host": "buffer", "type": "raw", "status": "transferred", "location": good,
+                 "checksum": checksum(good), "creation_time": ago(days=9)}]
+        kept, host = loc, "daq"
+    else:
+        doc = json.loads((tmp_path / "cax.json").read_text())
+        doc["sites"][0]["reference"] = False
+        doc["sites"][1]["reference"] = True  # buffer is the reference site
+        (tmp_path / "cax.json").write_text(json.dumps(doc))
+        loc = make_raw(str(tmp_path / "daq"), name)
+        stale = partial_copy(tmp_path, "buffer", name, loc)
+        data = [daq_record(loc, checksum(loc)),
+                {"host": "buffer", "type": "raw", "status": "error", "location": stale,
+                 "checksum": None, "creation_time": ago(days=2)}]
+        kept, host = stale, "buffer"
+    classic_run(db, 1, name, data)
+    passes(cfg, db, n=2)
+    assert datum(db, 1, host)["status"] == "error"
+    assert os.path.isdir(kept)
+
+
 def test_classic_error_without_error_kind_is_healed(tmp_path):
     cfg = classic_sites(tmp_path)
     db = mongomock_db()

@@ -193,15 +193,19 @@ class RetryStalledTransfer(_Heal):
         """A copy the classic cax left ``transferring`` (a day without progress) or ``error``
         (without ``error_kind``) is removed and copied again, as the classic
         RetryStalledTransfer did; it wrote no ``source``, so cax cannot tell such a copy from
-        an origin by its record. Only when a good copy exists elsewhere: then it is not the
-        only data of the run (an origin still being written has none), and is re-copied from
-        there. Anything else without ``source`` is an origin: it has nowhere to come from."""
+        an origin by its record. Only at a site copies come to, other than a reference site
+        (the classic cax never retried its master site's errors), and only when a good copy
+        exists elsewhere: then it is not the only data of the run (an origin still being
+        written has none), and is copied again from there. Anything else without ``source``
+        is an origin: it has nowhere to come from."""
         status, kind = datum.get("status"), datum.get("error_kind")
         if status == "retrying":
             super().each_location(run, datum)
             return
         if not (status == "transferring" or (status == "error" and kind in (None, "stalled"))):
             return
+        if not self.receives() or self.host in self.ctx.config.reference_sites:
+            return  # nothing would bring the data here again (the DAQ), or the reference site
         dtype, version = datum["type"], datum.get("pax_version")
         good = good_copies(run, dtype, version, self.reference(run, dtype, version),
                            exclude_host=datum["host"])
@@ -236,6 +240,12 @@ class RetryStalledTransfer(_Heal):
                 return
         self.retry(run, datum, index, f"classic {status} copy without 'source'; good copy at "
                                       f"{good[0]['host']}")
+
+    def receives(self) -> bool:
+        """Whether copies come to this site (it pulls, or some site pushes to it): only then is
+        a record without ``source`` here a copy that can be made again, and not an origin."""
+        return bool(self.site.download_options) or any(
+            self.host in s.upload_options for s in self.ctx.config.sites.values())
 
     # -- a copy that landed -----------------------------------------------------------------
     def _tree(self, site, location, dtype):
