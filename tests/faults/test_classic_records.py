@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 
 from cax.checksum import checksum
@@ -62,3 +63,22 @@ def test_a_trusted_hosts_record_with_another_sha512_never_counts():
                               trusted=("tsm-server",)) == [tsm_record("r")]
     assert copies.good_copies({"data": [tsm_record("r")]}, "raw", None, ref) == []
     assert copies.good_copies({"data": [good]}, "raw", None, ref) == [good]
+
+
+def test_the_scrub_never_flags_a_record_whose_checksum_it_cannot_compute(tmp_path):
+    """The scrub re-hashed a tape-restored copy (MD5) and one with ``"n/a"`` as sha512 and
+    flagged both ``corrupt``: good copies turned into errors that heal by deletion."""
+    cfg = classic_sites(tmp_path)
+    doc = json.loads((tmp_path / "cax.json").read_text())
+    doc["sites"][1]["scrub"] = True
+    (tmp_path / "cax.json").write_text(json.dumps(doc))
+    db = mongomock_db()
+    for number, (name, value) in enumerate(zip(NAMES, (MD5, "n/a")), 1):
+        loc = make_raw(str(tmp_path / "daq"), name)
+        restored = make_raw(str(tmp_path / "buffer" / "raw"), name)
+        classic_run(db, number, name, [daq_record(loc, checksum(loc)),
+                                       {"host": "buffer", "type": "raw", "status": "transferred",
+                                        "location": restored, "checksum": value}])
+    run_pass(context(cfg, "buffer", db))
+    for number in (1, 2):
+        assert datum(db, number, "buffer")["status"] == "transferred", number
