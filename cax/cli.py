@@ -184,7 +184,7 @@ def _readable(run: dict) -> dict:
 @click.pass_context
 def status(ctx, config_path, host, as_json):
     """Show every run and the status of its copies at each site."""
-    from cax.runsdb.copies import reference
+    from cax.runsdb.copies import comparable, reference
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     db = open_db(config)
@@ -207,9 +207,11 @@ def status(ctx, config_path, host, as_json):
     rows = []
     for r in runs:
         data = r["data"]
-        ref = reference(r, "raw")
+        ref = reference(r, "raw", prefer=config.reference_sites)
         if ref:
-            good = [d for d in data if d.get("type") == "raw" and d.get("status") == "transferred"]
+            # a classic Rucio/tape record's adler32 or MD5 says nothing either way
+            good = [d for d in data if d.get("type") == "raw" and d.get("status") == "transferred"
+                    and comparable(d)]
             same = all(d.get("checksum") == ref.get("checksum") for d in good)
             verdict = ("no transferred copy" if not good
                        else f"{'all equal' if same else 'MISMATCH'} ({len(good)})")
@@ -276,6 +278,7 @@ def validate_run(doc, config=None) -> dict:
     from cax.config import DATA_TYPES
     from cax.paths import UnsafePath, check_name
     from cax.runsdb import STATUSES
+    from cax.runsdb.copies import CLASSIC_HOSTS, CLASSIC_STATUSES, placeholder
     if not isinstance(doc, dict):
         raise ValueError("a run document must be a JSON object")
     _check_keys(doc, "")
@@ -301,17 +304,26 @@ def validate_run(doc, config=None) -> dict:
     for i, d in enumerate(data):
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("host", "type", "status")):
             raise ValueError(f"data[{i}] needs string 'host', 'type' and 'status'")
-        if config is not None and d["host"] not in config.sites:
+        # the classic Rucio and tape movers wrote records for hosts no config need name
+        if config is not None and d["host"] not in config.sites \
+                and d["host"] not in CLASSIC_HOSTS:
             raise ValueError(f"data[{i}].host {d['host']!r} is not a site of the config "
                              f"(known: {', '.join(config.sites)})")
+        site = config.sites.get(d["host"]) if config is not None else None
+        reached = d["host"] not in CLASSIC_HOSTS and not (site is not None and site.unreachable)
         if d["type"] not in DATA_TYPES:
             raise ValueError(f"data[{i}].type must be one of {', '.join(DATA_TYPES)}, "
                              f"not {d['type']!r}")
-        if d["status"] not in STATUSES:
-            raise ValueError(f"data[{i}].status must be one of {', '.join(STATUSES)}, "
-                             f"not {d['status']!r}")
+        if d["status"] not in STATUSES + CLASSIC_STATUSES:
+            raise ValueError(f"data[{i}].status must be one of "
+                             f"{', '.join(STATUSES + CLASSIC_STATUSES)}, not {d['status']!r}")
         loc = d.get("location")
-        if not isinstance(loc, str) or not os.path.isabs(loc) or "\0" in loc:
+        # where cax reads the files, a path; a classic record elsewhere (a Rucio DID, "n/a")
+        # or of a copy that wrote nothing ("n/a" after a failed transfer) is kept as written
+        classic_record = isinstance(loc, str) and "\0" not in loc and (
+            not reached or (placeholder(loc) and d["status"] not in ("transferred", "verifying")))
+        if not classic_record and (not isinstance(loc, str) or not os.path.isabs(loc)
+                                   or "\0" in loc):
             raise ValueError(f"data[{i}].location must be an absolute path, not {loc!r}")
         key = (d["host"], d["type"], d.get("pax_version"))
         if key in seen:

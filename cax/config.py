@@ -51,6 +51,8 @@ PURGE_SCHEMA = {
         "enabled": {"type": "boolean"},
         # null: re-hash every counted copy before an origin goes, others after 30 days
         "reverify_days": {"anyOf": [{"type": "null"}, _pos_num]},
+        # hosts whose transferred records cax cannot verify (classic Rucio/tape) still count
+        "count_unverified_at": {"type": "array", "items": {"type": "string", "minLength": 1}},
     },
     "additionalProperties": False,
 }
@@ -139,6 +141,8 @@ SITE_SCHEMA = {
         "group": {"type": "string"},
         "mode": {"type": "string", "pattern": "^0?[0-7]{3,4}$"},
         "stray_grace_days": _pos_num,
+        # this site's verified sha512 is the reference of runs that record none (classic DBs)
+        "reference": {"type": "boolean"},
     },
 }
 
@@ -202,6 +206,8 @@ class Site:
     group: Optional[str] = None
     mode: Optional[int] = None
     stray_grace_days: float = 7.0
+    #: this site's verified sha512 is the reference of runs that record none (classic Runs DBs)
+    reference: bool = False
     #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
     unreachable: Optional[str] = None
     #: the config error a cax acting as this site stops on (an unknown name in its task_list);
@@ -234,6 +240,12 @@ class Config:
     #: form's default applies; a classic list config names none, and a daemon refuses to start
     #: on a store nobody named
     runs_db_named: bool = True
+
+    @property
+    def reference_sites(self) -> tuple:
+        """Sites whose verified sha512 is the reference of a run that records none, in file
+        order (cax.runsdb.copies.reference ``prefer``)."""
+        return tuple(n for n, s in self.sites.items() if s.reference)
 
     def site(self, name: str) -> Site:
         try:
@@ -500,6 +512,7 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
         group=raw.get("group"),
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),
+        reference=bool(raw.get("reference", False)),
         unreachable=unreachable,
         raw=raw,
     )

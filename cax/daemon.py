@@ -76,6 +76,7 @@ def build_tasks(ctx: Context) -> list:
 def run_pass(ctx: Context) -> dict:
     """One pass of every task; returns {task name: runs looked at}."""
     stats = {}
+    ctx.said.clear()
     ctx.connections = ConnectionPool(cancel=ctx.stop.is_set)
     try:
         for cls in build_tasks(ctx):

@@ -38,7 +38,7 @@ from cax.config import same_machine
 from cax.runsdb import as_utc, datum_key, key_str, lifecycle, now
 # deletion.is_good, good_copies and good_spec stay importable from here
 from cax.runsdb.copies import (  # noqa: F401
-    _ctype, good_copies, good_spec, is_good, reference, reference_problem)
+    _ctype, good_copies, good_spec, is_good, reference, reference_problem, unverifiable)
 from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.transfer.base import SourceNotFound, TransferError
 from cax.transfer.policy import remove_local
@@ -94,6 +94,12 @@ LOST, CORRUPT = ErrorKind.LOST, ErrorKind.CORRUPT
 #: days after which a counted copy is re-hashed before a copy that is not an origin is deleted,
 #: when the site sets no ``purge.reverify_days`` (before an origin goes, every counted copy is)
 DEFAULT_REVERIFY_DAYS = 30.0
+
+
+def trusted_hosts(site) -> tuple:
+    """Hosts whose records cax cannot verify (classic Rucio/tape) count toward this site's
+    ``min_copies`` as recorded: the site's ``purge.count_unverified_at``."""
+    return tuple((getattr(site, "purge", None) or {}).get("count_unverified_at") or ())
 
 
 @dataclass
@@ -183,6 +189,8 @@ class CopyChecker:
 
     def check(self, run: dict, datum: dict, ref: dict, origin: bool) -> Check:
         host, location = datum.get("host"), datum.get("location")
+        if unverifiable(datum) and host in trusted_hosts(self.site):
+            return Check(True)  # counted as recorded: the site's config says so
         try:
             site, method = self._method(host)
             if method.features.local_paths:
@@ -394,11 +402,13 @@ def _delete_steps(db, site, run_id, key: dict, *, min_copies, own_statuses, forc
             say(logging.ERROR, f"{'dry-run: would be ' if dry_run else ''}refused: not deleted: "
                 f"{e}; the datum stays {status}")
             return Outcome("refused", str(e))
-        ref = reference(run, key["type"], key.get("pax_version"))
+        prefer = tuple(n for n, s in (sites or {}).items() if getattr(s, "reference", False))
+        ref = reference(run, key["type"], key.get("pax_version"), prefer)
         good = good_copies(run, key["type"], key.get("pax_version"), ref, exclude_host=key["host"],
-                           same_copy=_same_copy_test(site, location, sites))
+                           same_copy=_same_copy_test(site, location, sites),
+                           trusted=trusted_hosts(site))
         if ref is None and not force:
-            problem = reference_problem(run, key["type"], key.get("pax_version"))
+            problem = reference_problem(run, key["type"], key.get("pax_version"), prefer)
             return Outcome("unsafe", "reference checksum unknown"
                            + (f": {problem}" if problem else ""), warn=bool(problem))
         if len(good) < min_copies and not force:

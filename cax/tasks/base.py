@@ -15,7 +15,7 @@ from typing import Optional
 
 from cax.logs import printable
 from cax.paths import UnsafePath
-from cax.runsdb import RunsDB, RunsDBLost, key_str, lifecycle
+from cax.runsdb import RunsDB, RunsDBLost, copies, key_str, lifecycle
 
 log = logging.getLogger("cax.task")
 
@@ -32,6 +32,9 @@ class Context:
     run_filter: dict = field(default_factory=dict)
     #: the pass's :class:`cax.transfer.pool.ConnectionPool` (set by ``run_pass``)
     connections: Optional[object] = None
+    #: what was said once this pass (``run_pass`` empties it): a run whose reference is unknown
+    #: is named once per pass, not by every task that skips it
+    said: set = field(default_factory=set)
 
     @property
     def site(self):
@@ -140,6 +143,25 @@ class Task:
             from cax.transfer.pool import ConnectionPool
             self._own_pool = ConnectionPool(cancel=self.ctx.stop.is_set)
         return self._own_pool
+
+    def reference(self, run: dict, dtype: str, version=None) -> Optional[dict]:
+        """The run's reference checksum, preferring the configured reference sites'."""
+        return copies.reference(run, dtype, version, self.ctx.config.reference_sites)
+
+    def expected(self, run: dict, datum: dict) -> Optional[dict]:
+        """What ``datum`` (or a copy of it) must hash to (:func:`copies.expected_checksum`)."""
+        return copies.expected_checksum(run, datum, self.ctx.config.reference_sites)
+
+    def reference_unknown(self, run: dict, dtype: str, version=None) -> None:
+        """Say, once per run and data per pass, at INFO, why no copy of it is verified or made,
+        naming the datums involved: such a run would otherwise wait silently for ever."""
+        key = (run.get("_id"), dtype, version)
+        if key in self.ctx.said:
+            return
+        line = copies.unknown_reference(run, dtype, version, self.ctx.config.reference_sites)
+        if line:
+            self.ctx.said.add(key)
+            self.log(logging.INFO, run, line)
 
     def log(self, level: int, run: Optional[dict], msg: str, datum: Optional[dict] = None,
             **kw) -> None:

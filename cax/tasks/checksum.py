@@ -16,7 +16,7 @@ from datetime import timedelta
 from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.runsdb import RunsDBLost, datum_key, last_beat, lifecycle, now
-from cax.runsdb.copies import expected_checksum, reference
+from cax.runsdb.copies import _ctype, comparable
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer import Interrupted, TransferError, features
@@ -103,8 +103,8 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
             return
         key = dict(key, checksum=None)  # the update re-checks that nobody added one meanwhile
     # a copy is held to what it was copied from (see expected_checksum); an origin to the reference
-    ref = (expected_checksum(run, datum) if datum.get("source")
-           else reference(run, key["type"], key.get("pax_version")))
+    ref = (task.expected(run, datum) if datum.get("source")
+           else task.reference(run, key["type"], key.get("pax_version")))
     if ref is None and datum.get("source"):
         task.record_error(run, key, status,
                           "no reference checksum to verify this copy against", kind=UNVERIFIED)
@@ -136,8 +136,8 @@ def verify(task, run_id, key, compute, status: str = "verifying") -> None:
     if ref is None:
         # the origin copy: its checksum becomes the reference for every other copy
         db.set_reference(run_id, key["type"], key.get("pax_version"), algorithm, digest, task.host)
-        ref = reference(db.run(run_id, {"references": 1, "data": 1}) or {}, key["type"],
-                        key.get("pax_version")) or {"checksum": digest, "host": task.host}
+        ref = task.reference(db.run(run_id, {"references": 1, "data": 1}) or {}, key["type"],
+                             key.get("pax_version")) or {"checksum": digest, "host": task.host}
     # Processed data made here (no ``source``) is its own origin: processors are not
     # bit-reproducible, so another site's (or an earlier) output of the same version is no
     # reference for it. Only copies are held to the reference.
@@ -283,11 +283,15 @@ class CompareChecksums(Task):
         if datum["host"] != self.host or datum.get("status") != "transferred" \
                 or datum.get("reference_checked"):
             return
-        ref = reference(run, datum["type"], datum.get("pax_version"))
-        if ref is None or not datum.get("checksum"):
+        ref = self.reference(run, datum["type"], datum.get("pax_version"))
+        if ref is None:
+            if comparable(datum):  # one awaiting its first checksum (AddChecksum) is no news
+                self.reference_unknown(run, datum["type"], datum.get("pax_version"))
             return
-        if datum.get("checksum_type", "sha512") != ref.get("checksum_type", "sha512"):
-            return  # compare like with like only
+        if not comparable(datum) or _ctype(datum) != _ctype(ref):
+            # compare like with like only: a classic tape MD5 or Rucio adler32 (or "n/a") says
+            # nothing about the copy, and must never turn it into an error
+            return
         key = datum_key(datum)
         own_origin = datum["type"] == "processed" and not datum.get("source")  # see verify
         if datum["checksum"] == ref["checksum"] or own_origin:

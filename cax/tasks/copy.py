@@ -19,7 +19,7 @@ from cax import paths, progress
 from cax.checksum import checksum
 from cax.purge_rule import PurgeRule
 from cax.runsdb import RunsDBLost, key_str, lifecycle, now
-from cax.runsdb.copies import expected_checksum
+from cax.runsdb.copies import comparable
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
@@ -85,11 +85,16 @@ class _Copy(Task):
                         continue
                     if self._has_datum(run, dst.name, dtype, datum.get("pax_version")):
                         continue
-                    ref = expected_checksum(run, datum)
-                    if ref is None or datum.get("checksum") != ref["checksum"]:
-                        # no reference yet (AddChecksum makes one first), or a copy that
-                        # disagrees with it: never spread it
+                    ref = self.expected(run, datum)
+                    if ref is None:
+                        # no reference yet: AddChecksum makes one for an origin without a
+                        # checksum; for one with a checksum something else is wrong, and the
+                        # run would wait silently for ever: said once a pass
+                        if comparable(datum):
+                            self.reference_unknown(run, dtype, datum.get("pax_version"))
                         continue
+                    if datum.get("checksum") != ref["checksum"]:
+                        continue  # a copy that disagrees with the reference: never spread it
                     if self.skip(run, datum):
                         continue
                     self.copy(run, datum, src, dst, remote)

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from cax import paths
 from cax.runsdb import as_utc, datum_key, last_beat, lifecycle, now
-from cax.runsdb.copies import reference
+from cax.runsdb.copies import _ctype, comparable, good_copies, placeholder
 from cax.runsdb.lifecycle import DatumKey, ErrorKind
 from cax.tasks import scrub
 from cax.tasks.base import Task
@@ -40,6 +40,12 @@ class _Heal(Task):
     projection = {"name": 1, "number": 1, "data": 1, "references": 1, "retries": 1}
 
     def owner(self, datum) -> str:
+        """Who heals the datum: the daemon that claimed the copy, else the site holding it. A
+        datum without ``source`` was claimed by nobody cax knows (an origin, or a copy the
+        classic cax made: its processed copies carry the processing site's
+        ``creation_place``), so its own site heals it, as the classic cax did."""
+        if not datum.get("source"):
+            return datum["host"]
         return datum.get("creation_place") or datum["host"]
 
     def remove_files(self, run, datum, final: bool = True) -> None:
@@ -50,6 +56,8 @@ class _Heal(Task):
         a datum naming another run's directory must never make a retry delete that run's data.
         """
         location = datum.get("location")
+        if not datum.get("source") and placeholder(location):
+            return  # a classic record of a copy that wrote nothing under a name ("n/a")
         if datum["host"] == self.host:
             # here is this filesystem, whatever method other sites use to reach this one; a
             # copy killed here may also have left an rsync pull's holder directory
@@ -108,6 +116,10 @@ class _Heal(Task):
 #: the source of a stalled copy is gone (purged, lost): only the copy's checksum can judge it
 SOURCE_GONE = ()
 
+#: how long the classic cax let a copy go without progress before it removed and re-sent it
+#: (its RetryStalledTransfer: a day since the copy was made or its files last changed)
+CLASSIC_STALLED_AFTER = timedelta(days=1)
+
 
 class RetryStalledTransfer(_Heal):
     """Copies with no progress for ``stalled_after`` seconds, and copies that failed, go again.
@@ -126,8 +138,11 @@ class RetryStalledTransfer(_Heal):
             "status": {"$in": ["transferring", "verifying", "error", "retrying"]}}}}
 
     def each_location(self, run, datum):
-        if self.owner(datum) != self.host or not datum.get("source"):
-            return  # only copies are re-copied; an origin has nowhere to come from
+        if self.owner(datum) != self.host:
+            return
+        if not datum.get("source"):
+            self.heal_classic(run, datum)
+            return
         index = run["data"].index(datum)
         status = datum.get("status")
         if status in ("transferring", "verifying"):
@@ -172,6 +187,65 @@ class RetryStalledTransfer(_Heal):
             self.retry(run, datum, index, datum.get("error_kind"))
         elif status == "retrying":
             super().each_location(run, datum)
+
+    # -- classic copies ---------------------------------------------------------------------
+    def heal_classic(self, run, datum) -> None:
+        """A copy the classic cax left ``transferring`` (a day without progress) or ``error``
+        (without ``error_kind``) is removed and copied again, as the classic
+        RetryStalledTransfer did; it wrote no ``source``, so cax cannot tell such a copy from
+        an origin by its record. Only at a site copies come to, other than a reference site
+        (the classic cax never retried its master site's errors), and only when a good copy
+        exists elsewhere: then it is not the only data of the run (an origin still being
+        written has none), and is copied again from there. Anything else without ``source``
+        is an origin: it has nowhere to come from."""
+        status, kind = datum.get("status"), datum.get("error_kind")
+        if status == "retrying":
+            super().each_location(run, datum)
+            return
+        if not (status == "transferring" or (status == "error" and kind in (None, "stalled"))):
+            return
+        if not self.receives() or self.host in self.ctx.config.reference_sites:
+            return  # nothing would bring the data here again (the DAQ), or the reference site
+        dtype, version = datum["type"], datum.get("pax_version")
+        good = good_copies(run, dtype, version, self.reference(run, dtype, version),
+                           exclude_host=datum["host"])
+        if not good:
+            return
+        index = run["data"].index(datum)
+        if status == "transferring":
+            last = last_beat(datum)
+            limit = timedelta(seconds=max(self.site.stalled_after,
+                                          CLASSIC_STALLED_AFTER.total_seconds()))
+            if last is None or now() - last < limit:
+                return  # the classic cax gave a copy a day; one of its daemons may be at it
+            reason = (f"stalled: classic copy without 'source', no progress since "
+                      f"{last.isoformat()} (the classic cax allowed a day)")
+            if self.dry_run:
+                self.log(logging.INFO, run, f"dry-run: would mark {reason}", datum=datum)
+                return
+            if not self.db.apply(lifecycle.stalled(run["_id"], run["data"], index, reason)):
+                return
+            self.log(logging.WARNING, run, reason, datum=datum)
+            run = self.db.run(run["_id"], self.projection)
+            _, datum = DatumKey.of(datum).find(run)
+            if datum is None:
+                return
+            index = run["data"].index(datum)
+        elif kind is None:
+            # back off as for any failed copy; a classic error has no error_time: its age is
+            # its creation's
+            wait = self.site.retry_delay * 2 ** (run.get("retries") or 0)
+            failed_at = as_utc(datum.get("error_time") or datum.get("creation_time"))
+            if failed_at is not None and now() - failed_at < timedelta(seconds=wait):
+                return
+        self.retry(run, datum, index, f"classic {status} copy without 'source'; good copy at "
+                                      f"{good[0]['host']}")
+
+    def receives(self) -> bool:
+        """Whether copies come to this site (it pulls, or some site pushes to it): only then is
+        a record without ``source`` here a copy that can be made again, and not an origin."""
+        return bool(self.site.download_options) or any(
+            self.host in s.upload_options for s in self.ctx.config.sites.values())
 
     # -- a copy that landed -----------------------------------------------------------------
     def _tree(self, site, location, dtype):
@@ -295,14 +369,14 @@ class RetryBadChecksumTransfer(_Heal):
             if self.owner(datum) == self.host or datum.get("error_kind") == "checksum":
                 self.finish_retry(run, datum, "unfinished retry")
             return
-        ref = reference(run, datum["type"], datum.get("pax_version"))
+        ref = self.reference(run, datum["type"], datum.get("pax_version"))
         if ref is None:
+            self.reference_unknown(run, datum["type"], datum.get("pax_version"))
             return
         bad = ((datum.get("status") == "error"
                 and datum.get("error_kind") in lifecycle.LANDED_BAD)
-               or (datum.get("status") == "transferred" and datum.get("checksum")
-                   and datum.get("checksum_type", "sha512") == ref.get("checksum_type", "sha512")
-                   and datum["checksum"] != ref["checksum"]))
+               or (datum.get("status") == "transferred" and comparable(datum)
+                   and _ctype(datum) == _ctype(ref) and datum["checksum"] != ref["checksum"]))
         if not bad:
             return
         if datum.get("error_kind") == "checksum" and datum.get("source") \
@@ -312,9 +386,10 @@ class RetryBadChecksumTransfer(_Heal):
             _, datum = DatumKey.of(datum).find(run)
             if datum is None or datum.get("status") != "error":
                 return
-        good = [d for d in run["data"] if d is not datum and d.get("type") == datum["type"]
-                and d.get("pax_version") == datum.get("pax_version")
-                and d.get("status") == "transferred" and d.get("checksum") == ref["checksum"]]
+        # verified copies only: a Rucio or tape record's checksum is no evidence of one (a
+        # Rucio adler32 taken for the reference once made this remove the DAQ's only copy)
+        good = good_copies(run, datum["type"], datum.get("pax_version"), ref,
+                           exclude_host=datum["host"])
         if not good:
             self.log(logging.ERROR, run, "corrupt copy is the only copy: left in place, "
                      "flagged for a human", datum=datum)

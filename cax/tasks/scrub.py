@@ -24,6 +24,7 @@ from cax import paths
 from cax.checksum import checksum as compute_checksum
 from cax.deletion import CORRUPT, LOST, CopyChecker, find_datum
 from cax.runsdb import RunsDBLost, as_utc, datum_key, lifecycle, now
+from cax.runsdb.copies import _ctype, comparable
 from cax.tasks.base import Task
 from cax.transfer.base import local_tree
 
@@ -54,8 +55,8 @@ class VerifyCopies(Task):
     def each_location(self, run, datum):
         """Collect the due copies; the pass's budget is spent oldest first in :meth:`finish`."""
         if datum.get("host") != self.host or datum.get("status") != "transferred" \
-                or not datum.get("checksum"):
-            return
+                or not comparable(datum):
+            return  # a classic tape MD5, Rucio adler32 or "n/a" cannot be re-computed
         last = as_utc(datum.get("checksum_time"))
         if last is not None and last >= self.cutoff():
             return
@@ -71,7 +72,7 @@ class VerifyCopies(Task):
                 break
             run = self.db.run(run_id, self.projection)
             _, datum = find_datum(run or {}, key)
-            if datum is None or datum.get("status") != "transferred" or not datum.get("checksum"):
+            if datum is None or datum.get("status") != "transferred" or not comparable(datum):
                 continue
             try:
                 size = self.scrub(run, datum, budget - spent, first=spent == 0)
@@ -112,7 +113,7 @@ class VerifyCopies(Task):
         size = have[0]
         if size > left and not first:
             return None
-        algorithm = datum.get("checksum_type") or "sha512"
+        algorithm = _ctype(datum)
         try:
             digest = compute_checksum(location, algorithm, cancel=self.ctx.stop.is_set)
         except FileNotFoundError:

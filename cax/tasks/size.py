@@ -22,14 +22,14 @@ from cax.transfer.base import local_tree
 measure = local_tree  # (bytes, regular files); symlinks count as nothing
 
 
-def reference_size(run: dict, datum: dict):
+def reference_size(run: dict, datum: dict, prefer=()):
     """(size, host) of the reference site's copy to compare with; (None, host) while that copy is
     not measured yet; None when there is nothing to compare with.
 
     Only the reference site's copy: comparing with whichever copy happened to be measured first
     let a bad copy measured early flag the reference copy itself.
     """
-    ref = expected_checksum(run, datum)  # processed data: the origin this copy descends from
+    ref = expected_checksum(run, datum, prefer)  # processed: the origin this copy descends from
     if ref is None or not ref.get("host") or ref["host"] == datum["host"]:
         return None
     _, d = find_datum(run, key_of(dict(datum, host=ref["host"])))
@@ -68,7 +68,7 @@ class AddSize(Task):
             self.record_error(run, key, "transferred", f"cannot measure size: {e}")
             return
         fields = {"size": size, "files": files}
-        refsize = reference_size(run, datum)
+        refsize = reference_size(run, datum, self.ctx.config.reference_sites)
         if refsize is not None and refsize[0] is None:
             # measured again on a later pass: recording now would never compare this copy
             self.log(logging.DEBUG, run, f"size waits for the reference copy at {refsize[1]}",
@@ -103,7 +103,7 @@ class AddSize(Task):
         """Whether this copy, found with a size other than the reference copy's, still hashes to
         the checksum it descends from: the size alone cannot say which of the two went bad. None
         when the daemon is stopping."""
-        ref = expected_checksum(run, datum)
+        ref = self.expected(run, datum)
         if ref is None or not ref.get("checksum"):
             return False
         try:
