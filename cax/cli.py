@@ -55,9 +55,16 @@ def _common(f):
 @click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
 @click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
-@click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
+@click.option("--log", "log_level", type=LEVELS, default=None,
+              help="Log level (default INFO; -q is WARNING, -v is DEBUG).")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Log everything (DEBUG).")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Also write the log to this file (default: stderr only).")
+              help="Also write the log to this file (default: stderr only); it is reopened "
+                   "when logrotate moves it, and on SIGHUP.")
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+              help="text: one line per event; json: one JSON object per event, with run, task, "
+                   "site and datum as fields.")
 @click.option("--disable-database-update", "--dry-run", "dry_run", is_flag=True,
               help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
 @click.option("--disable_database_update", "classic_no_db", is_flag=True, hidden=True,
@@ -71,17 +78,25 @@ def _common(f):
               help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
-def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
-        classic_no_db, runs_db, strict, ncpu):
+def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, quiet, verbose,
+        log_file, log_format, dry_run, classic_no_db, runs_db, strict, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
     Without a subcommand it runs the daemon loop for this host: `cax --once` from cron, `cax` as a
     long-running daemon (SIGTERM/SIGINT stop it cleanly), `cax --config test.json --dry-run --once`
-    to see what a new config would do.
+    to see what a new config would do. SIGHUP re-reads the config and reopens the log file.
+
+    Under cron (--once, no terminal, no log level asked for) a pass that did nothing prints
+    nothing, so cron mails only when something happened.
     """
+    if sum(bool(x) for x in (log_level, quiet, verbose)) > 1:
+        raise Fatal("--log, -q and -v: give one of them", 2)
+    level = log_level or ("WARNING" if quiet else "DEBUG" if verbose else "INFO")
+    idle_quiet = (once and log_level is None and not verbose and ctx.invoked_subcommand is None
+                  and not sys.stderr.isatty())
     try:
-        logs.setup(log_level, log_file)
+        logs.setup(level, log_file, log_format, quiet_when_idle=idle_quiet)
     except OSError as e:
         raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
     if classic_no_db:
@@ -106,19 +121,7 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     except job_credential.CredentialError as e:
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
-    check_reach(config, host)
-    if not config.runs_db_named:
-        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
-                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
-                    f"\"runs_db\"", 2)
-    if ncpu is not None:
-        site = config.site(host)
-        if site.processing is None:
-            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
-        else:
-            site.processing["ncpus"] = ncpu
-            from cax.tasks.process import describe
-            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
+    _ready(config, host, ncpu)
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)
@@ -134,14 +137,44 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
-                 " (dry run: nothing will change)" if dry_run else "")
-        if not run_loop(context, once=once,
+                 " (dry run: nothing will change)" if dry_run else "", extra=logs.ROUTINE)
+
+        def reload():
+            new = load_config(config_path)
+            new.site(host)  # this host must still be in it
+            _ready(new, host, ncpu)
+            if new.runs_db != config.runs_db:
+                from cax.runsdb import redact_uri
+                raise Fatal(f"it names another Runs DB ({redact_uri(new.runs_db)}); "
+                            f"restart cax to change the Runs DB")
+            context.run_filter = run_filter(run_number, run_name, new.datasets_for(host))
+            return new, new.interval if interval is None else interval
+
+        if not run_loop(context, once=once, reload=reload,
                         interval=config.interval if interval is None else interval):
             ctx.exit(1)  # the Runs DB was lost mid-pass; run_loop logged it in one line
     finally:
         if db is not None:
             db.close()
         lock.release()
+
+
+def _ready(config, host, ncpu) -> None:
+    """What the daemon checks of a config at start and on SIGHUP: it can do this host's work, it
+    names a Runs DB, and ``--ncpu`` applied."""
+    check_reach(config, host)
+    if not config.runs_db_named:
+        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
+                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
+                    f"\"runs_db\"", 2)
+    if ncpu is not None:
+        site = config.site(host)
+        if site.processing is None:
+            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
+        else:
+            site.processing["ncpus"] = ncpu
+            from cax.tasks.process import describe
+            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
 
 
 # ---- status ---------------------------------------------------------------------------------
