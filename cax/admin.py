@@ -71,7 +71,7 @@ def _common(f):
     f = click.option("--host", "host", default=None,
                      help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
     f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+                     help="Config file (default: $CAX_CONFIG, else ./cax.json, else /etc/cax/cax.json).")(f)
     return f
 
 

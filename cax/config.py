@@ -280,11 +280,26 @@ def state_dir() -> str:
     return os.path.join(base, "cax")
 
 
+#: the config every command finds when none is named (after ``$CAX_CONFIG`` and ``./cax.json``)
+SYSTEM_CONFIG = "/etc/cax/cax.json"
+CONFIG_ENV = "CAX_CONFIG"
+
+
 def default_config_path() -> str:
-    """``./cax.json`` when present, else the copy packaged with cax."""
-    if os.path.exists("cax.json"):
-        return os.path.abspath("cax.json")
-    return packaged_config_path()
+    """``$CAX_CONFIG``, else ``./cax.json``, else ``/etc/cax/cax.json``. Never the example
+    packaged inside cax: a site that lost its config must not act on the example's sites and
+    Runs DB; without a config cax stops and says where it looked."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        if not os.path.exists(named):
+            raise ConfigError(f"${CONFIG_ENV}={named}: no such file")
+        return os.path.abspath(named)
+    for candidate in ("cax.json", SYSTEM_CONFIG):
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    raise ConfigError(f"no config: looked for --config, ${CONFIG_ENV}, ./cax.json and "
+                      f"{SYSTEM_CONFIG} (the example config: {packaged_config_path()}; a "
+                      f"working demo: cax demo DIR)")
 
 
 def default_host() -> str:
