@@ -538,7 +538,7 @@ def _register_subcommands():
 def status_main():
     """``cax-status``: ``cax status`` under its own name, warnings only."""
     logs.setup("WARNING")
-    status(prog_name="cax-status")
+    status(prog_name="cax-status", help_option_names=["-h", "--help"])
 
 
 _register_subcommands()
