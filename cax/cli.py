@@ -418,9 +418,17 @@ def config_group():
 
 @config_group.command("check")
 @_common
+@click.option("--probe", is_flag=True,
+              help="Also check that this host's data directories exist and are writable and "
+                   "that every site it pushes to or pulls from answers (a login, and its data "
+                   "directories looked at); one line per check, exit 1 if any fails. Changes "
+                   "nothing.")
 @click.pass_context
-def config_check(ctx, config_path, host):
-    """Validate the config, then print the resolved sites and this host's tasks."""
+def config_check(ctx, config_path, host, probe):
+    """Validate the config, then print the resolved sites and this host's tasks.
+
+    A missing data directory of this host is a warning (the config may be checked on another
+    machine); --probe makes it, and every site this host must reach, a real check."""
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     # a host asked for by name must be a site; only the hostname fallback may be a mere remark
@@ -447,6 +455,21 @@ def config_check(ctx, config_path, host):
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
         from cax.tasks.process import describe
         click.echo(describe(config.site(host)))
+        from cax import probe as probing
+        if probe:
+            checks = probing.probe(config, host)
+            for c in checks:
+                click.echo(f"probe: {'ok  ' if c.ok else 'FAIL'} {c.line}")
+            failed = sum(not c.ok for c in checks)
+            if failed:
+                raise Fatal(f"--probe: {failed} of {len(checks)} checks failed", 1)
+        else:
+            for c in probing.local_dirs(config.site(host)):
+                if not c.ok:
+                    click.echo(f"cax: warning: {c.line} (a pass would fail; see --probe)",
+                               err=True)
+    elif probe:
+        raise Fatal(f"--probe: {host} is not a site in the config (use --host)", 2)
     else:
         click.echo(f"this host: {host} is not a site in the config (use --host); "
                    f"known: {', '.join(config.sites)}")
