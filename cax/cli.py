@@ -1,9 +1,10 @@
 """The ``cax`` command line.
 
 ``cax`` alone runs the daemon loop for this host; subcommands inspect and feed the Runs DB. Exit
-status: 0 when cax ran (failures of single runs are recorded in the Runs DB, not in the exit status),
-1 when the Runs DB cannot be used (or was lost during a ``--once`` pass) or another daemon holds the
-site, 2 for config and usage errors.
+status: 0 when cax ran (``--once``: the pass did everything it could), 1 when the Runs DB cannot be
+used (or was lost during a ``--once`` pass) or another daemon holds the site, 2 for config and
+usage errors, 3 when a ``--once`` pass recorded a failure or could not reach a site it needed
+(each failure is in the Runs DB: ``cax status``).
 """
 from __future__ import annotations
 
@@ -88,6 +89,13 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
 
     Under cron (--once, no terminal, no log level asked for) a pass that did nothing prints
     nothing, so cron mails only when something happened.
+
+    \b
+    Exit status:
+      0  the pass did everything it could (a daemon: stopped cleanly)
+      1  the Runs DB cannot be used, or another cax serves this site
+      2  a config or usage error
+      3  --once: a failure was recorded, or a site this pass needed did not answer
     """
     if sum(bool(x) for x in (log_level, quiet, verbose)) > 1:
         raise Fatal("--log, -q and -v: give one of them", 2)
@@ -136,7 +144,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
-                 " (dry run: nothing will change)" if dry_run else "", extra=logs.ROUTINE)
+                 " (dry run: nothing will change)" if dry_run else "",
+                 extra={} if dry_run else logs.ROUTINE)  # a dry run always says it is one
 
         def reload():
             new = load_config(config_path)
@@ -149,9 +158,10 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
             context.run_filter = run_filter(run_number, run_name, new.datasets_for(host))
             return new, new.interval if interval is None else interval
 
-        if not run_loop(context, once=once, reload=reload,
-                        interval=config.interval if interval is None else interval):
-            ctx.exit(1)  # the Runs DB was lost mid-pass; run_loop logged it in one line
+        code = run_loop(context, once=once, reload=reload,
+                        interval=config.interval if interval is None else interval)
+        if code:  # run_loop logged why in one line
+            ctx.exit(code)
     finally:
         if db is not None:
             db.close()
@@ -255,6 +265,12 @@ def status(ctx, config_path, host, as_json):
         click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
     if not rows:
         click.echo("(no runs)")
+    from cax import heartbeat
+    daemons = heartbeat.lines(db.heartbeats())
+    if daemons:
+        click.echo("")
+        for line in daemons:
+            click.echo(line)
 
 
 # ---- runs add -------------------------------------------------------------------------------

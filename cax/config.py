@@ -133,6 +133,7 @@ SITE_SCHEMA = {
         "group": {"type": "string"},
         "mode": {"type": "string", "pattern": "^0?[0-7]{3,4}$"},
         "stray_grace_days": _pos_num,
+        "metrics_file": _path,
     },
 }
 
@@ -193,6 +194,8 @@ class Site:
     group: Optional[str] = None
     mode: Optional[int] = None
     stray_grace_days: float = 7.0
+    #: Prometheus textfile this site's daemon rewrites after every pass (cax.metrics), or None
+    metrics_file: Optional[str] = None
     #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
     unreachable: Optional[str] = None
     #: the config error a cax acting as this site stops on (an unknown name in its task_list);
@@ -496,6 +499,7 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
         group=raw.get("group"),
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),
+        metrics_file=absolute(raw["metrics_file"]) if raw.get("metrics_file") else None,
         unreachable=unreachable,
         raw=raw,
     )

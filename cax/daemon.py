@@ -19,7 +19,9 @@ import tempfile
 import threading
 import time
 
-from cax import logs
+from cax import logs, metrics
+from cax.heartbeat import Heartbeat
+from cax.pass_report import PassReport
 from cax.runsdb import RunsDBLost
 from cax.tasks import task_class
 from cax.tasks.base import Context
@@ -79,6 +81,7 @@ def build_tasks(ctx: Context) -> list:
 def run_pass(ctx: Context) -> dict:
     """One pass of every task; returns {task name: runs looked at}."""
     stats = {}
+    ctx.report = PassReport()
     ctx.connections = ConnectionPool(cancel=ctx.stop.is_set)
     try:
         for cls in build_tasks(ctx):
@@ -93,11 +96,13 @@ def run_pass(ctx: Context) -> dict:
             except Exception as e:  # a broken task must not stop the others
                 log.error("task=%s site=%s failed: %s: %s", task.name, ctx.host,
                           type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+                ctx.report.failed("task", f"task {task.name}: {type(e).__name__}: {e}")
                 stats[task.name] = -1
             log.debug("task=%s site=%s done in %.2f s", task.name, ctx.host,
                       time.monotonic() - started)
     finally:
         pool, ctx.connections = ctx.connections, None
+        ctx.report.could_not_reach(pool.unreachable())
         pool.close()
     return stats
 
@@ -174,13 +179,20 @@ def wait_for_runs_db(ctx: Context, interval: float) -> bool:
     return False
 
 
-def run_loop(ctx: Context, *, once: bool, interval: float, reload=None) -> bool:
-    """Passes until stopped (or one pass with ``once``); False when ``once``'s pass lost the
-    Runs DB. ``reload()`` returns the config re-read on SIGHUP as ``(config, interval)``."""
+#: exit status of ``cax --once``: the pass did everything it could / the Runs DB was lost /
+#: a copy failed or a site it needed did not answer (cron tells them apart)
+EXIT_OK, EXIT_RUNS_DB, EXIT_INCOMPLETE = 0, 1, 3
+
+
+def run_loop(ctx: Context, *, once: bool, interval: float, reload=None) -> int:
+    """Passes until stopped (or one pass with ``once``); returns the exit status (EXIT_*: for a
+    daemon only EXIT_OK). ``reload()`` returns the config re-read on SIGHUP as ``(config,
+    interval)``."""
     signals = install_signal_handlers(ctx.stop)
     waker = None
     n = 0
-    ok = True
+    code = EXIT_OK
+    beat = None
     while not ctx.stop.is_set():
         if signals.reload:
             signals.reload = False
@@ -189,11 +201,22 @@ def run_loop(ctx: Context, *, once: bool, interval: float, reload=None) -> bool:
         n += 1
         log.info("site=%s pass %d start", ctx.host, n, extra=logs.ROUTINE)
         try:
+            if beat is None:
+                beat = Heartbeat(ctx.db, ctx.host, interval, once)
+            beat.begin(interval)
+            started, queries = time.monotonic(), ctx.db.queries
             stats = run_pass(ctx)
+            beat.end(ctx.report)
+            if ctx.site.metrics_file and not ctx.dry_run:
+                metrics.write(ctx.site.metrics_file, ctx.host, ctx.report,
+                              seconds=time.monotonic() - started,
+                              queries=ctx.db.queries - queries,
+                              stuck=metrics.stuck_datums(ctx.db, ctx.host),
+                              complete=ctx.report.complete)
         except RunsDBLost as e:
             log.error("site=%s pass %d stopped: %s", ctx.host, n, e)
             if once:
-                ok = False
+                code = EXIT_RUNS_DB
                 break
             if waker is not None:  # its change stream died with the server
                 waker.close()
@@ -205,6 +228,9 @@ def run_loop(ctx: Context, *, once: bool, interval: float, reload=None) -> bool:
                  extra=logs.ROUTINE)
         logs.end_of_pass()
         if once:
+            if not ctx.report.complete:
+                code = EXIT_INCOMPLETE
+                log.warning("site=%s pass incomplete: %s", ctx.host, describe(ctx.report))
             break
         if waker is None:
             waker = Waker(ctx.db.collection, getattr(ctx.config, "wake_on_change", False))
@@ -214,5 +240,16 @@ def run_loop(ctx: Context, *, once: bool, interval: float, reload=None) -> bool:
     if waker is not None:
         waker.close()
     if ctx.stop.is_set():
+        if beat is not None and not once:
+            try:
+                beat.stopped()
+            except RunsDBLost:
+                pass
         log.info("site=%s stopped cleanly", ctx.host)
-    return ok
+    return code
+
+
+def describe(report) -> str:
+    parts = [f"{n} {kind}" for kind, n in sorted(report.failures.items())]
+    parts += [f"cannot reach {site} ({why})" for site, why in sorted(report.unreachable.items())]
+    return "; ".join(parts) or "complete"
