@@ -71,7 +71,7 @@ def _common(f):
     f = click.option("--host", "host", default=None,
                      help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
     f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                     help="Config file (default: ./cax.json, else the copy packaged with cax).")(f)
+                     help="Config file (default: $CAX_CONFIG, else ./cax.json, else /etc/cax/cax.json).")(f)
     return f
 
 
@@ -498,16 +498,20 @@ def stray(ctx, config_path, host, dry_run, delete, force, max_delete):
 
 
 # ---- console-script entry points ------------------------------------------------------------
+#: the dash aliases run a command without the ``cax`` group, whose ``-h`` they would not inherit
+HELP = ["-h", "--help"]
+
+
 def mv_main():
-    mv(prog_name="cax-mv")
+    mv(prog_name="cax-mv", help_option_names=HELP)
 
 
 def rm_main():
-    rm(prog_name="cax-rm")
+    rm(prog_name="cax-rm", help_option_names=HELP)
 
 
 def stray_main():
-    stray(prog_name="cax-stray")
+    stray(prog_name="cax-stray", help_option_names=HELP)
 
 
 COMMANDS = (mv, rm, stray)

@@ -1,9 +1,10 @@
 """The ``cax`` command line.
 
 ``cax`` alone runs the daemon loop for this host; subcommands inspect and feed the Runs DB. Exit
-status: 0 when cax ran (failures of single runs are recorded in the Runs DB, not in the exit status),
-1 when the Runs DB cannot be used (or was lost during a ``--once`` pass) or another daemon holds the
-site, 2 for config and usage errors.
+status: 0 when cax ran (``--once``: the pass did everything it could), 1 when the Runs DB cannot be
+used (or was lost during a ``--once`` pass) or another daemon holds the site, 2 for config and
+usage errors, 3 when a ``--once`` pass recorded a failure or could not reach a site it needed
+(each failure is in the Runs DB: ``cax status``).
 """
 from __future__ import annotations
 
@@ -42,9 +43,8 @@ def _common(f):
     f = click.option("--host", "host", default=None,
                      help="Site this cax acts as (default: $CAX_HOST, else the short hostname).")(f)
     f = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                     help="Config file (default: ./cax.json, else the copy packaged with cax, "
-                          "whose embedded Runs DB is $XDG_STATE_HOME/cax/cax.runsdb, by default "
-                          "~/.local/state/cax/cax.runsdb).")(f)
+                     help="Config file (default: $CAX_CONFIG, else ./cax.json, else "
+                          "/etc/cax/cax.json; never the example packaged with cax).")(f)
     return f
 
 
@@ -55,9 +55,16 @@ def _common(f):
 @click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
 @click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
-@click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
+@click.option("--log", "log_level", type=LEVELS, default=None,
+              help="Log level (default INFO; -q is WARNING, -v is DEBUG).")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Log everything (DEBUG).")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Also write the log to this file (default: stderr only).")
+              help="Also write the log to this file (default: stderr only); it is reopened "
+                   "when logrotate moves it, and on SIGHUP.")
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+              help="text: one line per event; json: one JSON object per event, with run, task, "
+                   "site and datum as fields.")
 @click.option("--disable-database-update", "--dry-run", "dry_run", is_flag=True,
               help="Change nothing (no Runs DB writes, no file changes); log each action instead.")
 @click.option("--disable_database_update", "classic_no_db", is_flag=True, hidden=True,
@@ -71,17 +78,32 @@ def _common(f):
               help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
-def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, log_file, dry_run,
-        classic_no_db, runs_db, strict, ncpu):
+def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, quiet, verbose,
+        log_file, log_format, dry_run, classic_no_db, runs_db, strict, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
     Without a subcommand it runs the daemon loop for this host: `cax --once` from cron, `cax` as a
     long-running daemon (SIGTERM/SIGINT stop it cleanly), `cax --config test.json --dry-run --once`
-    to see what a new config would do.
+    to see what a new config would do. SIGHUP re-reads the config and reopens the log file.
+
+    Under cron (--once, no terminal, no log level asked for) a pass that did nothing prints
+    nothing, so cron mails only when something happened.
+
+    \b
+    Exit status:
+      0  the pass did everything it could (a daemon: stopped cleanly)
+      1  the Runs DB cannot be used, or another cax serves this site
+      2  a config or usage error
+      3  --once: a failure was recorded, or a site this pass needed did not answer
     """
+    if sum(bool(x) for x in (log_level, quiet, verbose)) > 1:
+        raise Fatal("--log, -q and -v: give one of them", 2)
+    level = log_level or ("WARNING" if quiet else "DEBUG" if verbose else "INFO")
+    idle_quiet = (once and log_level is None and not verbose and ctx.invoked_subcommand is None
+                  and not sys.stderr.isatty())
     try:
-        logs.setup(log_level, log_file)
+        logs.setup(level, log_file, log_format, quiet_when_idle=idle_quiet)
     except OSError as e:
         raise Fatal(f"cannot open log file {log_file}: {e.strerror or e}", 2)
     if classic_no_db:
@@ -106,19 +128,7 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     except job_credential.CredentialError as e:
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
-    check_reach(config, host)
-    if not config.runs_db_named:
-        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
-                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
-                    f"\"runs_db\"", 2)
-    if ncpu is not None:
-        site = config.site(host)
-        if site.processing is None:
-            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
-        else:
-            site.processing["ncpus"] = ncpu
-            from cax.tasks.process import describe
-            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
+    _ready(config, host, ncpu)
     scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
                      if v is not None)
     lock = SiteLock(config, host, scope)
@@ -134,14 +144,46 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
-                 " (dry run: nothing will change)" if dry_run else "")
-        if not run_loop(context, once=once,
-                        interval=config.interval if interval is None else interval):
-            ctx.exit(1)  # the Runs DB was lost mid-pass; run_loop logged it in one line
+                 " (dry run: nothing will change)" if dry_run else "",
+                 extra={} if dry_run else logs.ROUTINE)  # a dry run always says it is one
+
+        def reload():
+            new = load_config(config_path)
+            new.site(host)  # this host must still be in it
+            _ready(new, host, ncpu)
+            if new.runs_db != config.runs_db:
+                from cax.runsdb import redact_uri
+                raise Fatal(f"it names another Runs DB ({redact_uri(new.runs_db)}); "
+                            f"restart cax to change the Runs DB")
+            context.run_filter = run_filter(run_number, run_name, new.datasets_for(host))
+            return new, new.interval if interval is None else interval
+
+        code = run_loop(context, once=once, reload=reload,
+                        interval=config.interval if interval is None else interval)
+        if code:  # run_loop logged why in one line
+            ctx.exit(code)
     finally:
         if db is not None:
             db.close()
         lock.release()
+
+
+def _ready(config, host, ncpu) -> None:
+    """What the daemon checks of a config at start and on SIGHUP: it can do this host's work, it
+    names a Runs DB, and ``--ncpu`` applied."""
+    check_reach(config, host)
+    if not config.runs_db_named:
+        raise Fatal(f"{config.path}: a classic list config names no Runs DB; name one with "
+                    f"--runs-db URI_OR_PATH, ${cfgmod.RUNS_DB_ENV}, or the object form's "
+                    f"\"runs_db\"", 2)
+    if ncpu is not None:
+        site = config.site(host)
+        if site.processing is None:
+            log.warning("site=%s --ncpu %d ignored: this site does not process data", host, ncpu)
+        else:
+            site.processing["ncpus"] = ncpu
+            from cax.tasks.process import describe
+            log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -225,6 +267,12 @@ def status(ctx, config_path, host, as_json):
         click.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
     if not rows:
         click.echo("(no runs)")
+    from cax import heartbeat
+    daemons = heartbeat.lines(db.heartbeats())
+    if daemons:
+        click.echo("")
+        for line in daemons:
+            click.echo(line)
 
 
 # ---- runs add -------------------------------------------------------------------------------
@@ -398,9 +446,17 @@ def config_group():
 
 @config_group.command("check")
 @_common
+@click.option("--probe", is_flag=True,
+              help="Also check that this host's data directories exist and are writable and "
+                   "that every site it pushes to or pulls from answers (a login, and its data "
+                   "directories looked at); one line per check, exit 1 if any fails. Changes "
+                   "nothing.")
 @click.pass_context
-def config_check(ctx, config_path, host):
-    """Validate the config, then print the resolved sites and this host's tasks."""
+def config_check(ctx, config_path, host, probe):
+    """Validate the config, then print the resolved sites and this host's tasks.
+
+    A missing data directory of this host is a warning (the config may be checked on another
+    machine); --probe makes it, and every site this host must reach, a real check."""
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     # a host asked for by name must be a site; only the hostname fallback may be a mere remark
@@ -427,6 +483,21 @@ def config_check(ctx, config_path, host):
         click.echo(f"this host: {host}; tasks: {', '.join(config.tasks_for(host))}")
         from cax.tasks.process import describe
         click.echo(describe(config.site(host)))
+        from cax import probe as probing
+        if probe:
+            checks = probing.probe(config, host)
+            for c in checks:
+                click.echo(f"probe: {'ok  ' if c.ok else 'FAIL'} {c.line}")
+            failed = sum(not c.ok for c in checks)
+            if failed:
+                raise Fatal(f"--probe: {failed} of {len(checks)} checks failed", 1)
+        else:
+            for c in probing.local_dirs(config.site(host)):
+                if not c.ok:
+                    click.echo(f"cax: warning: {c.line} (a pass would fail; see --probe)",
+                               err=True)
+    elif probe:
+        raise Fatal(f"--probe: {host} is not a site in the config (use --host)", 2)
     else:
         click.echo(f"this host: {host} is not a site in the config (use --host); "
                    f"known: {', '.join(config.sites)}")
@@ -518,7 +589,7 @@ def _register_subcommands():
 def status_main():
     """``cax-status``: ``cax status`` under its own name, warnings only."""
     logs.setup("WARNING")
-    status(prog_name="cax-status")
+    status(prog_name="cax-status", help_option_names=["-h", "--help"])
 
 
 _register_subcommands()

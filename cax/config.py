@@ -143,6 +143,7 @@ SITE_SCHEMA = {
         "stray_grace_days": _pos_num,
         # this site's verified sha512 is the reference of runs that record none (classic DBs)
         "reference": {"type": "boolean"},
+        "metrics_file": _path,
     },
 }
 
@@ -208,6 +209,8 @@ class Site:
     stray_grace_days: float = 7.0
     #: this site's verified sha512 is the reference of runs that record none (classic Runs DBs)
     reference: bool = False
+    #: Prometheus textfile this site's daemon rewrites after every pass (cax.metrics), or None
+    metrics_file: Optional[str] = None
     #: why no cax reaches this site (a classic method it does not offer, no hostname), or None
     unreachable: Optional[str] = None
     #: the config error a cax acting as this site stops on (an unknown name in its task_list);
@@ -301,11 +304,26 @@ def state_dir() -> str:
     return os.path.join(base, "cax")
 
 
+#: the config every command finds when none is named (after ``$CAX_CONFIG`` and ``./cax.json``)
+SYSTEM_CONFIG = "/etc/cax/cax.json"
+CONFIG_ENV = "CAX_CONFIG"
+
+
 def default_config_path() -> str:
-    """``./cax.json`` when present, else the copy packaged with cax."""
-    if os.path.exists("cax.json"):
-        return os.path.abspath("cax.json")
-    return packaged_config_path()
+    """``$CAX_CONFIG``, else ``./cax.json``, else ``/etc/cax/cax.json``. Never the example
+    packaged inside cax: a site that lost its config must not act on the example's sites and
+    Runs DB; without a config cax stops and says where it looked."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        if not os.path.exists(named):
+            raise ConfigError(f"${CONFIG_ENV}={named}: no such file")
+        return os.path.abspath(named)
+    for candidate in ("cax.json", SYSTEM_CONFIG):
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    raise ConfigError(f"no config: looked for --config, ${CONFIG_ENV}, ./cax.json and "
+                      f"{SYSTEM_CONFIG} (the example config: {packaged_config_path()}; a "
+                      f"working demo: cax demo DIR)")
 
 
 def default_host() -> str:
@@ -513,6 +531,7 @@ def _site_from(raw: dict, path: str, base_dir: str, strict: bool = False) -> Sit
         mode=int(mode, 8) if mode else None,
         stray_grace_days=float(raw.get("stray_grace_days", 7)),
         reference=bool(raw.get("reference", False)),
+        metrics_file=absolute(raw["metrics_file"]) if raw.get("metrics_file") else None,
         unreachable=unreachable,
         raw=raw,
     )

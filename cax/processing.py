@@ -218,7 +218,7 @@ def _process_owned(task, site, p, run, key, version) -> int:
 
 @click.command("cax-process", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="Config file (default: ./cax.json, else the copy packaged with cax).")
+              help="Config file (default: $CAX_CONFIG, else ./cax.json, else /etc/cax/cax.json).")
 @click.option("--host", default=None, help="Site (default: $CAX_HOST, else the short hostname).")
 @click.option("--run", "number", type=int, required=True, help="Run number.")
 @click.option("--version", "version", required=True, help="Processor version to produce.")
@@ -345,7 +345,7 @@ def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interv
 
 @click.command("massive", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="Config file (default: ./cax.json, else the copy packaged with cax).")
+              help="Config file (default: $CAX_CONFIG, else ./cax.json, else /etc/cax/cax.json).")
 @click.option("--host", default=None, help="Site (default: $CAX_HOST, else the short hostname).")
 @click.option("--start", type=int, default=None, help="First run number.")
 @click.option("--stop", type=int, default=None, help="Last run number (inclusive).")

@@ -448,3 +448,24 @@ def test_stray_force_passes_the_refusal_but_not_the_grace(env, aged):
     assert r.exit_code == 0 and r.output.count(": deleted") == 1, r.output
     assert sum((tmp / "buffer" / n).exists() for n in ("a", "b")) == 1
     assert os.path.isdir(tmp / "daq" / "160301_1200")
+
+
+def test_every_installed_command_answers_dash_h():
+    """`cax-mv -h` said "No such option '-h'" while `cax mv -h` worked (issue 16)."""
+    import re
+    import subprocess
+    import sys
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert len(scripts) >= 7
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        for flag in ("-h", "--help"):
+            r = subprocess.run([sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; "
+                                f"from {module} import {func}; {func}()", flag],
+                               capture_output=True, text=True, timeout=60,
+                               env=dict(os.environ, PYTHONPATH=root))
+            assert r.returncode == 0 and re.match(rf"Usage: {re.escape(name)} ", r.stdout), \
+                (name, flag, r.stdout, r.stderr)

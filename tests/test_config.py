@@ -3,6 +3,7 @@ import json
 import logging
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from cax import config as cfgmod
@@ -148,29 +149,69 @@ def test_packaged_config_keeps_its_store_in_the_user_state_dir(tmp_path, monkeyp
     assert cfg.runs_db == str(tmp_path / "home" / ".local" / "state" / "cax" / "cax.runsdb")
 
 
-def test_status_without_local_config_writes_only_the_state_dir(tmp_path, monkeypatch):
-    """Without a store, status is an error naming it and `cax db init`, and creates nothing;
-    `db init` then makes it in the state directory, never beside the packaged config."""
+def test_without_any_config_cax_says_where_it_looked_and_writes_nothing(tmp_path, monkeypatch):
+    """Never the example packaged inside cax: a site whose config went missing must not act on
+    the example's sites and Runs DB (issue 16)."""
     import cax
     package_dir = os.path.dirname(cax.__file__)
     before = sorted(os.listdir(package_dir))
     monkeypatch.chdir(tmp_path)  # no ./cax.json here
+    monkeypatch.delenv(cfgmod.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(cfgmod, "SYSTEM_CONFIG", str(tmp_path / "etc" / "cax.json"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    store = tmp_path / "state" / "cax" / "cax.runsdb"
-    result = CliRunner().invoke(cli, ["status"])
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and str(store) in lines[0] and "cax db init" in lines[0], lines
-    assert not (tmp_path / "state").exists()
-    result = CliRunner().invoke(cli, ["db", "init"])
-    assert result.exit_code == 0 and str(store) in result.output, result.output
-    result = CliRunner().invoke(cli, ["status"])
-    assert result.exit_code == 0, result.output
-    assert "(no runs)" in result.output
-    assert store.is_file()
+    for argv in (["status"], ["--host", "daq", "--once"], ["db", "init"], ["config", "check"]):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "no config" in lines[0], (argv, lines)
+        assert "$CAX_CONFIG" in lines[0] and "./cax.json" in lines[0]
+        assert str(tmp_path / "etc" / "cax.json") in lines[0]
+    assert os.listdir(tmp_path) == []
     assert sorted(os.listdir(package_dir)) == before
     help_text = CliRunner().invoke(cli, ["--help"]).output
-    assert "XDG_STATE_HOME" in help_text and ".local/state/cax" in help_text
+    assert "CAX_CONFIG" in help_text and "/etc/cax/cax.json" in help_text
+
+
+def test_config_discovery_order(tmp_path, monkeypatch):
+    """--config, then $CAX_CONFIG, then ./cax.json, then /etc/cax/cax.json."""
+    def site_config(name):
+        d = tmp_path / name
+        d.mkdir()
+        path = d / "cax.json"
+        path.write_text(json.dumps([{"name": name, "directory": str(d)}]))
+        return str(path)
+    system, cwd, env, flag = (site_config(n) for n in ("system", "cwd", "env", "flag"))
+    monkeypatch.setattr(cfgmod, "SYSTEM_CONFIG", system)
+    monkeypatch.delenv(cfgmod.CONFIG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cfgmod.load().path == system
+    monkeypatch.chdir(os.path.dirname(cwd))
+    assert cfgmod.load().path == cwd
+    monkeypatch.setenv(cfgmod.CONFIG_ENV, env)
+    assert cfgmod.load().path == env
+    assert cfgmod.load(flag).path == flag
+    monkeypatch.setenv(cfgmod.CONFIG_ENV, str(tmp_path / "typo.json"))
+    with pytest.raises(cfgmod.ConfigError, match=r"\$CAX_CONFIG=.*typo.json: no such file"):
+        cfgmod.load()
+
+
+def test_packaged_example_keeps_its_store_in_the_state_dir_when_named(tmp_path, monkeypatch):
+    """Named on purpose (--config), the example's store goes to the state directory and
+    `db init` makes it there, never beside the packaged file (site-packages)."""
+    import cax
+    package_dir = os.path.dirname(cax.__file__)
+    before = sorted(os.listdir(package_dir))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    example = os.path.join(package_dir, "cax.json")
+    store = tmp_path / "state" / "cax" / "cax.runsdb"
+    result = CliRunner().invoke(cli, ["--config", example, "status"])
+    assert result.exit_code == 1 and "cax db init" in result.stderr, result.output
+    assert not (tmp_path / "state").exists()
+    result = CliRunner().invoke(cli, ["--config", example, "db", "init"])
+    assert result.exit_code == 0 and str(store) in result.output, result.output
+    result = CliRunner().invoke(cli, ["--config", example, "status"])
+    assert result.exit_code == 0 and "(no runs)" in result.output, result.output
+    assert sorted(os.listdir(package_dir)) == before
 
 
 def test_unwritable_log_file_is_one_line_exit_2(tmp_path):

@@ -34,3 +34,21 @@ def test_demo_and_its_jobs_run_beside_a_folder_named_cax(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "the wrong cax" not in proc.stdout + proc.stderr
     assert proc.stdout.split("$ cax --config")[-1].count("processed@v1.0:transferred") == 1
+
+
+def test_readme_tour_commands_work_after_the_demo(tmp_path):
+    """Every command of README's short tour, as printed, after the demo (the checksum line
+    pointed at demo/archive/RUN while the demo keeps raw data under demo/archive/raw/)."""
+    import shlex
+    text = open(os.path.join(ROOT, "README.rst"), encoding="utf-8").read()
+    tour = text.split("A short tour", 1)[1].split("Running it for real", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0]) for line in tour.splitlines()
+                if line.startswith("    cax ")]
+    assert len(commands) >= 5
+    env = dict(os.environ, PYTHONPATH=ROOT, XDG_STATE_HOME=str(tmp_path / "state"))
+    subprocess.run([sys.executable, "-m", "cax", "demo", "demo"], cwd=tmp_path, env=env,
+                   capture_output=True, text=True, timeout=300, check=True)
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)

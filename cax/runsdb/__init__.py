@@ -163,6 +163,27 @@ class RunsDB:
             with self._guard():
                 self.collection.create_index(keys, **opts)
 
+    #: the collection beside the runs where each daemon publishes its heartbeat (cax.heartbeat)
+    DAEMONS = "daemons"
+
+    def _daemons(self):
+        return self.collection.database[self.DAEMONS]
+
+    def beat(self, doc: dict) -> bool:
+        """Replace this daemon's heartbeat document (``doc["_id"]``); nothing in a dry run."""
+        if self.dry_run:
+            return False
+        self.queries += 1
+        with self._guard():
+            self._daemons().replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        return True
+
+    def heartbeats(self) -> list:
+        """Every daemon's heartbeat document (there is one per site and machine)."""
+        self.queries += 1
+        with self._guard():
+            return list(self._daemons().find({}))
+
     def find_runs(self, query: dict, projection: Optional[dict] = None,
                   sort: Iterable = (("number", 1),)) -> Iterable[dict]:
         """One query for all candidate runs of a task; the cursor streams, so memory stays flat."""

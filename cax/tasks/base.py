@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cax.logs import printable
+from cax.pass_report import PassReport
 from cax.paths import UnsafePath
 from cax.runsdb import RunsDB, RunsDBLost, copies, key_str, lifecycle
 
@@ -35,6 +36,8 @@ class Context:
     #: what was said once this pass (``run_pass`` empties it): a run whose reference is unknown
     #: is named once per pass, not by every task that skips it
     said: set = field(default_factory=set)
+    #: what this pass did (a new one per pass, made by ``run_pass``)
+    report: PassReport = field(default_factory=PassReport)
 
     @property
     def site(self):
@@ -173,7 +176,12 @@ class Task:
     def record_error(self, run: dict, key: dict, expected_status, reason: str,
                      kind: str = "failed") -> None:
         """Every failure leaves the Runs DB saying what happened."""
-        self.log(logging.ERROR, run, f"error: {reason}", datum=key)
+        # a deliberate stop (SIGTERM) is not a fault: it is retried at once on the next pass
+        level = logging.WARNING if kind == lifecycle.ErrorKind.INTERRUPTED else logging.ERROR
+        self.log(level, run, f"error: {reason}", datum=key)
+        if not self.dry_run:  # a dry run previews; its exit status says it ran
+            self.ctx.report.failed(str(kind), f"run {printable(run.get('name'))} "
+                                              f"{key_str(key)}: {printable(reason)}")
         if not self.db.apply(lifecycle.failed(run["_id"], key, expected_status, reason, kind)) \
                 and not self.dry_run:
             self.log(logging.WARNING, run, "could not record the error: datum changed meanwhile",

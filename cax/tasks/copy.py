@@ -205,6 +205,7 @@ class _Copy(Task):
         seconds = max(time.monotonic() - started, 1e-6)
         self.log(logging.INFO, run, f"copy done {moved[0]} bytes in {seconds:.1f} s "
                  f"({moved[0] / seconds / 1e6:.1f} MB/s)", datum=key)
+        self.ctx.report.copied(self.direction, method.name, moved[0])
         if not self.db.apply(lifecycle.copied(run["_id"], key)):
             self.log(logging.WARNING, run, "datum changed during the copy", datum=key)
             return

@@ -104,6 +104,7 @@ class _Heal(Task):
                               kind=ErrorKind.RETRY_FAILED)
             return
         if self.db.apply(lifecycle.retried(run["_id"], key)):
+            self.ctx.report.retried()
             self.log(logging.WARNING, run, f"removed for retry ({why}); retry "
                      f"{(run.get('retries') or 0) + 1} of {self.site.max_retries}", datum=key)
 

@@ -42,6 +42,11 @@ class ConnectionPool:
         """
         return self._failed.get(site.name)
 
+    def unreachable(self) -> dict:
+        """site name -> one-line reason, for every site whose connection failed this pass."""
+        with self._lock:
+            return {name: f"{type(e).__name__}: {e}" for name, e in self._failed.items()}
+
     def method(self, site) -> TransferMethod:
         """This thread's connected method object for ``site``.
 

@@ -247,7 +247,7 @@ def test_embedded_store_locked_mid_pass_ends_the_pass_in_one_line(tmp_path, capl
     import logging
     import sqlite3
 
-    from cax.daemon import run_loop, run_pass
+    from cax.daemon import EXIT_RUNS_DB, run_loop, run_pass
     from cax.runsdb import RunsDB, RunsDBLost
     from cax.runsdb.embedded import EmbeddedClient
     from tests.helpers import context, make_raw
@@ -272,7 +272,7 @@ def test_embedded_store_locked_mid_pass_ends_the_pass_in_one_line(tmp_path, capl
         handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
         try:
             with caplog.at_level(logging.INFO):
-                assert run_loop(context(cfg, "daq", db), once=True, interval=60) is False
+                assert run_loop(context(cfg, "daq", db), once=True, interval=60) == EXIT_RUNS_DB
         finally:
             signal.signal(signal.SIGTERM, handlers[0])
             signal.signal(signal.SIGINT, handlers[1])
