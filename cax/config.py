@@ -81,6 +81,7 @@ PROCESSING_SCHEMA = {
         "partition": {"type": "string"},
         "account": {"type": "string"},
         "qos": {"type": "string"},
+        "reservation": {"type": "string"},
         "max_queued": {"type": "integer", "minimum": 0},
         "max_retries": _pos_int,
         "log_dir": _path,

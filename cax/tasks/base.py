@@ -16,6 +16,7 @@ from typing import Optional
 from cax.logs import printable
 from cax.paths import UnsafePath
 from cax.runsdb import RunsDB, RunsDBLost, key_str, lifecycle
+from cax.runsdb.identity import detector_clause
 
 log = logging.getLogger("cax.task")
 
@@ -39,9 +40,12 @@ class Context:
 
 
 def run_filter(number: Optional[int] = None, name: Optional[str] = None,
-               dataset_list: Optional[list] = None) -> dict:
-    """The Mongo filter for ``--run``, ``--name`` and ``dataset_list`` (names or numbers)."""
+               dataset_list: Optional[list] = None, detector: Optional[str] = None) -> dict:
+    """The Mongo filter for ``--run``, ``--name``, ``--detector`` and ``dataset_list`` (names or
+    numbers)."""
     clauses = []
+    if detector is not None:
+        clauses.append(detector_clause(detector))
     if number is not None:
         clauses.append({"number": number})
     if name is not None:
