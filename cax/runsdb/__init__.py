@@ -400,6 +400,12 @@ def _uri_with_password(uri: str, password_env: str) -> str:
 SOCKET_TIMEOUT_MS = 60_000
 
 
+def _origin(config) -> str:
+    """Where to fix the Runs DB's name: the option or variable that gave it, else the config."""
+    origin = getattr(config, "runs_db_origin", None)
+    return origin or f"'runs_db' in {config.path}"
+
+
 def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
             create: bool = False, missing_ok: bool = False) -> RunsDB:
     """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
@@ -444,7 +450,7 @@ def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
     if not exists and parent and not os.path.isdir(parent) \
             and not getattr(config, "runs_db_in_state_dir", False):
         raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist; "
-                          f"fix 'runs_db' in {config.path}")
+                          f"fix {_origin(config)}")
     if not exists and dry_run and missing_ok:
         log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created (a real run "
                     "needs 'cax db init' or 'cax runs add' first)", target)
@@ -456,10 +462,10 @@ def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
             pass  # another cax made it meanwhile: opened (and checked) below like any store
     elif not exists:
         raise RunsDBError(f"cannot use Runs DB {target}: it does not exist; run 'cax db init' "
-                          f"to create an empty one, or fix 'runs_db' in {config.path}")
+                          f"to create an empty one, or fix {_origin(config)}")
     elif not os.path.isfile(target):
-        raise RunsDBError(f"cannot use Runs DB {target}: it is not a file; fix 'runs_db' in "
-                          f"{config.path}")
+        raise RunsDBError(f"cannot use Runs DB {target}: it is not a file; fix "
+                          f"{_origin(config)}")
     try:
         coll = open_collection(where, database=config.database, collection=config.collection,
                                readonly=dry_run and where != ":memory:", create=where == ":memory:")
