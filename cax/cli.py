@@ -56,7 +56,7 @@ def _common(f):
 @click.option("--detector", default=None, metavar="DETECTOR",
               help="The detector of --run/--name (runs of several detectors may share a number or "
                    "a name; runs without one are 'tpc'). Default: whichever detector has it; "
-                   "refused when several do.")
+                   "refused when several do. Alone: only that detector's runs.")
 @click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
 @click.option("--log", "log_level", type=LEVELS, default="INFO", show_default=True, help="Log level.")
@@ -386,8 +386,14 @@ def runs_add(ctx, config_path, host, source):
             taken = db.identity_taken(doc)
             if taken:
                 raise ValueError(taken)
+            others = [d for d in db.detectors_of(name=doc["name"]) if d != doc["detector"]]
             db.insert_run(doc)
             added += 1
+            if others:  # allowed, but data paths are made from the name alone
+                click.echo(f"cax: warning: {source.name}: {label}: detector "
+                           f"{', '.join(map(repr, others))} has a run with this name too: their "
+                           f"data would share one path at every site, so only the first is "
+                           f"copied; give one of them another name", err=True)
         except ValueError as e:
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: {e}", err=True)

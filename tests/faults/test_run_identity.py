@@ -146,6 +146,13 @@ def test_two_detector_runs_db_runs_a_pass_at_each_site(tmp_path):
     r = cax("--config", cfg, "runs", "add", str(again))
     assert r.returncode == 1 and "rejected 1" in r.stdout
     assert "a run of detector 'tpc' with this number already exists" in r.stderr, r.stderr
+    # a name another detector has is allowed, with one warning: data paths use the name alone
+    again.write_text(json.dumps([{"number": 1001, "name": "170101_1200_MV", "detector": "tpc",
+                                  "start": "2017-01-01T13:00:00Z"}]))
+    r = cax("--config", cfg, "runs", "add", str(again))
+    assert r.returncode == 0 and "added 1 run(s)" in r.stdout, r.stderr
+    warned = r.stderr.strip().splitlines()
+    assert len(warned) == 1 and "detector 'muon_veto' has a run with this name too" in warned[0]
 
 
 def test_run_option_names_the_detectors_when_a_number_is_ambiguous(tmp_path):
