@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -106,9 +107,10 @@ def test_lookups_follow_the_detector_and_refuse_an_ambiguous_number(collection):
 
 
 # ---- the command line, on the embedded store ---------------------------------------------------
-def two_detectors(tmp_path):
+def two_detectors(tmp_path, runs_db=None):
     """A TPC and a muon-veto run with the same number, both with raw data at daq."""
-    cfg = three_sites(tmp_path)
+    extra = {"collection": "runs_" + uuid.uuid4().hex[:12]} if runs_db else {}
+    cfg = three_sites(tmp_path, runs_db, **extra)
     runs = []
     for name, detector in (("170101_1200", "tpc"), ("170101_1200_MV", "muon_veto")):
         loc = make_raw(str(tmp_path / "daq"), name)
@@ -121,8 +123,10 @@ def two_detectors(tmp_path):
     return cfg, p
 
 
-def test_two_detector_runs_db_runs_a_pass_at_each_site(tmp_path):
-    cfg, runs = two_detectors(tmp_path)
+@pytest.mark.parametrize("store", ["embedded", "wire"])
+def test_two_detector_runs_db_runs_a_pass_at_each_site(tmp_path, store, request):
+    uri = request.getfixturevalue("wire_uri") if store == "wire" else None
+    cfg, runs = two_detectors(tmp_path, uri)
     r = cax("--config", cfg, "runs", "add", str(runs))
     assert r.returncode == 0 and "added 2 run(s), rejected 0" in r.stdout, r.stderr
     for _ in range(2):
