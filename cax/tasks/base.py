@@ -16,7 +16,6 @@ from typing import Optional
 from cax.logs import printable
 from cax.paths import UnsafePath
 from cax.runsdb import RunsDB, RunsDBLost, key_str, lifecycle
-from cax.runsdb.identity import detector_clause
 
 log = logging.getLogger("cax.task")
 
@@ -43,6 +42,7 @@ def run_filter(number: Optional[int] = None, name: Optional[str] = None,
                dataset_list: Optional[list] = None, detector: Optional[str] = None) -> dict:
     """The Mongo filter for ``--run``, ``--name``, ``--detector`` and ``dataset_list`` (names or
     numbers)."""
+    from cax.runsdb.identity import detector_clause
     clauses = []
     if detector is not None:
         clauses.append(detector_clause(detector))
