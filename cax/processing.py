@@ -473,9 +473,12 @@ def massive_submit(config, host, db, runs, *, max_queued=None, wait=True, interv
 @click.option("--timeout", type=click.FloatRange(min=0), default=None,
               help="Give up waiting for room after this many seconds (default: wait as needed).")
 @click.option("--dry-run", is_flag=True, help="List the jobs that would be submitted; submit none.")
+@click.option("--once", "classic_once", is_flag=True, hidden=True,
+              help="The classic flag (its massive-cax looped for ever without it); cax submits "
+                   "the selected runs once and exits.")
 @click.pass_context
 def massive(ctx, config_path, host, start, stop, numbers, detector, tags, mem_per_cpu, walltime,
-            partition, reservation, max_queued, no_wait, interval, timeout, dry_run):
+            partition, reservation, max_queued, no_wait, interval, timeout, dry_run, classic_once):
     """Submit one `cax --once --run N` batch job per selected run (reprocessing campaigns).
 
     The classic resource flags (--mem_per_cpu, --walltime, --partition, --reservation) set the

@@ -111,6 +111,9 @@ def test_massive_two_detectors_and_classic_resource_flags(site):
     assert ("(mem_per_cpu=2000, walltime=48:00:00, partition=xenon1t, "
             "reservation=xenon1t_shift)") in lines[0], lines
     res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--start", "60",
+                                  "--once", "--dry-run"])  # the classic --once: what cax does
+    assert res.exit_code == 0 and res.output.count("would submit") == 2, res.output
+    res = runner.invoke(massive, ["--config", s.cfg, "--host", s.host, "--start", "60",
                                   "--walltime", "forever", "--dry-run"])
     assert res.exit_code == 2 and "--walltime: invalid walltime 'forever'" in res.output
 
