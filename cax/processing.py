@@ -248,9 +248,10 @@ def process_cmd(classic, config_path, host, number, detector, version, log_level
     works by hand too).
 
     The classic positional form `cax-process NAME INPUT HOST VERSION HASH OUTPUT NCPU` is
-    accepted too: the run by name, HOST as --host, VERSION as --version, NCPU for this run; cax
-    reads the input from the run's raw datum at the site and writes where the site's processing
-    section says, and warns where INPUT or OUTPUT say otherwise (docs/upgrading.rst).
+    accepted too: the run by name, HOST as --host, VERSION as --version, NCPU for this run. cax
+    reads the input from the run's raw datum at the site (not INPUT), writes where the site's
+    processing section says (not OUTPUT, where that differs) and records no HASH; one warning
+    line says so (docs/processing.rst).
     """
     logs.setup(log_level)
     name = ncpus = None
