@@ -21,7 +21,7 @@ import click
 
 from cax import deletion, logs, paths
 from cax.cli_common import Fatal, load_config, open_db, resolve_host, settings
-from cax.runsdb import key_str, lifecycle, redact_uri
+from cax.runsdb import AmbiguousRun, key_str, lifecycle, redact_uri
 from cax.transfer import TransferError, policy
 from cax.transfer.base import local_tree
 
@@ -163,6 +163,9 @@ def stdin_is_tty() -> bool:
 @click.command("rm")
 @_common
 @click.option("--run", "run_id", required=True, help="Run number or name.")
+@click.option("--detector", default=None, metavar="DETECTOR",
+              help="The run's detector, where runs of several detectors share the number or name "
+                   "(default: whichever detector has it; refused when several do).")
 @click.option("--location", required=True, help="Location of this site's copy to delete.")
 @click.option("--min-copies", type=click.IntRange(0), default=None,
               help="Other verified copies required (default: the site's purge.min_copies, else 2).")
@@ -171,13 +174,19 @@ def stdin_is_tty() -> bool:
 @click.option("--yes-i-know-this-deletes-data", "yes", is_flag=True,
               help="With --force and no terminal: skip the typed confirmation.")
 @click.pass_context
-def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes):
+def rm(ctx, config_path, host, dry_run, run_id, location, min_copies, force, yes, detector):
     """Delete one copy of a run on this site, and its datum, under the deletion invariant."""
     a = Admin(ctx, config_path, host, dry_run)
     location = a.check(location, "--location")
-    run = a.db.run_by(number=int(run_id)) if run_id.isdigit() else a.db.run_by(name=run_id)
+    detector = detector or (ctx.find_root().obj or {}).get("detector")
+    try:
+        run = a.db.run_by(number=int(run_id), detector=detector) if run_id.isdigit() \
+            else a.db.run_by(name=run_id, detector=detector)
+    except AmbiguousRun as e:
+        raise Fatal(str(e), 2)
     if run is None:
-        raise Fatal(f"no run {run_id!r} in the Runs DB", 1)
+        raise Fatal(f"no run {run_id!r}{f' of detector {detector!r}' if detector else ''} in the "
+                    f"Runs DB", 1)
     datum = next((d for d in run.get("data") or [] if d.get("host") == a.host
                   and isinstance(d.get("location"), str)
                   and os.path.normpath(d["location"]) in (location, os.path.realpath(location))),

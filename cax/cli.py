@@ -53,6 +53,10 @@ def _common(f):
 @click.option("--once", is_flag=True, help="Run one pass of every task, then exit (for cron).")
 @click.option("--run", "run_number", type=int, default=None, help="Only act on the run with this number.")
 @click.option("--name", "run_name", default=None, help="Only act on the run with this name.")
+@click.option("--detector", default=None, metavar="DETECTOR",
+              help="The detector of --run/--name (runs of several detectors may share a number or "
+                   "a name; runs without one are 'tpc'). Default: whichever detector has it; "
+                   "refused when several do. Alone: only that detector's runs.")
 @click.option("--interval", type=Seconds(0, cfgmod.MAX_INTERVAL), default=None,
               help="Seconds between passes of the daemon (default: config 'interval', else 60).")
 @click.option("--log", "log_level", type=LEVELS, default=None,
@@ -78,8 +82,8 @@ def _common(f):
               help="CPUs per processing job at this host (overrides processing 'ncpus').")
 @click.version_option(__version__, "--version", prog_name="cax")
 @click.pass_context
-def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level, quiet, verbose,
-        log_file, log_format, dry_run, classic_no_db, runs_db, strict, ncpu):
+def cli(ctx, config_path, host, once, run_number, run_name, detector, interval, log_level, quiet,
+        verbose, log_file, log_format, dry_run, classic_no_db, runs_db, strict, ncpu):
     """cax moves experiment data between sites, verifies and processes them, and purges buffers,
     coordinating every site through the Runs DB.
 
@@ -114,8 +118,10 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         dry_run = True
     if runs_db == "":
         raise Fatal("--runs-db: empty; give a mongodb:// URI or a path", 2)
+    if detector == "":
+        raise Fatal("--detector: empty; give a detector name such as 'tpc'", 2)
     ctx.obj = {"config_path": config_path, "host": host, "dry_run": dry_run, "runs_db": runs_db,
-               "strict": strict}
+               "strict": strict, "detector": detector}
     if ctx.invoked_subcommand is not None:
         return
     from cax.daemon import AlreadyRunning, SiteLock, run_loop
@@ -129,8 +135,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
         raise Fatal(str(e), 1)
     host = resolve_host(config, host)
     _ready(config, host, ncpu)
-    scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name))
-                     if v is not None)
+    scope = " ".join(f"{k} {v}" for k, v in (("run", run_number), ("name", run_name),
+                                             ("detector", detector)) if v is not None)
     lock = SiteLock(config, host, scope)
     try:
         lock.acquire()
@@ -140,7 +146,9 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
     try:
         # a dry run of a new config may start from no store; a real pass never does
         db = open_db(config, dry_run, missing_ok=True)
-        rf = run_filter(run_number, run_name, config.datasets_for(host))
+        if detector is None and (run_number is not None or run_name is not None):
+            detector = _only_detector(db, run_number, run_name)
+        rf = run_filter(run_number, run_name, config.datasets_for(host), detector)
         context = Context(config=config, host=host, db=db, dry_run=dry_run, run_filter=rf)
         log.info("site=%s cax %s starting: config %s, Runs DB %s, tasks %s%s", host, __version__,
                  config.path, db.description, ",".join(config.tasks_for(host)),
@@ -155,7 +163,8 @@ def cli(ctx, config_path, host, once, run_number, run_name, interval, log_level,
                 from cax.runsdb import redact_uri
                 raise Fatal(f"it names another Runs DB ({redact_uri(new.runs_db)}); "
                             f"restart cax to change the Runs DB")
-            context.run_filter = run_filter(run_number, run_name, new.datasets_for(host))
+            context.run_filter = run_filter(run_number, run_name, new.datasets_for(host),
+                                            detector)
             return new, new.interval if interval is None else interval
 
         code = run_loop(context, once=once, reload=reload,
@@ -184,6 +193,17 @@ def _ready(config, host, ncpu) -> None:
             site.processing["ncpus"] = ncpu
             from cax.tasks.process import describe
             log.info("site=%s --ncpu %d: %s", host, ncpu, describe(site))
+
+
+def _only_detector(db, number, name):
+    """The one detector that has this run (pinned, so a run of another detector added meanwhile
+    is not acted on), None when none has it; exit 2 when several do."""
+    from cax.runsdb.identity import describe
+    detectors = db.detectors_of(number=number, name=name)
+    if len(detectors) > 1:
+        raise Fatal(f"{describe(number=number, name=name)} is in several detectors "
+                    f"({', '.join(detectors)}); choose one with --detector", 2)
+    return detectors[0] if detectors else None
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -230,12 +250,13 @@ def status(ctx, config_path, host, as_json):
     config_path, host = _settings(ctx, config_path, host)
     config = load_config(config_path)
     db = open_db(config)
-    runs = [_readable(r) for r in db.find_runs({}, {"number": 1, "name": 1, "data": 1,
-                                                     "references": 1})]
+    from cax.runsdb.identity import detector_of
+    runs = [_readable(r) for r in db.find_runs({}, {"number": 1, "name": 1, "detector": 1,
+                                                     "data": 1, "references": 1})]
     if as_json:
         fields = ("host", "type", "status", "location", "checksum", "checksum_type", "size",
                   "pax_version", "error")
-        out = [{"number": r.get("number"), "name": r.get("name"),
+        out = [{"number": r.get("number"), "name": r.get("name"), "detector": detector_of(r),
                 "data": [{k: d.get(k) for k in fields if k in d or k in fields[:7]}
                          for d in r["data"]]} for r in runs]
         click.echo(json.dumps(out, indent=1, default=str))
@@ -245,7 +266,10 @@ def status(ctx, config_path, host, as_json):
         for d in r["data"]:
             if d.get("host") not in hosts:
                 hosts.append(d.get("host"))
-    header = ["number", "name"] + [logs.printable(h) for h in hosts] + ["raw checksum"]
+    # runs of several detectors may share a number: then each row says its detector
+    several = len({detector_of(r) for r in runs}) > 1
+    header = ["number", "name"] + (["detector"] if several else []) \
+        + [logs.printable(h) for h in hosts] + ["raw checksum"]
     rows = []
     for r in runs:
         data = r["data"]
@@ -261,6 +285,7 @@ def status(ctx, config_path, host, as_json):
         else:
             summary = "-"
         rows.append([logs.printable(r.get("number")), logs.printable(r.get("name"))]
+                    + ([logs.printable(detector_of(r))] if several else [])
                     + [_cell(data, h) for h in hosts] + [summary])
     widths = [max(len(x) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     for line in [header] + rows:
@@ -336,11 +361,13 @@ def validate_run(doc, config=None) -> dict:
         check_name(doc.get("name"))
     except UnsafePath as e:
         raise ValueError(f"'name': {e}")
-    if not isinstance(doc.get("detector", ""), str) or not doc.get("detector"):
+    if "detector" in doc and (not isinstance(doc["detector"], str) or not doc["detector"]):
         raise ValueError("'detector' must be a non-empty string (e.g. 'tpc')")
     if doc.get("start") is None:
         raise ValueError("'start' is required (an ISO-8601 date-time)")
     doc = dict(doc)
+    from cax.runsdb.identity import DEFAULT_DETECTOR
+    doc.setdefault("detector", DEFAULT_DETECTOR)  # the classic cax's reading of an old document
     for k in ("start", "end"):
         if k in doc and doc[k] is not None:
             doc[k] = _utc(doc[k], f"'{k}'")
@@ -414,18 +441,27 @@ def runs_add(ctx, config_path, host, source):
         try:
             from cax.classic import from_extended_json
             doc = validate_run(from_extended_json(doc), config)
-            if dry_run:  # nothing is inserted, so ask what the insert would have refused
-                if db.run_by(number=doc["number"]) or db.run_by(name=doc["name"]):
-                    raise DuplicateKeyError("exists")
+            label = f"run #{i + 1} {doc['number']!r} ({doc['name']!r}, {doc['detector']})"
+            # asked first, dry run or not: the unique index does not know that a run without
+            # 'detector' is a TPC run, and is missing where the Runs DB already held duplicates
+            taken = db.identity_taken(doc)
+            if taken:
+                raise ValueError(taken)
+            others = [d for d in db.detectors_of(name=doc["name"]) if d != doc["detector"]]
             db.insert_run(doc)
             added += 1
+            if others:  # allowed, but data paths are made from the name alone
+                click.echo(f"cax: warning: {source.name}: {label}: detector "
+                           f"{', '.join(map(repr, others))} has a run with this name too: their "
+                           f"data would share one path at every site, so only the first is "
+                           f"copied; give one of them another name", err=True)
         except ValueError as e:
             failed += 1
             click.echo(f"cax: error: {source.name}: {label}: {e}", err=True)
         except DuplicateKeyError:
             failed += 1
-            click.echo(f"cax: error: {source.name}: {label}: a run with this number or name "
-                       f"already exists", err=True)
+            click.echo(f"cax: error: {source.name}: {label}: a run of this detector with this "
+                       f"number or name already exists", err=True)
         except RunsDBLost:
             raise  # no later document can be added either: one line (main), exit 1
         except Exception as e:  # anything else the Runs DB refuses: still one line, go on

@@ -83,6 +83,7 @@ PROCESSING_SCHEMA = {
         "partition": {"type": "string"},
         "account": {"type": "string"},
         "qos": {"type": "string"},
+        "reservation": {"type": "string"},
         "max_queued": {"type": "integer", "minimum": 0},
         "max_retries": _pos_int,
         "log_dir": _path,
@@ -243,6 +244,9 @@ class Config:
     #: form's default applies; a classic list config names none, and a daemon refuses to start
     #: on a store nobody named
     runs_db_named: bool = True
+    #: where the Runs DB was named, for "fix it there" in errors: ``--runs-db``,
+    #: ``$CAX_RUNS_DB``, or None for the config's ``runs_db``
+    runs_db_origin: Optional[str] = None
 
     @property
     def reference_sites(self) -> tuple:
@@ -788,6 +792,7 @@ def _parse(text: str, path: str, override: Optional[str] = None, strict: bool = 
         lock_dir=doc.get("lock_dir"),
         runs_db_in_state_dir=packaged and not runs_db.startswith(("mongodb://", "mongodb+srv://")),
         runs_db_named=named,
+        runs_db_origin=where if override is not None else None,
     )
 
 

@@ -392,11 +392,12 @@ def test_hostile_run_fields_cannot_change_the_command_line(site, tmp_path):
         for _id, _name, job_argv in site.jobs():
             assert job_argv[:5] == [PY, "-P", "-m", "cax.processing", "--config"]
             assert job_argv[5:9] == [site.cfg, "--host", site.host, "--run"]
-            assert job_argv[9] in ("10", "11", "12") and job_argv[10:] == ["--version", VERSION]
+            assert job_argv[9] in ("10", "11", "12")
+            assert job_argv[10:] == ["--detector", "tpc", "--version", VERSION]
     else:  # the scripts sbatch got: only trusted values and the run number, each quoted
         lines = {p.read_text().splitlines()[-1] for p in (tmp_path / "scripts").glob("*.sh")}
         assert lines == {"exec " + shlex.join([PY, "-P", "-m", "cax.processing", "--config", site.cfg,
-                                               "--host", site.host, "--run", str(n),
+                                               "--host", site.host, "--run", str(n), "--detector", "tpc",
                                                "--version", VERSION]) for n in (10, 11, 12)}
     assert not any(c.exists() for c in canaries)
 

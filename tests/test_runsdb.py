@@ -157,7 +157,7 @@ def test_mongodb_uri_path_end_to_end_on_wire_server(tmp_path, wire_uri):
     db = connect(config)
     assert len({d["checksum"] for d in db.run_by(number=1)["data"]}) == 1
     names = {ix["name"] for ix in db.collection.list_indexes()}
-    assert {"number_1", "name_1"} <= names
+    assert {"number_1_detector_1", "name_1_detector_1"} <= names  # run identity (detector, ...)
 
 
 def test_wire_server_down_is_exit_1_and_back_up_works(tmp_path, wire_daemon):

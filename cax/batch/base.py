@@ -74,7 +74,7 @@ def safe_job_name(*parts: str) -> str:
     return name
 
 
-RESOURCE_KEYS = ("mem_per_cpu", "walltime", "partition", "account", "qos")
+RESOURCE_KEYS = ("mem_per_cpu", "walltime", "partition", "account", "qos", "reservation")
 _SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,+][A-Za-z0-9_.,+-]*$")
 _MEM = re.compile(r"^[1-9][0-9]*[KMGTkmgt]?$")
 
@@ -100,7 +100,7 @@ def resource_problem(key: str, value) -> Optional[str]:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not _MEM.match(str(value)):
             return f"invalid mem_per_cpu {value!r} (megabytes, or a size such as \"2000M\", \"2G\")"
         return None
-    if key in ("partition", "account", "qos"):
+    if key in ("partition", "account", "qos", "reservation"):
         if not isinstance(value, str) or not _SLURM_WORD.match(value):
             return f"invalid {key} {value!r} (letters, digits and _.,+-; no spaces)"
         return None
@@ -115,6 +115,7 @@ class Job:
     ``env_setup``: trusted shell lines from the site config, run before the command.
     ``mem_per_cpu``: megabytes (int) or a Slurm size string (``"2G"``).
     ``walltime``: minutes (int) or a Slurm time string (``"1:00:00"``, ``"2-00:00:00"``).
+    ``reservation``: a Slurm reservation to run in (the local backend has none and ignores it).
     ``log_path``: file receiving the job's stdout and stderr (truncated at start).
     ``workdir``: the job's working directory (default: the submitting process's).
     ``env``: variables the job needs from cax (exported by the script itself, so they reach the
@@ -131,6 +132,7 @@ class Job:
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
+    reservation: Optional[str] = None
     log_path: Optional[str] = None
     workdir: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)

@@ -146,7 +146,7 @@ class SlurmBackend(BatchBackend):
             argv.append(f"--mem-per-cpu={job.mem_per_cpu}")
         if job.walltime is not None:
             argv.append(f"--time={slurm_time(job.walltime)}")
-        for opt in ("partition", "account", "qos"):
+        for opt in ("partition", "account", "qos", "reservation"):
             value = getattr(job, opt)
             if value:
                 argv.append(f"--{opt}={value}")

@@ -18,12 +18,13 @@ from typing import Iterable, Optional
 from urllib.parse import quote_plus, urlsplit, urlunsplit
 
 import pymongo
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError  # noqa: F401
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError  # noqa: F401
 
-from cax.runsdb import lifecycle
+from cax.runsdb import identity, lifecycle
 from cax.runsdb.clock import as_utc, now  # noqa: F401 (re-exported)
 # the good-copy and reference rules (cax/runsdb/copies.py), importable from here as before
 from cax.runsdb.copies import expected_checksum, reference, reference_problem  # noqa: F401
+from cax.runsdb.identity import DEFAULT_DETECTOR, AmbiguousRun, detector_of  # noqa: F401
 from cax.runsdb.lifecycle import DatumKey, ErrorKind, Status  # noqa: F401
 
 log = logging.getLogger("cax.runsdb")
@@ -103,9 +104,11 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: a run is identified by (detector, number) and by (detector, name) (cax/runsdb/identity.py);
+#: the field comes first so that a lookup by number or name alone uses the index too
 INDEXES = [
-    ([("number", 1)], {"unique": True}),
-    ([("name", 1)], {"unique": True}),
+    ([("number", 1), ("detector", 1)], {"unique": True}),
+    ([("name", 1), ("detector", 1)], {"unique": True}),
     ([("data.host", 1), ("data.type", 1), ("data.status", 1)], {}),
     # deletion asks whether another datum names the same path (cax/deletion.py _other_claim)
     ([("data.location", 1)], {}),
@@ -158,10 +161,65 @@ class RunsDB:
 
     # ---- reads -------------------------------------------------------------------------------
     def ensure_indexes(self) -> None:
+        """Create the indexes the tasks rely on, never one that the data already violate.
+
+        A unique identity index that the Runs DB's runs violate (two runs of one detector with
+        one number or name) is not created: one warning line says which key and which runs, and
+        cax goes on without it. Safety does not need it: every datum update matches the run's
+        ``_id``, a copy never overwrites an existing path, and a deletion refuses a path that
+        another datum names; ``runs add`` still refuses a duplicate itself, and ``--run``/
+        ``--name`` refuse a number or name that matches several runs.
+        """
+        self._retire_single_field_unique()
         for keys, opts in INDEXES:
             self.queries += 1
             with self._guard():
-                self.collection.create_index(keys, **opts)
+                try:
+                    self.collection.create_index(keys, **opts)
+                except (DuplicateKeyError, OperationFailure) as e:
+                    if not opts.get("unique") or getattr(e, "code", None) not in (11000, 11001):
+                        raise
+                    self._report_duplicates(keys[0][0])
+
+    def _report_duplicates(self, field: str) -> None:
+        self.queries += 1
+        with self._guard():
+            runs = list(self.collection.find({}, {"number": 1, "name": 1, "detector": 1}))
+        dups = identity.duplicates(runs, field)
+        found = identity.duplicates_line(dups, field) if dups else "duplicates the store reports"
+        log.warning("Runs DB %s: unique index on (detector, %s) not created: %s; cax goes on "
+                    "without it (see docs/configuration.rst, Run identity)", self.description,
+                    field, found)
+
+    def _retire_single_field_unique(self) -> None:
+        """Drop the unique index on ``number`` (or ``name``) alone that an earlier cax made: it
+        refuses a muon-veto run sharing a TPC run's number, which the (detector, number) index
+        now allows. An index of that shape made by anyone else is the Runs DB's own rule."""
+        self.queries += 1
+        with self._guard():
+            info = self.collection.index_information()
+        for name, spec in info.items():
+            keys = [tuple(k) for k in spec.get("key") or []]
+            if not spec.get("unique") or len(keys) != 1 or keys[0][0] not in identity.IDENTITY_FIELDS \
+                    or name != f"{keys[0][0]}_1":
+                continue
+            field = keys[0][0]
+            drop = getattr(self.collection, "drop_index", None)
+            why = "this store cannot drop an index" if drop is None else ""
+            if drop is not None:
+                self.queries += 1
+                try:
+                    with self._guard():
+                        drop(name)
+                    log.warning("Runs DB %s: dropped the unique index %s on %s alone (made by an "
+                                "earlier cax): runs are identified by (detector, %s)",
+                                self.description, name, field, field)
+                    continue
+                except PyMongoError as e:
+                    why = failure_reason(e)
+            log.warning("Runs DB %s: the unique index %s on %s alone stays (%s): a run of another "
+                        "detector with a %s already used is refused until it is dropped",
+                        self.description, name, field, why, field)
 
     #: the collection beside the runs where each daemon publishes its heartbeat (cax.heartbeat)
     DAEMONS = "daemons"
@@ -198,11 +256,43 @@ class RunsDB:
         with self._guard():
             return self.collection.find_one({"_id": run_id}, projection)
 
-    def run_by(self, *, number: Optional[int] = None, name: Optional[str] = None) -> Optional[dict]:
+    def run_by(self, *, number: Optional[int] = None, name: Optional[str] = None,
+               detector: Optional[str] = None) -> Optional[dict]:
+        """The run with this number (else name) of ``detector``, or of any detector when None;
+        :class:`AmbiguousRun` when several runs match (never one of them picked silently)."""
         self.queries += 1
-        q = {"number": number} if number is not None else {"name": name}
+        if number is not None:
+            name = None
+        q = identity.query(number=number, name=name, detector=detector)
         with self._guard():
-            return self.collection.find_one(q)
+            matches = list(self.collection.find(q).limit(10))
+        return identity.choose(matches, identity.describe(number=number, name=name,
+                                                          detector=detector))
+
+    def detectors_of(self, *, number: Optional[int] = None, name: Optional[str] = None) -> list:
+        """The detectors that have a run with this number (and/or name), sorted."""
+        self.queries += 1
+        with self._guard():
+            runs = list(self.collection.find(identity.query(number=number, name=name),
+                                             {"detector": 1}))
+        return sorted({detector_of(r) for r in runs})
+
+    def identity_taken(self, doc: dict) -> Optional[str]:
+        """Why ``doc`` cannot be added: which run of its detector has its number or name, or None.
+
+        Asked before every insert: the unique indexes do not see that a document without
+        ``detector`` is a TPC run, and may be missing where the Runs DB already held duplicates."""
+        detector = detector_of(doc)
+        q = {"$and": [{"$or": [{"number": doc.get("number")}, {"name": doc.get("name")}]},
+                      identity.detector_clause(detector)]}
+        self.queries += 1
+        with self._guard():
+            other = self.collection.find_one(q, {"number": 1, "name": 1})
+        if other is None:
+            return None
+        same = "number" if other.get("number") == doc.get("number") else "name"
+        return (f"a run of detector {detector!r} with this {same} already exists "
+                f"(number {other.get('number')}, name {other.get('name')!r})")
 
     def count(self, query: dict) -> int:
         self.queries += 1
@@ -331,6 +421,12 @@ def _uri_with_password(uri: str, password_env: str) -> str:
 SOCKET_TIMEOUT_MS = 60_000
 
 
+def _origin(config) -> str:
+    """Where to fix the Runs DB's name: the option or variable that gave it, else the config."""
+    origin = getattr(config, "runs_db_origin", None)
+    return origin or f"'runs_db' in {config.path}"
+
+
 def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
             create: bool = False, missing_ok: bool = False) -> RunsDB:
     """Open the Runs DB named by ``config.runs_db`` and create the indexes the tasks rely on.
@@ -375,7 +471,7 @@ def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
     if not exists and parent and not os.path.isdir(parent) \
             and not getattr(config, "runs_db_in_state_dir", False):
         raise RunsDBError(f"cannot use Runs DB {target}: directory {parent} does not exist; "
-                          f"fix 'runs_db' in {config.path}")
+                          f"fix {_origin(config)}")
     if not exists and dry_run and missing_ok:
         log.warning("dry-run: Runs DB %s does not exist; taken as empty, not created (a real run "
                     "needs 'cax db init' or 'cax runs add' first)", target)
@@ -387,10 +483,10 @@ def connect(config, *, dry_run: bool = False, timeout_ms: Optional[int] = None,
             pass  # another cax made it meanwhile: opened (and checked) below like any store
     elif not exists:
         raise RunsDBError(f"cannot use Runs DB {target}: it does not exist; run 'cax db init' "
-                          f"to create an empty one, or fix 'runs_db' in {config.path}")
+                          f"to create an empty one, or fix {_origin(config)}")
     elif not os.path.isfile(target):
-        raise RunsDBError(f"cannot use Runs DB {target}: it is not a file; fix 'runs_db' in "
-                          f"{config.path}")
+        raise RunsDBError(f"cannot use Runs DB {target}: it is not a file; fix "
+                          f"{_origin(config)}")
     try:
         coll = open_collection(where, database=config.database, collection=config.collection,
                                readonly=dry_run and where != ":memory:", create=where == ":memory:")

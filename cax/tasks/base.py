@@ -45,9 +45,13 @@ class Context:
 
 
 def run_filter(number: Optional[int] = None, name: Optional[str] = None,
-               dataset_list: Optional[list] = None) -> dict:
-    """The Mongo filter for ``--run``, ``--name`` and ``dataset_list`` (names or numbers)."""
+               dataset_list: Optional[list] = None, detector: Optional[str] = None) -> dict:
+    """The Mongo filter for ``--run``, ``--name``, ``--detector`` and ``dataset_list`` (names or
+    numbers)."""
+    from cax.runsdb.identity import detector_clause
     clauses = []
+    if detector is not None:
+        clauses.append(detector_clause(detector))
     if number is not None:
         clauses.append({"number": number})
     if name is not None:

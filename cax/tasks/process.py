@@ -24,6 +24,7 @@ from typing import Optional
 from cax import job_credential, paths, python_m
 from cax.batch import FINAL_STATES, BackendUnavailable, BatchError, Job, get_backend, safe_job_name
 from cax.runsdb import as_utc, lifecycle, now
+from cax.runsdb.identity import detector_of, label
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.transfer.base import partial_path  # noqa: F401 (cax.processing uses it too)
@@ -88,7 +89,7 @@ def describe(site) -> str:
         return f"processing at {site.name}: none (no processing section)"
     p = settings(site)
     shown = ["backend", "versions", "ncpus", "mem_per_cpu", "walltime", "partition", "account",
-             "qos", "max_queued", "max_retries", "submit_grace", "output_dir", "log_dir"]
+             "qos", "reservation", "max_queued", "max_retries", "submit_grace", "output_dir", "log_dir"]
     parts = [f"{k}={','.join(p[k]) if isinstance(p[k], list) else p[k]}" for k in shown
              if p.get(k) is not None]
     if p.get("command"):
@@ -132,8 +133,9 @@ def log_tail(path: str, lines: int = 5, limit: int = 4096) -> str:
     return " | ".join(tail)
 
 
-def job_name(host: str, number, version: str) -> str:
-    return JOB_PREFIX + safe_job_name(host, number, version)
+def job_name(host: str, run_label, version: str) -> str:
+    """``run_label``: :func:`cax.runsdb.identity.label` (the number, for a TPC run)."""
+    return JOB_PREFIX + safe_job_name(host, run_label, version)
 
 
 def processed_key(host: str, version: str) -> dict:
@@ -151,7 +153,7 @@ def retries_of(run: dict, version: str) -> int:
 class ProcessBatchQueue(Task):
     """Submit processing jobs for this site's raw data; find dead jobs; retry failed ones."""
 
-    projection = {"name": 1, "number": 1, "data": 1, "tags": 1, "trigger": 1,
+    projection = {"name": 1, "number": 1, "detector": 1, "data": 1, "tags": 1, "trigger": 1,
                   "processing_retries": 1}
 
     def __init__(self, ctx):
@@ -247,7 +249,7 @@ class ProcessBatchQueue(Task):
             if started is None or (now() - started).total_seconds() < self.p["submit_grace"]:
                 return False  # the submitting daemon may still be recording the job id
             # it may have died after submitting: a job of this datum's name is its job
-            name = job_name(self.host, run["number"], key["pax_version"])
+            name = job_name(self.host, label(run), key["pax_version"])
             if datum.get("job_backend") in (None, self.p["backend"]) and name in self.queued():
                 adopted = self.queued()[name]
                 if not self.dry_run:
@@ -285,7 +287,7 @@ class ProcessBatchQueue(Task):
             self.log(logging.INFO, run, f"dry-run: would mark error: {reason}", datum=key)
             return False
         # a job that never started never read (and removed) its Runs DB password
-        job_credential.discard(self.p["log_dir"], job_name(self.host, run["number"],
+        job_credential.discard(self.p["log_dir"], job_name(self.host, label(run),
                                                            key["pax_version"]))
         self.record_error(run, key, "processing", reason, kind=ErrorKind.PROCESSING)
         return True
@@ -336,7 +338,7 @@ class ProcessBatchQueue(Task):
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, run, key, version):
-        name = job_name(self.host, run["number"], version)
+        name = job_name(self.host, label(run), version)
         if name in self.queued():
             self.log(logging.DEBUG, run, f"job {name} already queued ({self.queued()[name]})",
                      datum=key)
@@ -364,6 +366,7 @@ class ProcessBatchQueue(Task):
                       ncpus=self.p["ncpus"], mem_per_cpu=self.p.get("mem_per_cpu"),
                       walltime=self.p.get("walltime"), partition=self.p.get("partition"),
                       account=self.p.get("account"), qos=self.p.get("qos"),
+                      reservation=self.p.get("reservation"),
                       log_path=log_path(self.p, run["name"], version),
                       workdir=self.p["log_dir"])
             job_id = self.backend().submit(job)
@@ -385,5 +388,6 @@ class ProcessBatchQueue(Task):
     def job_argv(self, run, version) -> list:
         """The job runs cax-process for this run; run fields only ever appear as single arguments."""
         return [*python_m("cax.processing"), "--config", self.ctx.config.path,
-                "--host", self.host, "--run", str(int(run["number"])), "--version", version]
+                "--host", self.host, "--run", str(int(run["number"])),
+                "--detector", detector_of(run), "--version", version]
 
