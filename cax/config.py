@@ -105,8 +105,10 @@ SITE_SCHEMA = {
         "username": {"type": ["string", "null"]},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         # null and the classic methods cax does not offer load as "not reachable" (cax.classic)
-        "method": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
-        "receive": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
+        "method": {"enum": [*METHODS, *classic.RENAMED_METHODS,
+                            *sorted(classic.UNREACHABLE_METHODS), None]},
+        "receive": {"enum": [*METHODS, *classic.RENAMED_METHODS,
+                             *sorted(classic.UNREACHABLE_METHODS), None]},
         # null: no directory (classic configs write "dir_processed": null at raw-only sites)
         "directory": _path_or_null,
         "dir_raw": _path_or_null,
