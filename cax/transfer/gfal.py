@@ -79,7 +79,7 @@ PLUGINS = {"root": ("xrootd", "gfal2-plugin-xrootd"), "xroot": ("xrootd", "gfal2
 #: schemes whose servers copy between each other with ``xrdcp --tpc``
 TPC_SCHEMES = ("root", "xroot")
 
-_UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+_UNREACHABLE_ERRNOS = (errno.ESTALE, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                        errno.ETIMEDOUT, errno.ECONNRESET, errno.ECOMM, errno.ENOTCONN,
                        errno.EPIPE, errno.ECONNABORTED)
 _UNREACHABLE_TEXT = ("connection refused", "socket error", "operation expired", "timed out",
@@ -209,6 +209,7 @@ class GfalSession:
                                      env=children.environment(XRD_ENV), start_new_session=True)
         self._buf = b""
         self.started += 1
+        self._limit = OP_TIMEOUT
         msg = self._read(time.monotonic() + OP_TIMEOUT, "start")
         if "fatal" in msg:
             raise ServiceUnavailable(msg["fatal"])
@@ -262,8 +263,8 @@ class GfalSession:
                 if left <= 0:
                     self.kill()
                     raise ServiceUnavailable(f"{self.label}: {what}: no answer within "
-                                             f"{OP_TIMEOUT if tick is None else STALL_TIMEOUT:.0f}"
-                                             f" s; the endpoint does not respond (call given up)")
+                                             f"{self._limit:.0f} s; the endpoint does not "
+                                             f"respond (call given up)")
                 if sel.select(min(left, wait)):
                     chunk = os.read(fd, 1 << 16)
                     if not chunk:
@@ -279,7 +280,7 @@ class GfalSession:
         return json.loads(line)
 
     def call(self, op: str, *args, progress: Optional[Callable[[int], None]] = None,
-             cancel: Optional[Callable[[], bool]] = None, timeout: float = OP_TIMEOUT):
+             cancel: Optional[Callable[[], bool]] = None, timeout: Optional[float] = None):
         """Run ``op`` in the worker; its value, or :class:`GfalError`. A copy (``progress``
         given) may go on as long as it reports progress; ``cancel()`` true cancels it."""
         with self._lock:
@@ -293,7 +294,8 @@ class GfalSession:
             except OSError as e:
                 self.kill()
                 raise ServiceUnavailable(f"{self.label}: {op}: the gfal2 worker is gone: {e}")
-            limit = STALL_TIMEOUT if progress is not None else timeout
+            limit = STALL_TIMEOUT if progress is not None else (timeout or OP_TIMEOUT)
+            self._limit = limit
             deadline = time.monotonic() + limit
             cancelled = [False]
 
@@ -317,6 +319,8 @@ class GfalSession:
                             deadline = time.monotonic() + limit
                         if progress is not None:
                             progress(int(msg["progress"]))
+                        if cancel is not None:
+                            tick()
                         continue
                     if "error" in msg:
                         code, message = msg["error"]
