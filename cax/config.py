@@ -24,7 +24,7 @@ from cax.tasks import TASK_NAMES
 log = logging.getLogger("cax.config")
 
 DATA_TYPES = ("raw", "processed", "untriggered")
-METHODS = ("local", "scp", "sftp", "rsync")
+METHODS = ("local", "scp", "sftp", "rsync", "gfal")
 
 #: Default task order (DESIGN.md); ``task_list`` narrows it and keeps this order. The order lives
 #: with the task registry (cax.tasks), which needs nothing from the config.

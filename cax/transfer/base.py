@@ -53,6 +53,11 @@ class TransferFailed(TransferError):
     """The copy started but did not complete."""
 
 
+class ThirdPartyRefused(TransferError):
+    """The servers would not copy between each other (no third-party copy there, or refused
+    before any byte moved): the policy streams the copy through this host instead."""
+
+
 class Interrupted(TransferError):
     """The daemon was asked to stop (SIGTERM/SIGINT) while the copy was in flight."""
 

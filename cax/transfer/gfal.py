@@ -46,6 +46,7 @@ from cax.transfer.base import (
     SourceNotFound,
     TransferError,
     TransferFailed,
+    ThirdPartyRefused,
     TransferMethod,
     check_complete,
     partial_path,
@@ -88,11 +89,6 @@ _UNREACHABLE_TEXT = ("connection refused", "socket error", "operation expired", 
                      "host is unreachable", "name or service not known")
 _ACCESS_TEXT = ("permission denied", "not authorized", "is disallowed", "unauthorized",
                 "read-only", "forbidden")
-
-
-class ThirdPartyRefused(TransferError):
-    """The destination would not (or could not) take the copy server to server: the copy is
-    streamed through this host instead."""
 
 
 def scheme(prefix: str) -> str:
