@@ -21,13 +21,14 @@ def grid_config(tmp_path, a, b, tpc_b=True, checksum_type="adler32"):
     site_a, site_b = a.site(name="grid-a"), b.site(name="grid-b")
     doc = {"runs_db": str(tmp_path / "test.runsdb"), "sites": [
         {"name": "daq", "directory": str(tmp_path / "daq"), "upload_options": ["grid-a"],
-         "data_type": ["raw"], "checksum_type": checksum_type},
+         "data_type": ["raw"], "checksum_type": checksum_type, "max_retries": 2,
+         "retry_delay": 0},
         {"name": "grid-a", "method": "gfal", "hostname": a.url, "dir_raw": site_a.dirs["raw"],
          "data_type": ["raw"]},
         {"name": "grid-b", "method": "gfal-copy", "hostname": b.url, "dir_raw": site_b.dirs["raw"],
          "data_type": ["raw"], "download_options": ["grid-a"]},
         {"name": "back", "directory": str(tmp_path / "back"), "download_options": ["grid-b"],
-         "data_type": ["raw"]},
+         "data_type": ["raw"], "max_retries": 2, "retry_delay": 0},
     ]}
     for s in (doc["sites"][0], doc["sites"][3]):
         os.makedirs(s["directory"], exist_ok=True)

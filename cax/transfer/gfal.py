@@ -554,7 +554,7 @@ class GfalMethod(TransferMethod):
         deadline = time.monotonic() + COPY_TIMEOUT
         while True:
             try:
-                out, err = proc.communicate(timeout=0.5)
+                out, err = proc.communicate(timeout=0.1)
                 break
             except subprocess.TimeoutExpired:
                 if self.cancel() or time.monotonic() > deadline:
