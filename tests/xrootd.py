@@ -52,6 +52,7 @@ class XrootdServer:
             raise XrootdError(f"no user {USER!r} (Debian package xrootd-server creates it)")
         self.name = name
         self.tmpdir = tmpdir or tempfile.mkdtemp(prefix=f"cax-xrootd-{name}-")
+        os.makedirs(self.tmpdir, exist_ok=True)
         os.chmod(self.tmpdir, 0o755)  # the xrootd user must reach its data below
         self.host = "127.0.0.1"
         self.port = port or free_port()
