@@ -3,6 +3,10 @@
 
 Run from the repository root:  python benchmarks/transfer.py [--quick] [--repeat N] [--only NAME]
 
+Grid storage (issue 14): cax's gfal method against ``xrdcp`` (push, pull) and a third-party copy
+between two private XRootD servers (tests/xrootd.py) against the same copy streamed through this
+host, in the same run (``--only xrdcp --only gfal ...`` for those alone).
+
 Starts its own sshd on 127.0.0.1 (tests/sshd.py), makes three data sets (one large file, 200 x
 5 MiB files, 5,000 x 4 KiB files; --quick: 256 MiB, 20 x 5 MiB, 500 x 4 KiB), and copies each one
 with cax's scp, sftp and rsync methods (put = push, get = pull; a fresh method object per copy, so
@@ -147,6 +151,7 @@ def main() -> int:
                     rows.append((label, "push" if push else "pull", tool, best, size))
                     print(f"# {label:22s} {'push' if push else 'pull'} {tool:14s} {best:7.2f} s "
                           f"{size / best / 1e6:8.1f} MB/s", flush=True)
+        rows += grid_rows(base, sets, args.repeat, args.only)
         print_table(rows)
     finally:
         server.stop()
@@ -154,15 +159,114 @@ def main() -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- grid storage (issue 14)
+GRID_TOOLS = ["xrdcp", "gfal", "xrdcp --tpc", "gfal third-party", "gfal streamed"]
+
+
+def grid_rows(base: str, sets: dict, repeat: int, only) -> list:
+    """cax's gfal method against ``xrdcp`` (push and pull) and a third-party copy between two
+    private XRootD servers against the same copy streamed through this host, on the same data
+    in the same run. Rows as :func:`print_table` takes them; the reference of each is named in
+    the tool (``xrdcp`` for gfal, ``gfal streamed`` for the third-party copy)."""
+    from cax.transfer import policy
+    from tests.xrootd import XrootdServer
+    tools = [t for t in GRID_TOOLS if not only or t in only]
+    if not tools:
+        return []
+    os.chmod(base, 0o755)  # the xrootd user reaches its servers' data below
+    a = XrootdServer(os.path.join(base, "xrootd-a"), "a").start()
+    b = XrootdServer(os.path.join(base, "xrootd-b"), "b").start()
+    rows = []
+    try:
+        sa, sb = a.site(name="grid-a"), b.site(name="grid-b")
+        local_dir = os.path.join(base, "grid-pulled")
+        os.makedirs(local_dir)
+        gfal = method_class("gfal")
+        for label, src in sets.items():
+            size = nbytes(src)
+            pull_src = os.path.join(sa.dirs["raw"], "pull_src")
+            with gfal(sa) as m:
+                m.remove(pull_src)
+                policy.put(m, src, pull_src)
+            many = os.path.isdir(src) and len(os.listdir(src)) > 50
+            for direction, tool in [("push", "xrdcp"), ("push", "gfal"), ("pull", "xrdcp"),
+                                    ("pull", "gfal"), ("A->B", "xrdcp --tpc"),
+                                    ("A->B", "gfal third-party"), ("A->B", "gfal streamed")]:
+                if tool not in tools or (direction == "A->B" and many):
+                    continue  # a TPC costs ~2 s of XRootD's own polling per file
+                best = None
+                for _ in range(repeat):
+                    if direction == "push":
+                        dst, where = os.path.join(sa.dirs["raw"], "copy"), sa
+                    elif direction == "pull":
+                        dst, where = os.path.join(local_dir, "copy"), None
+                    else:
+                        dst, where = os.path.join(sb.dirs["raw"], "copy"), sb
+                    remove(dst)
+                    if tool.startswith("xrdcp") and os.path.isdir(src):
+                        os.makedirs(dst)  # xrdcp -r copies into an existing directory
+                    os.sync()
+                    t0 = time.perf_counter()
+                    if tool.startswith("xrdcp"):
+                        argv = ["xrdcp", "--nopbar", "--cksum", "adler32"]
+                        if os.path.isdir(src):
+                            argv.append("-r")
+                        if tool == "xrdcp --tpc":
+                            argv[1:1] = ["--tpc", "only"]
+                        s_url = src if direction == "push" else a.url + pull_src
+                        d_url = (a.url + dst if direction == "push" else
+                                 dst if direction == "pull" else b.url + dst)
+                        subprocess.run(argv + [s_url, d_url], check=True,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                    elif direction == "push":
+                        with gfal(sa) as m:
+                            policy.put(m, src, dst)
+                    elif direction == "pull":
+                        with gfal(sa) as m:
+                            policy.get(m, pull_src, dst)
+                    else:
+                        with gfal(sa) as ma, gfal(sb) as mb:
+                            if tool == "gfal streamed":
+                                mb.accepts_third_party = lambda _src: False
+                            how = policy.copy_between(mb, ma, pull_src, dst,
+                                                      ma.tree(pull_src), scratch=base)
+                            assert how.startswith(tool.split()[1][:6]), how
+                    dt = time.perf_counter() - t0
+                    got = nbytes(dst)
+                    if got != size:
+                        raise SystemExit(f"{tool} {label}: copied {got} of {size} bytes")
+                    best = dt if best is None else min(best, dt)
+                    remove(dst)
+                rows.append((label, direction, tool, best, size))
+                print(f"# {label:22s} {direction} {tool:16s} {best:7.2f} s "
+                      f"{size / best / 1e6:8.1f} MB/s", flush=True)
+    finally:
+        a.stop()
+        b.stop()
+    return rows
+
+
+def reference_time(rows, label, direction, tool):
+    """The time a row is compared with: the best OpenSSH tool (SSH methods), ``xrdcp`` (the
+    gfal method), the streamed copy (third-party copies)."""
+    if direction == "A->B":
+        want = ("gfal streamed",)
+    elif tool in GRID_TOOLS:
+        want = ("xrdcp",)
+    else:
+        want = None
+    return min((r[3] for r in rows if r[0] == label and r[1] == direction
+                and (r[2] in want if want else r[2].startswith("OpenSSH"))), default=None)
+
+
 def print_table(rows) -> None:
     print()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}; "
           f"client and sshd on the same host (loopback)")
-    head = ("data", "dir", "tool", "seconds", "MB/s", "vs best OpenSSH")
+    head = ("data", "dir", "tool", "seconds", "MB/s", "vs reference")
     lines = []
     for label, direction, tool, dt, size in rows:
-        ref = min((r[3] for r in rows if r[0] == label and r[1] == direction
-                   and r[2].startswith("OpenSSH")), default=None)
+        ref = reference_time(rows, label, direction, tool)
         ratio = f"{ref / dt:.2f}" if ref else "-"
         lines.append((label, direction, tool, f"{dt:.2f}", f"{size / dt / 1e6:.1f}", ratio))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]

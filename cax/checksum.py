@@ -291,7 +291,17 @@ def checksum(
     if workers is None:
         workers = _cores()
     workers = max(1, min(int(workers), len(files)))
-    digests = _hash_files(files, new, workers, job)
+    return _combine(new, _hash_files(files, new, workers, job))
+
+
+def _combine(new, digests) -> str:
     top = new()
     top.update("".join(sorted(digests)).encode("ascii"))
     return top.hexdigest()
+
+
+def directory_digest(algorithm: str, digests) -> str:
+    """The digest of a directory whose files have the per-file hex ``digests`` (any order), by
+    the rule :func:`checksum` uses: what a storage system's own per-file checksums (XRootD's,
+    gfal2's adler32) add up to, so a copy there is verified without reading it back."""
+    return _combine(_hasher_factory(algorithm), [str(d).lower() for d in digests])

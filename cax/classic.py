@@ -13,8 +13,11 @@ from typing import Optional
 
 #: Methods of the classic cax that this cax does not offer: a site using one of them is loaded
 #: as *not reachable from this cax* (its datums are other sites' business). One place on
-#: purpose: when cax gains a method (a ``gfal`` one is planned), it leaves this set.
-UNREACHABLE_METHODS = frozenset({"tsm", "gfal-copy", "lcg-cp", "rucio"})
+#: purpose: when cax gains a method, it leaves this set (``gfal-copy`` did: :data:`RENAMED_METHODS`).
+UNREACHABLE_METHODS = frozenset({"tsm", "lcg-cp", "rucio"})
+
+#: classic method names whose work a method of this cax does under its own name
+RENAMED_METHODS = {"gfal-copy": "gfal"}
 
 #: hostnames that mean "this machine": a site without a method there is reached with ``local``
 LOCAL_HOSTNAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -30,6 +33,7 @@ def resolve_method(raw: dict, offered) -> tuple[str, Optional[str], list[str]]:
     """
     warnings = []
     method = raw.get("method") if raw.get("method") is not None else raw.get("receive")
+    method = RENAMED_METHODS.get(method, method)
     hostname = raw.get("hostname", "localhost")
     if not hostname:  # null, or "" (the classic rucio-catalogue pseudo-site)
         reason = f"no hostname ({'null' if hostname is None else repr(hostname)})"

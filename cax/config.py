@@ -24,7 +24,7 @@ from cax.tasks import TASK_NAMES
 log = logging.getLogger("cax.config")
 
 DATA_TYPES = ("raw", "processed", "untriggered")
-METHODS = ("local", "scp", "sftp", "rsync")
+METHODS = ("local", "scp", "sftp", "rsync", "gfal")
 
 #: Default task order (DESIGN.md); ``task_list`` narrows it and keeps this order. The order lives
 #: with the task registry (cax.tasks), which needs nothing from the config.
@@ -108,8 +108,10 @@ SITE_SCHEMA = {
         "username": {"type": ["string", "null"]},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         # null and the classic methods cax does not offer load as "not reachable" (cax.classic)
-        "method": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
-        "receive": {"enum": [*METHODS, *sorted(classic.UNREACHABLE_METHODS), None]},
+        "method": {"enum": [*METHODS, *classic.RENAMED_METHODS,
+                            *sorted(classic.UNREACHABLE_METHODS), None]},
+        "receive": {"enum": [*METHODS, *classic.RENAMED_METHODS,
+                             *sorted(classic.UNREACHABLE_METHODS), None]},
         # null: no directory (classic configs write "dir_processed": null at raw-only sites)
         "directory": _path_or_null,
         "dir_raw": _path_or_null,

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.backends", "tests.slurm", "tests.sshd"]
+pytest_plugins = ["tests.backends", "tests.slurm", "tests.sshd", "tests.xrootd"]
 
 
 def missing_component(reason: str):

@@ -14,6 +14,7 @@ TASK_NAMES = (
     "RetryStalledTransfer",
     "RetryBadChecksumTransfer",
     "CopyPull",
+    "CopyThirdParty",
     "AddChecksum",
     "AddSize",
     "SetPermission",
@@ -26,6 +27,7 @@ TASK_NAMES = (
 _WHERE = {
     "CopyPush": "cax.tasks.copy",
     "CopyPull": "cax.tasks.copy",
+    "CopyThirdParty": "cax.tasks.copy",
     "AddChecksum": "cax.tasks.checksum",
     "CompareChecksums": "cax.tasks.checksum",
     "RetryStalledTransfer": "cax.tasks.retry",

@@ -23,7 +23,7 @@ from cax.runsdb.copies import comparable
 from cax.runsdb.lifecycle import ErrorKind
 from cax.tasks.base import Task
 from cax.tasks.checksum import heartbeat, kept_alive, verify
-from cax.transfer import Interrupted, SourceNotFound, TransferError, policy
+from cax.transfer import Interrupted, SourceNotFound, TransferError, features, policy
 from cax.transfer.base import local_tree
 
 
@@ -130,12 +130,16 @@ class _Copy(Task):
             self.log(logging.DEBUG, run, f"skipped: {remote.name} unreachable this pass",
                      datum=key)
             return
-        try:
-            self.method(remote)  # connect before claiming: an unreachable site claims nothing
-        except TransferError as e:
-            self.log(logging.ERROR, run, f"cannot reach {remote.name}: {e}; its other copies "
-                     f"wait for the next pass", datum=key)
-            return
+        ends = (remote, src) if self.direction == "third-party" else (remote,)
+        for end in ends:
+            if self.connections().failure(end) is not None:
+                return
+            try:
+                self.method(end)  # connect before claiming: an unreachable site claims nothing
+            except TransferError as e:
+                self.log(logging.ERROR, run, f"cannot reach {end.name}: {e}; its other copies "
+                         f"wait for the next pass", datum=key)
+                return
         parallel = self.site.max_transfers > 1
         if parallel:
             if self._pool is None:
@@ -159,7 +163,7 @@ class _Copy(Task):
             self.log(logging.DEBUG, run, "already claimed by another daemon", datum=key)
             return
         job = (run, key, src_path, dst_path, remote,
-               f"{src.name} -> {dst.name} via {remote.method}", recorded_tree(src_datum))
+               f"{src.name} -> {dst.name} via {remote.method}", recorded_tree(src_datum), src)
         if not parallel:
             self._transfer(*job)
             return
@@ -171,13 +175,15 @@ class _Copy(Task):
         finally:
             self._slots.release()
 
-    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded):
+    def _transfer(self, run, key, src_path, dst_path, remote, what, recorded, src=None):
         started = time.monotonic()
         moved = [0]
         bar = None
+        how = ""
         try:
             method = self.method(remote)
-            expect = self._source_tree(method, src_path, recorded)
+            expect = self._source_tree(self.method(src) if self.direction == "third-party"
+                                       else method, src_path, recorded)
             size = expect[0]
             self.log(logging.INFO, run, f"copy start {what}, {size} bytes in {expect[1]} files",
                      datum=key)
@@ -188,8 +194,11 @@ class _Copy(Task):
             # pull's parent is local, and asking the remote site to make it was wrong)
             if self.direction == "push":
                 policy.put(method, src_path, dst_path, expect=expect)
-            else:
+            elif self.direction == "pull":
                 policy.get(method, src_path, dst_path, expect=expect)
+            else:
+                how = " " + policy.copy_between(method, self.method(src), src_path, dst_path,
+                                                expect)
         except Interrupted:
             self.record_error(run, key, "transferring", "interrupted", kind=ErrorKind.INTERRUPTED)
             return
@@ -203,7 +212,7 @@ class _Copy(Task):
             if bar is not None:
                 bar.close()
         seconds = max(time.monotonic() - started, 1e-6)
-        self.log(logging.INFO, run, f"copy done {moved[0]} bytes in {seconds:.1f} s "
+        self.log(logging.INFO, run, f"copy done{how} {moved[0]} bytes in {seconds:.1f} s "
                  f"({moved[0] / seconds / 1e6:.1f} MB/s)", datum=key)
         self.ctx.report.copied(self.direction, method.name, moved[0])
         if not self.db.apply(lifecycle.copied(run["_id"], key)):
@@ -305,3 +314,25 @@ class CopyPull(_Copy):
     def pairs(self):
         cfg = self.ctx.config
         return [(cfg.site(n), self.site, cfg.site(n)) for n in self.site.download_options]
+
+
+class CopyThirdParty(_Copy):
+    """Copies between two sites, neither of them this one, that no daemon runs at: grid storage
+    (methods declaring ``features.third_party``) receives what its ``download_options`` name.
+    Server to server where both ends allow it, else streamed through this host; the log line
+    says which. Whichever daemons run this task, the claim in the Runs DB makes each copy once.
+    """
+
+    direction = "third-party"
+
+    def pairs(self):
+        cfg = self.ctx.config
+        out = []
+        for dst in cfg.sites.values():
+            if dst.name == self.site.name or dst.unreachable or not features(dst).third_party:
+                continue
+            for name in dst.download_options:
+                src = cfg.site(name)
+                if src.name != self.site.name and not src.unreachable:
+                    out.append((src, dst, dst))
+        return out

@@ -24,10 +24,14 @@ METHODS = {
     "scp": "cax.transfer.scp:ScpMethod",
     "sftp": "cax.transfer.sftp:SftpMethod",
     "rsync": "cax.transfer.rsync:RsyncMethod",
+    "gfal": "cax.transfer.gfal:GfalMethod",
 }
+#: other names of a method: the classic cax's (``gfal-copy``), accepted in configs
+ALIASES = {"gfal-copy": "gfal"}
 
 
 def method_class(name: str):
+    name = ALIASES.get(name, name)
     try:
         module, cls = METHODS[name].split(":")
     except KeyError:

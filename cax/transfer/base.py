@@ -53,6 +53,11 @@ class TransferFailed(TransferError):
     """The copy started but did not complete."""
 
 
+class ThirdPartyRefused(TransferError):
+    """The servers would not copy between each other (no third-party copy there, or refused
+    before any byte moved): the policy streams the copy through this host instead."""
+
+
 class Interrupted(TransferError):
     """The daemon was asked to stop (SIGTERM/SIGINT) while the copy was in flight."""
 
@@ -148,6 +153,10 @@ class Features:
     #: method objects may share one connection (``share()``): the pool opens one per site per
     #: pass and hands the others its ``share()``
     shares_connection: bool = False
+    #: copies between two sites of this method may go server to server
+    #: (:meth:`TransferMethod.third_party_copy`, asked first through ``accepts_third_party``);
+    #: the policy streams them through this host where it is refused
+    third_party: bool = False
 
 
 class TransferMethod(ABC):
@@ -260,6 +269,17 @@ class TransferMethod(ABC):
     def receive(self, remote: str, partial: str) -> None:
         """Copy the site's ``remote`` to the local ``partial`` (its parent exists, it does
         not). ``SourceNotFound``, ``NoSpace``, ``TransferFailed``, ``Interrupted``."""
+
+    def accepts_third_party(self, source: "TransferMethod") -> bool:
+        """Whether a copy from ``source``'s site to this method's site can go server to server
+        (``features.third_party``); the default: never."""
+        return False
+
+    def third_party_copy(self, source: "TransferMethod", src_path: str, partial: str) -> None:
+        """Copy ``src_path`` on ``source``'s site to ``partial`` on this site without the bytes
+        passing through this host. ``ThirdPartyRefused`` (a ``TransferError`` of the method)
+        when the servers will not: the policy then streams the copy."""
+        raise TransferFailed(f"{self.label}: no third-party copies")
 
     def remove_partial(self, partial: str) -> None:
         """Best-effort removal of the partial copy of a failed push: never raises (the next

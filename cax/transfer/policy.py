@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from typing import Callable, Optional
 
 from cax.transfer.base import (
@@ -29,6 +30,7 @@ from cax.transfer.base import (
     DestinationNotAccessible,
     NoSpace,
     SourceNotFound,
+    ThirdPartyRefused,
     TransferError,
     TransferFailed,
     TransferMethod,
@@ -189,6 +191,45 @@ def get(method: TransferMethod, remote: str, local: str, expect: Optional[tuple]
         if expect is not None:
             err = no_room(method, err, local, expect[0], local=True)
         raise err from e
+
+
+def copy_between(dest: TransferMethod, source: TransferMethod, src: str, final: str,
+                 expect: tuple, scratch: Optional[str] = None) -> str:
+    """Copy ``src`` on ``source``'s site to ``final`` on ``dest``'s site, neither of them this
+    host: server to server where ``dest`` accepts a third-party copy from ``source``, else (or
+    when it is refused) streamed through this host, in a private directory under ``scratch``
+    removed afterwards. The same steps as :func:`put` (partial name, check, rename). Returns
+    how the bytes went: ``"third-party"`` or ``"streamed"`` with the refusal's reason."""
+    expect = tuple(expect)
+    dest.check_cancel()
+    dest.prepare(final)
+    partial = partial_path(final)
+    how = "streamed (no third-party copy between these sites)"
+    try:
+        done = False
+        if dest.features.third_party and dest.accepts_third_party(source):
+            try:
+                dest.third_party_copy(source, src, partial)
+                done, how = True, "third-party"
+            except ThirdPartyRefused as e:
+                how = f"streamed (third-party copy refused: {e})"
+                dest.remove_partial(partial)
+        if not done:
+            holder = tempfile.mkdtemp(prefix="cax-stream-", dir=scratch)
+            try:
+                local = os.path.join(holder, os.path.basename(final.rstrip("/")))
+                get(source, src, local, expect)
+                dest.send(local, partial, final, expect)
+            finally:
+                remove_local(holder, best_effort=True)
+        if not dest.features.places_final_name or how == "third-party":
+            dest.check_cancel()
+            dest.place(partial, final, expect)
+    except BaseException as e:
+        dest.remove_partial(partial)
+        err = dest.classify(e, f"copy {source.label}:{src} -> {final}")
+        raise no_room(dest, err, final, expect[0]) from e
+    return how
 
 
 def discard(method: Optional[TransferMethod], location: str, final: bool = True) -> None:
