@@ -40,6 +40,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from typing import Any, Iterable, Iterator, Mapping
 
 import bson
@@ -139,7 +140,8 @@ class EmbeddedClient:
         self.path = os.fspath(path)
         self.readonly = readonly
         self._lock = threading.RLock()
-        self._collections: dict[str, EmbeddedCollection] = {}
+        # weak: no cycle, so a dropped handle closes its connection at once, not at a later GC
+        self._collections = weakref.WeakValueDictionary()
         self._seq = None  # the change counter while a write transaction runs
         self._scan_only_said = False
         if readonly:
@@ -215,9 +217,10 @@ class EmbeddedClient:
 
     def _collection(self, ns: str) -> "EmbeddedCollection":
         with self._lock:
-            if ns not in self._collections:
-                self._collections[ns] = EmbeddedCollection(self, ns)
-            return self._collections[ns]
+            coll = self._collections.get(ns)
+            if coll is None:
+                coll = self._collections[ns] = EmbeddedCollection(self, ns)
+            return coll
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -254,8 +257,8 @@ class EmbeddedClient:
             log.warning("Runs DB %s: %s %d documents for indexed queries (once)", self.path, what, n)
         for t in sqlindex.TABLES:
             conn.execute(f"DROP TABLE IF EXISTS {t}")
-        for stmt in sqlindex.SCHEMA:
-            conn.execute(stmt)
+        for stmt in sqlindex.SCHEMA_TABLES:
+            conn.execute(stmt)  # the indexes after the rows: sorting once beats random inserts
         bar = None
         if n > 1000:
             from cax import progress
@@ -279,6 +282,8 @@ class EmbeddedClient:
                 bar.update(len(rows))
         if bar is not None:
             bar.close()
+        for stmt in sqlindex.SCHEMA:
+            conn.execute(stmt)
         seq = conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0]
         conn.executemany("INSERT OR REPLACE INTO counter VALUES (?, ?)",
                          [("indexed", seq), ("index_version", sqlindex.INDEX_VERSION)])
@@ -450,19 +455,22 @@ class EmbeddedCollection:
     def _candidate_rids(self, filt: Mapping, indexed: bool, order=None) -> list:
         """Row ids of every document that may match ``filt`` (a superset), in ``order`` (SQL
         over the index tables) or in insertion order."""
-        cond = sqlindex.translate(filt) if indexed else None
-        if cond is None:
+        stmt = sqlindex.translate(filt, self.full_name, sqlindex.odd_flags(self._conn)) \
+            if indexed else None
+        if stmt is None:
             if order:
                 return [r[0] for r in self._conn.execute(
-                    f"SELECT d.rid FROM ix_doc d WHERE d.ns = ? ORDER BY {order}",
+                    f"SELECT d.rid FROM ix_doc d WHERE +d.ns = ? ORDER BY {order}",
                     (self.full_name,))]
             return [r[0] for r in self._conn.execute(
                 "SELECT rowid FROM docs WHERE ns = ? AND doc IS NOT NULL ORDER BY rowid",
                 (self.full_name,))]
-        sql, params = cond
-        return [r[0] for r in self._conn.execute(
-            f"SELECT d.rid FROM ix_doc d WHERE d.ns = ? AND {sql} ORDER BY {order or 'd.rid'}",
-            (self.full_name, *params))]
+        sql, params = stmt
+        if order:
+            sql = f"SELECT d.rid FROM ix_doc d WHERE d.rid IN ({sql}) ORDER BY {order}"
+        else:
+            sql += " ORDER BY rid"
+        return [r[0] for r in self._conn.execute(sql, params)]
 
     def _fetch(self, rids: list) -> Iterator[tuple]:
         """(rid, raw BSON) of the live documents among ``rids``, in that order."""
@@ -837,10 +845,8 @@ class EmbeddedCursor:
             if order is not None:
                 # SQL orders values of the column's kind as MongoDB does; any other value there
                 # (an "odd" one) is ordered by the matcher's rules instead
-                odd = [f"d.c_{k.replace('.', '_')} IS X'00'" for k, _ in self._sort]
-                if coll._conn.execute(f"SELECT 1 FROM ix_doc d WHERE d.ns = ? AND "
-                                      f"({' OR '.join(odd)}) LIMIT 1",
-                                      (coll.full_name,)).fetchone():
+                if coll._conn.execute("SELECT 1 FROM ix_doc d WHERE odd = 1 AND +d.ns = ? "
+                                      "LIMIT 1", (coll.full_name,)).fetchone():
                     order = None
                     rids.sort()
         if self._sort and order is None:
