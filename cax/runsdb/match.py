@@ -183,9 +183,9 @@ def _walk(value, parts) -> Iterator:
                 elif not head.isdigit():
                     found = True
                     yield MISSING
-        if not found:
+        if not found and head.isdigit():
             yield MISSING
-        return
+        return  # an empty array, or one of scalars, gives no value (MongoDB: no null match)
     yield MISSING
 
 
