@@ -4,23 +4,29 @@ Why it exists: ``cax --once`` from cron must work on a machine without MongoDB, 
 one machine must be able to share one Runs DB file with the same claim guarantees MongoDB gives
 (a conditional ``$push`` claim wins in exactly one process).
 
-How it works (see docs/embedded-store.rst for the measured comparison with montydb and mongita):
+How it works (docs/embedded-store.rst has the measurements):
 
-* Documents live in one SQLite file (WAL mode), one row per document, BSON-encoded. Every row carries
-  ``seq``, a file-wide, strictly increasing change number; a deleted document leaves a tombstone row
-  (``doc IS NULL``) so other processes learn about the deletion.
-* Each process keeps a mongomock collection per namespace as its in-memory query/update engine, so
-  filters, projections, sorts and update operators behave like mongomock (which tracks MongoDB).
-* Every operation first *syncs* the cache: it reads the rows with ``seq`` above the last one it has
-  seen. Writes do this inside ``BEGIN IMMEDIATE``, which takes SQLite's single writer lock, so a write
-  sees every earlier commit and no other process can commit in between: the match condition of an
-  update (e.g. ``'data': {'$not': {'$elemMatch': key}}``) is evaluated and applied atomically across
-  processes. That is the whole concurrency story; there is no other locking.
-* A write applies the operation to mongomock, then writes back only the documents it changed.
-  If the operation raises (e.g. a unique-index violation), the SQLite transaction is rolled back and
-  the cache is thrown away and rebuilt on the next call, so a failed operation changes nothing
-  (``insert_many`` is the exception: like pymongo with ``ordered=True`` it keeps the documents before
-  the failing one).
+* Documents live in one SQLite file (WAL mode, ``synchronous=FULL``), one row per document,
+  BSON-encoded, in table ``docs``. Every row carries ``seq``, a file-wide, strictly increasing
+  change number, and a deleted document leaves a tombstone row (``doc IS NULL``), as the first
+  version of this store wrote them, so a process of that version sharing the file still follows.
+* The fields cax selects on are kept in indexed tables beside it (:mod:`cax.runsdb.sqlindex`),
+  written in the same transaction as the document. A query is translated to SQL on them to find
+  its candidates; only those are decoded and each is confirmed by the exact matcher
+  (:mod:`cax.runsdb.match`); a filter the translator cannot narrow is a scan. Nothing is cached
+  between operations: a process holds what its current query returns.
+* Writes run inside ``BEGIN IMMEDIATE``, SQLite's single writer lock, taken before the write reads
+  anything: the match condition of an update (e.g. ``'data': {'$not': {'$elemMatch': key}}``) is
+  evaluated and applied atomically across processes. Updates are cax's own operators
+  (:mod:`cax.runsdb.update`). An exception inside a write rolls the whole transaction back, so a
+  failed operation changes nothing (``insert_many`` keeps the documents before the failing one,
+  like pymongo with ``ordered=True``).
+* Unique indexes are rows of ``ix_unique`` whose primary key is (index, key): SQLite enforces them
+  for every process, and ``create_index`` on data that violate one raises DuplicateKeyError.
+* The counter rows ``indexed`` and ``index_version`` say up to which change the index tables are
+  complete. A file written by the first version of this store (or by a process of that version
+  since) is indexed on first use, once, with a log line (and a progress bar on a terminal); a
+  read-only handle on such a file scans instead.
 
 Namespaces: one file holds any number of ``database.collection`` namespaces (column ``ns``).
 
@@ -28,51 +34,54 @@ Datetimes come back timezone-aware in UTC (``bson.tz_util.utc``, as pymongo with
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
-from typing import Any, Iterable, Mapping
+import weakref
+from typing import Any, Iterable, Iterator, Mapping
 
 import bson
-import mongomock
 from bson import ObjectId
 from bson.codec_options import CodecOptions
+from bson.tz_util import utc
 from pymongo import ASCENDING, ReturnDocument
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 from pymongo.results import DeleteResult, InsertManyResult, InsertOneResult, UpdateResult
+
+from cax.runsdb import sqlindex
+from cax.runsdb.match import MISSING, equal, matches, normalize, sort_key, values_at
+from cax.runsdb.projection import project
+from cax.runsdb.update import apply_update, is_operator_update, upsert_seed
 
 __all__ = ["open_collection", "init_store", "NotAStore", "EmbeddedClient", "EmbeddedDatabase",
            "EmbeddedCollection", "EmbeddedCursor"]
 
-# The cache reaches into mongomock (its _id-keyed store, its unique-index check) for O(1) access by
-# _id; verified against mongomock 4.3. Fail at import, not with wrong answers, if that moves.
-if not all(hasattr(mongomock.Collection, a) for a in ("_store", "_ensure_uniques")) or not hasattr(
-        mongomock.helpers, "hashdict"):
-    raise ImportError(f"cax.runsdb.embedded needs mongomock 4.3 internals; found {mongomock.__version__}")
+log = logging.getLogger("cax.runsdb")
 
-# Naive datetimes in the cache: mongomock keeps naive UTC internally and converts aware inputs itself.
-_DECODE = CodecOptions(tz_aware=False)
+_DECODE = CodecOptions(tz_aware=True, tzinfo=utc)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS docs (
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS docs (
     ns  TEXT NOT NULL,
     id  BLOB NOT NULL,            -- bson.encode({'_id': _id}): any _id type, exact equality
     seq INTEGER NOT NULL,
     doc BLOB,                     -- NULL = tombstone of a deleted document
     PRIMARY KEY (ns, id)
-);
-CREATE INDEX IF NOT EXISTS docs_seq ON docs (ns, seq);
-CREATE TABLE IF NOT EXISTS indexes (
+)""",
+    "CREATE INDEX IF NOT EXISTS docs_seq ON docs (ns, seq)",
+    """CREATE TABLE IF NOT EXISTS indexes (
     ns     TEXT NOT NULL,
     name   TEXT NOT NULL,
     spec   BLOB NOT NULL,         -- bson.encode({'keys': [[field, direction], ...], 'unique': bool})
     seq    INTEGER NOT NULL,
     PRIMARY KEY (ns, name)
-);
-CREATE TABLE IF NOT EXISTS counter (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
-INSERT OR IGNORE INTO counter VALUES ('seq', 0);
-"""
+)""",
+    "CREATE TABLE IF NOT EXISTS counter (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO counter VALUES ('seq', 0)",
+]
 
 
 def _id_key(_id) -> bytes:
@@ -85,14 +94,8 @@ def _index_keys(key_or_list, direction=None) -> list:
     return [[k, d] for k, d in key_or_list]
 
 
-_NO_ID = object()
-_MAX_VIEWS = 64          # distinct filters remembered (a pass uses about a dozen)
-_MAX_CHANGES = 10_000    # changed documents remembered before the views are rebuilt from scratch
-
-
-def _cache_key(_id):
-    """The key mongomock's internal store uses for ``_id`` (dict _ids are wrapped to be hashable)."""
-    return mongomock.helpers.hashdict(_id) if isinstance(_id, dict) else _id
+#: documents fetched per SQL round while a cursor is iterated
+_BATCH = 256
 
 
 class NotAStore(ValueError):
@@ -126,16 +129,21 @@ class EmbeddedClient:
     """One SQLite connection shared by the collections of one file in this process (thread-safe).
 
     ``create=False`` opens only an existing, valid store (FileNotFoundError, NotAStore otherwise)
-    and never creates or changes the file's schema: that is how cax opens its Runs DB, so a missing
-    or emptied file is an error, never a fresh empty store. ``create=True`` (the library default,
-    used by :func:`init_store` and the store's own tests) makes the file and schema when missing.
+    and changes nothing before it has checked the file: that is how cax opens its Runs DB, so a
+    missing or emptied file is an error, never a fresh empty store. ``create=True`` (the library
+    default, used by :func:`init_store` and the store's own tests) makes the file and schema when
+    missing.
     """
 
     def __init__(self, path: str | os.PathLike, timeout: float = 60.0, readonly: bool = False,
                  create: bool = True):
         self.path = os.fspath(path)
+        self.readonly = readonly
         self._lock = threading.RLock()
-        self._collections: dict[str, EmbeddedCollection] = {}
+        # weak: no cycle, so a dropped handle closes its connection at once, not at a later GC
+        self._collections = weakref.WeakValueDictionary()
+        self._seq = None  # the change counter while a write transaction runs
+        self._scan_only_said = False
         if readonly:
             self._open_readonly(timeout)
             return
@@ -158,13 +166,14 @@ class EmbeddedClient:
             return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._conn.execute(stmt)
+            for stmt in _SCHEMA:
+                self._conn.execute(stmt)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        with self.write():
+            pass  # a new store gets its (empty) index tables at once
 
     def _connect_existing(self, timeout: float) -> sqlite3.Connection:
         """``mode=rw``: SQLite refuses to create the file (a plain connect would make it)."""
@@ -208,9 +217,165 @@ class EmbeddedClient:
 
     def _collection(self, ns: str) -> "EmbeddedCollection":
         with self._lock:
-            if ns not in self._collections:
-                self._collections[ns] = EmbeddedCollection(self, ns)
-            return self._collections[ns]
+            coll = self._collections.get(ns)
+            if coll is None:
+                coll = self._collections[ns] = EmbeddedCollection(self, ns)
+            return coll
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    def read(self) -> "_Txn":
+        """A read: one snapshot (``BEGIN``), no write lock; yields whether the index is usable."""
+        return _Txn(self, write=False)
+
+    def write(self) -> "_Txn":
+        """A write: ``BEGIN IMMEDIATE`` (exclusive across processes), the index brought up to
+        date first; committed on success, rolled back on any exception."""
+        return _Txn(self, write=True)
+
+    def _index_state(self) -> bool:
+        """Whether the index tables hold every committed change (checked in each transaction:
+        a process of the first store version writes documents without them)."""
+        rows = dict(self._conn.execute(
+            "SELECT k, v FROM counter WHERE k IN ('seq', 'indexed', 'index_version')"))
+        return (rows.get("index_version") == sqlindex.INDEX_VERSION
+                and rows.get("indexed") == rows.get("seq"))
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _reindex(self) -> None:
+        """(Re)build every index table from the documents, inside the current write transaction:
+        once for a file of the first store version, or after a process of that version wrote."""
+        conn = self._conn
+        t0 = time.monotonic()
+        had = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        n = conn.execute("SELECT count(*) FROM docs WHERE doc IS NOT NULL").fetchone()[0]
+        if n:
+            what = "indexing" if "ix_doc" not in had else "re-indexing (written by an older cax)"
+            log.warning("Runs DB %s: %s %d documents for indexed queries (once)", self.path, what, n)
+        for t in sqlindex.TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {t}")
+        for stmt in sqlindex.SCHEMA_TABLES:
+            conn.execute(stmt)  # the indexes after the rows: sorting once beats random inserts
+        bar = None
+        if n > 1000:
+            from cax import progress
+            if progress.wanted():
+                from tqdm import tqdm
+                bar = tqdm(total=n, desc="indexing Runs DB", unit="run", leave=False)
+        specs: dict = {}
+        for ns, spec_name, spec in conn.execute("SELECT ns, name, spec FROM indexes").fetchall():
+            spec = bson.decode(spec)
+            if spec.get("unique"):
+                specs.setdefault(ns, []).append((spec_name, spec))
+        cur = conn.execute("SELECT rowid, ns, doc FROM docs WHERE doc IS NOT NULL ORDER BY rowid")
+        while True:
+            rows = cur.fetchmany(1000)
+            if not rows:
+                break
+            for rid, ns, raw in rows:
+                doc = bson.decode(raw, _DECODE)
+                _index_doc(conn, rid, ns, doc, specs.get(ns, ()))
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        for stmt in sqlindex.SCHEMA:
+            conn.execute(stmt)
+        seq = conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0]
+        conn.executemany("INSERT OR REPLACE INTO counter VALUES (?, ?)",
+                         [("indexed", seq), ("index_version", sqlindex.INDEX_VERSION)])
+        if n:
+            log.warning("Runs DB %s: indexed %d documents in %.1f s", self.path, n,
+                        time.monotonic() - t0)
+
+
+class _Txn:
+    def __init__(self, client: EmbeddedClient, write: bool):
+        self.client, self.writing = client, write
+
+    def __enter__(self) -> bool:
+        c = self.client
+        c._lock.acquire()
+        try:
+            if self.writing:
+                c._conn.execute("BEGIN IMMEDIATE")
+                if not c._index_state():
+                    c._reindex()
+                c._seq = c._conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0]
+                self._seq0 = c._seq
+                return True
+            c._conn.execute("BEGIN")
+            if c._index_state():
+                return True
+            c._conn.execute("COMMIT")
+            if c.readonly:
+                if not c._scan_only_said:
+                    c._scan_only_said = True
+                    log.info("Runs DB %s is not indexed yet (a read-only handle does not index "
+                             "it): queries scan", c.path)
+                c._conn.execute("BEGIN")
+                return False
+            with _Txn(c, write=True):
+                pass  # indexes it
+            c._conn.execute("BEGIN")
+            return c._index_state()
+        except BaseException:
+            if c._conn.in_transaction:
+                c._conn.execute("ROLLBACK")
+            c._seq = None
+            c._lock.release()
+            raise
+
+    def __exit__(self, exc_type, exc, tb):
+        c = self.client
+        try:
+            if exc_type is None:
+                if self.writing and c._seq != self._seq0:
+                    c._conn.executemany("UPDATE counter SET v = ? WHERE k = ?",
+                                        [(c._seq, "seq"), (c._seq, "indexed")])
+                c._conn.execute("COMMIT")
+            elif c._conn.in_transaction:
+                c._conn.execute("ROLLBACK")
+        finally:
+            if self.writing:
+                c._seq = None
+            c._lock.release()
+        return False
+
+
+def _index_doc(conn, rid: int, ns: str, doc: Mapping, uniques) -> None:
+    """The index rows of one document (its ``docs.rowid`` is ``rid``); a unique key another
+    document holds raises DuplicateKeyError."""
+    vals, elems = sqlindex.doc_rows(doc)
+    conn.execute(f"INSERT INTO ix_doc VALUES (?, ?, {', '.join('?' * len(vals))})",
+                 (rid, ns, *vals))
+    for a, rows in elems.items():
+        if rows:
+            width = len(rows[0]) + 1
+            conn.executemany(f"INSERT INTO ix_{a} VALUES ({', '.join('?' * width)})",
+                             [(rid, *r) for r in rows])
+    for name, spec in uniques:
+        for key in sqlindex.unique_keys(doc, spec["keys"], spec.get("options") or {}):
+            try:
+                conn.execute("INSERT INTO ix_unique VALUES (?, ?, ?, ?)", (ns, name, key, rid))
+            except sqlite3.IntegrityError:
+                if conn.execute("SELECT rid FROM ix_unique WHERE ns = ? AND name = ? AND key = ?",
+                                (ns, name, key)).fetchone()[0] == rid:
+                    continue  # one document repeating a value of a multikey index
+                raise DuplicateKeyError(
+                    f"E11000 duplicate key error collection: {ns} index: {name} dup key: "
+                    f"{bson.decode(key)['k']}", 11000) from None
+
+
+def _unindex_doc(conn, rid: int) -> None:
+    conn.execute("DELETE FROM ix_doc WHERE rid = ?", (rid,))
+    for a in sqlindex.ARRAYS:
+        conn.execute(f"DELETE FROM ix_{a} WHERE rid = ?", (rid,))
+    conn.execute("DELETE FROM ix_unique WHERE rid = ?", (rid,))
+
 
 
 class EmbeddedDatabase:
@@ -275,7 +440,7 @@ def init_store(path: str | os.PathLike) -> None:
 
 
 class EmbeddedCollection:
-    """A pymongo-Collection-compatible subset backed by SQLite + a mongomock cache."""
+    """A pymongo-Collection-compatible subset over the SQLite file (see the module docstring)."""
 
     def __init__(self, client: EmbeddedClient, ns: str):
         self._client = client
@@ -284,164 +449,58 @@ class EmbeddedCollection:
         self.full_name = ns
         self.database = EmbeddedDatabase(client, ns.split(".", 1)[0])
         self.name = ns.split(".", 1)[1]
-        self._reset_cache()
 
-    # -- cache synchronisation ---------------------------------------------------------------------
+    # -- finding -----------------------------------------------------------------------------------
 
-    def _reset_cache(self):
-        self._mm = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-        self._seen = 0
-        # Query views (see _view): filter -> [matching cache keys, position in _changes].
-        self._views: dict[bytes, list] = {}
-        self._once: dict[bytes, None] = {}  # filters seen once, oldest first
-        self._changes: list = []  # cache keys of documents changed since the views were built
-
-    def _changed(self, keys: Iterable) -> None:
-        """Note documents whose content changed, so the views re-check just these."""
-        if self._views:
-            self._changes.extend(keys)
-            if len(self._changes) > max(_MAX_CHANGES, len(self._store())):
-                self._views.clear()  # cheaper to rebuild than to replay
-                self._changes.clear()
-
-    def _sync(self):
-        """Bring the mongomock cache up to the last committed state in the file.
-
-        Changed documents are all removed first and then re-inserted: replaying them one by one could
-        trip a unique index on a state that never existed (A takes B's old value before B's newer
-        version is applied); the final state is a committed one, so it satisfies every index.
-        """
-        rows = self._conn.execute(
-            "SELECT id, seq, doc FROM docs WHERE ns = ? AND seq > ? ORDER BY seq",
-            (self.full_name, self._seen)).fetchall()
-        idx_rows = self._conn.execute(
-            "SELECT name, spec, seq FROM indexes WHERE ns = ? AND seq > ? ORDER BY seq",
-            (self.full_name, self._seen)).fetchall()
-        if not rows and not idx_rows:
-            return
-        # Straight into mongomock's store: these are committed documents, already validated, and
-        # mongomock's own insert/delete would rescan the whole collection per document.
-        store = self._store()
-        if self._seen:
-            keys = [_cache_key(bson.decode(r[0])["_id"]) for r in rows]
-            for key in keys:
-                if key in store:
-                    del store[key]
-            self._changed(keys)
-        for r in rows:
-            if r[2] is not None:
-                doc = bson.decode(r[2], _DECODE)
-                store[_cache_key(doc["_id"])] = doc
-        for name, spec, _ in idx_rows:
-            spec = bson.decode(spec)
-            self._mm.create_index([tuple(k) for k in spec["keys"]], unique=spec["unique"],
-                                  name=name, **spec.get("options", {}))
-        self._seen = max([self._seen] + [r[1] for r in rows] + [r[2] for r in idx_rows])
-
-    def _store(self):
-        """mongomock's internal document store (an OrderedDict-like keyed by _id).
-
-        Used for O(1) access by _id; mongomock itself only scans. mongomock is pinned (4.3) and the
-        contract tests cover every path that touches this.
-        """
-        return self._mm._store
-
-    def _engine(self, filter) -> Any:
-        """The mongomock collection to run ``filter`` on.
-
-        mongomock scans every document for every query, in Python (tens of microseconds each). A
-        filter that pins ``_id`` to one value (how tasks read a run fresh and how they claim and
-        update datums) can only match that document, so it runs on a scratch collection holding
-        just it: O(1) instead of O(collection). Any other filter runs on a scratch collection of
-        the documents its view says match (see ``_view``), in the cache's own order.
-        """
-        _id = filter.get("_id", _NO_ID) if isinstance(filter, Mapping) else _NO_ID
-        store = self._store()
-        if _id is _NO_ID or (isinstance(_id, Mapping) and any(str(k).startswith("$") for k in _id)):
-            matching = self._view(filter)
-            if matching is None:
-                return self._mm
-            keys = matching if len(matching) < 2 else [k for k in store._documents if k in matching]
+    def _candidate_rids(self, filt: Mapping, indexed: bool, order=None) -> list:
+        """Row ids of every document that may match ``filt`` (a superset), in ``order`` (SQL
+        over the index tables) or in insertion order."""
+        stmt = sqlindex.translate(filt, self.full_name, sqlindex.odd_flags(self._conn)) \
+            if indexed else None
+        if stmt is None:
+            if order:
+                return [r[0] for r in self._conn.execute(
+                    f"SELECT d.rid FROM ix_doc d WHERE +d.ns = ? ORDER BY {order}",
+                    (self.full_name,))]
+            return [r[0] for r in self._conn.execute(
+                "SELECT rowid FROM docs WHERE ns = ? AND doc IS NOT NULL ORDER BY rowid",
+                (self.full_name,))]
+        sql, params = stmt
+        if order:
+            sql = f"SELECT d.rid FROM ix_doc d WHERE d.rid IN ({sql}) ORDER BY {order}"
         else:
-            keys = [_cache_key(_id)]
-        scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-        for key in keys:
-            if key in store:
-                scratch._store[key] = store[key]  # not copied: mongomock copies what find returns
-        return scratch
+            sql += " ORDER BY rid"
+        return [r[0] for r in self._conn.execute(sql, params)]
 
-    def _view(self, filter) -> set | None:
-        """The cache keys of the documents matching ``filter``, kept up to date incrementally.
+    def _fetch(self, rids: list) -> Iterator[tuple]:
+        """(rid, raw BSON) of the live documents among ``rids``, in that order."""
+        for i in range(0, len(rids), _BATCH):
+            chunk = rids[i:i + _BATCH]
+            got = dict(self._conn.execute(
+                f"SELECT rowid, doc FROM docs WHERE rowid IN ({', '.join('?' * len(chunk))}) "
+                f"AND ns = ? AND doc IS NOT NULL", (*chunk, self.full_name)))
+            for rid in chunk:
+                if rid in got:
+                    yield rid, got[rid]
 
-        Why: a daemon asks the same dozen task queries every pass, and between two passes only a
-        few runs change. The second time a filter is seen, mongomock scans the whole cache once to
-        build its view; afterwards only the documents changed since (``_changed``, fed by every
-        sync and every write of this process) are matched again. So a repeated query costs
-        O(changed documents) of matching, plus one dict walk to keep the cache's order, not O(N)
-        of mongomock filtering. A filter is matched per document, so matching a document alone
-        (in a scratch collection) gives the same answer as matching it among all. ``None``: no
-        view (a filter seen for the first time, or one BSON cannot encode); the caller scans.
-        """
-        try:
-            fkey = bson.encode(filter)
-        except Exception:
-            return None
-        view = self._views.pop(fkey, None)
-        if view is None:
-            if fkey not in self._once:
-                # A one-off filter (a lookup by location, a --run narrowing) would only push a
-                # task's view out: views are kept for filters seen twice.
-                self._once[fkey] = None
-                if len(self._once) > 4 * _MAX_VIEWS:
-                    del self._once[next(iter(self._once))]
-                return None
-            del self._once[fkey]
-            view = [{_cache_key(d["_id"]) for d in self._mm.find(filter, {"_id": 1})},
-                    len(self._changes)]
-            if len(self._views) >= _MAX_VIEWS:
-                del self._views[next(iter(self._views))]  # least recently used
-        elif view[1] < len(self._changes):
-            pending = set(self._changes[view[1]:])
-            view[0] -= pending
-            store = self._store()
-            scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-            for key in pending:
-                if key in store:
-                    scratch._store[key] = store[key]
-            view[0] |= {_cache_key(d["_id"]) for d in scratch.find(filter, {"_id": 1})}
-            view[1] = len(self._changes)
-        self._views[fkey] = view
-        return view[0]
+    def _matching(self, filt: Mapping, indexed: bool, limit: int = 0) -> list:
+        """[(rid, raw, doc)] of the documents matching ``filt``, in insertion order (inside the
+        caller's transaction)."""
+        filt = _normalized(filt)
+        out = []
+        for rid, raw in self._fetch(self._candidate_rids(filt, indexed)):
+            doc = bson.decode(raw, _DECODE)
+            if matches(doc, filt):
+                out.append((rid, raw, doc))
+                if limit and len(out) >= limit:
+                    break
+        return out
 
-    def _next_seq(self) -> int:
-        seq = self._conn.execute("SELECT v FROM counter WHERE k = 'seq'").fetchone()[0] + 1
-        self._conn.execute("UPDATE counter SET v = ? WHERE k = 'seq'", (seq,))
-        return seq
-
-    def _persist(self, ids: Iterable, deleted: Iterable = ()):
-        """Write the cache's current version of ``ids`` (and tombstones for ``deleted``)."""
-        store = self._store()
-        ids, deleted = list(ids), list(deleted)
-        self._changed(_cache_key(_id) for _id in ids + deleted)
-        rows = [(_id_key(_id), bson.encode(store[_cache_key(_id)])) for _id in ids]
-        rows += [(_id_key(_id), None) for _id in deleted]
-        for key, doc in rows:
-            seq = self._next_seq()
-            self._conn.execute("INSERT OR REPLACE INTO docs (ns, id, seq, doc) VALUES (?, ?, ?, ?)",
-                               (self.full_name, key, seq, doc))
-        if rows:
-            # Our own writes need not be read back on the next sync.
-            self._seen = max(self._seen, seq)
-
-    def _read(self):
-        """Context for a read: sync from the latest committed state (no write lock)."""
-        return _ReadOp(self)
-
-    def _write(self):
-        """Context for a write: exclusive across processes, rolled back (and cache dropped) on error."""
-        return _WriteOp(self)
-
-    # -- reads -------------------------------------------------------------------------------------
+    def _sorted(self, found: list, sort) -> list:
+        if not sort:
+            return found
+        keys = [(k, d) for k, d in _index_keys(sort)]
+        return sorted(found, key=lambda t: sort_key(t[2], keys))
 
     def find(self, filter: Mapping | None = None, projection=None, *, sort=None, limit: int = 0,
              skip: int = 0) -> "EmbeddedCursor":
@@ -457,25 +516,80 @@ class EmbeddedCollection:
             return doc
         return None
 
-    def count_documents(self, filter: Mapping, **kwargs) -> int:
-        with self._read():
-            return self._engine(filter).count_documents(filter, **kwargs)
+    def count_documents(self, filter: Mapping, skip: int = 0, limit: int = 0, **kwargs) -> int:
+        with self._client.read() as indexed:
+            n = len(self._matching(filter, indexed))
+        n = max(0, n - skip)
+        return min(n, limit) if limit else n
 
     def estimated_document_count(self) -> int:
-        return self.count_documents({})
+        with self._client.read():
+            return self._conn.execute("SELECT count(*) FROM docs WHERE ns = ? AND doc IS NOT NULL",
+                                      (self.full_name,)).fetchone()[0]
 
     def distinct(self, key: str, filter: Mapping | None = None) -> list:
-        with self._read():
-            return self._engine(filter or {}).distinct(key, filter)
+        out: list = []
+        with self._client.read() as indexed:
+            found = self._matching(filter or {}, indexed)
+        for _, _, doc in found:
+            for v in values_at(doc, key):
+                for x in (v if isinstance(v, list) else [v]):
+                    if x is not MISSING and not any(equal(x, y) for y in out):
+                        out.append(x)
+        return out
 
     def index_information(self) -> dict:
-        with self._read():
-            return self._mm.index_information()
+        with self._client.read():
+            rows = self._conn.execute("SELECT name, spec FROM indexes WHERE ns = ? ORDER BY seq",
+                                      (self.full_name,)).fetchall()
+        info = {"_id_": {"key": [("_id", 1)], "v": 2}}
+        for name, spec in rows:
+            spec = bson.decode(spec)
+            entry = {"key": [tuple(k) for k in spec["keys"]], "v": 2}
+            if spec.get("unique"):
+                entry["unique"] = True
+            entry.update(spec.get("options") or {})
+            info[name] = entry
+        return info
 
-    # -- writes ------------------------------------------------------------------------------------
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _uniques(self) -> list:
+        out = []
+        for name, spec in self._conn.execute("SELECT name, spec FROM indexes WHERE ns = ?",
+                                             (self.full_name,)):
+            spec = bson.decode(spec)
+            if spec.get("unique"):
+                out.append((name, spec))
+        return out
+
+    def _insert(self, doc: dict, uniques) -> None:
+        raw = bson.encode(doc)
+        row = self._conn.execute(
+            "INSERT INTO docs (ns, id, seq, doc) VALUES (?, ?, ?, ?) ON CONFLICT (ns, id) DO "
+            "UPDATE SET seq = excluded.seq, doc = excluded.doc WHERE docs.doc IS NULL "
+            "RETURNING rowid", (self.full_name, _id_key(doc["_id"]), self._client.next_seq(),
+                                raw)).fetchone()
+        if row is None:
+            raise DuplicateKeyError(f"E11000 duplicate key error collection: {self.full_name} "
+                                    f"index: _id_ dup key: {{ _id: {doc['_id']!r} }}", 11000)
+        _index_doc(self._conn, row[0], self.full_name, bson.decode(raw, _DECODE), uniques)
+
+    def _replace(self, rid: int, doc: dict, uniques) -> None:
+        raw = bson.encode(doc)
+        self._conn.execute("UPDATE docs SET doc = ?, seq = ? WHERE rowid = ?",
+                           (raw, self._client.next_seq(), rid))
+        _unindex_doc(self._conn, rid)
+        _index_doc(self._conn, rid, self.full_name, bson.decode(raw, _DECODE), uniques)
+
+    def _remove(self, rid: int) -> None:
+        self._conn.execute("UPDATE docs SET doc = NULL, seq = ? WHERE rowid = ?",
+                           (self._client.next_seq(), rid))
+        _unindex_doc(self._conn, rid)
 
     def create_index(self, keys, unique: bool = False, name: str | None = None, **kwargs) -> str:
-        """Recorded in the file so every process enforces ``unique``; queries still scan.
+        """Recorded in the file; a unique index is enforced for every process, and refused
+        (DuplicateKeyError, nothing recorded) when the documents already violate it.
 
         Options that change which documents an index constrains are kept; an unknown option is an
         error rather than silently ignored (it could mean a uniqueness rule not being enforced).
@@ -486,138 +600,175 @@ class EmbeddedCollection:
         options = {k: kwargs.pop(k) for k in ("sparse", "partialFilterExpression") if k in kwargs}
         if kwargs:
             raise NotImplementedError(f"create_index options not supported: {sorted(kwargs)}")
-        spec = bson.encode({"keys": keys, "unique": bool(unique), "options": options})
-        with self._write():
+        spec = {"keys": keys, "unique": bool(unique), "options": options}
+        raw = bson.encode(spec)
+        with self._client.write():
             old = self._conn.execute("SELECT spec FROM indexes WHERE ns = ? AND name = ?",
                                      (self.full_name, name)).fetchone()
-            if old is not None and old[0] == spec:
-                return name  # idempotent, as in MongoDB
-            self._mm.create_index([tuple(k) for k in keys], unique=unique, name=name, **options)
-            seq = self._next_seq()
-            self._conn.execute("INSERT OR REPLACE INTO indexes VALUES (?, ?, ?, ?)",
-                               (self.full_name, name, spec, seq))
-            self._seen = max(self._seen, seq)
+            if old is not None:
+                if old[0] == raw:
+                    return name  # idempotent, as in MongoDB
+                raise OperationFailure(f"An existing index has the same name ({name}) but other "
+                                       f"keys or options; drop it first", 86)
+            self._conn.execute("INSERT INTO indexes VALUES (?, ?, ?, ?)",
+                               (self.full_name, name, raw, self._client.next_seq()))
+            if unique:
+                for rid, raw_doc in self._conn.execute(
+                        "SELECT rowid, doc FROM docs WHERE ns = ? AND doc IS NOT NULL",
+                        (self.full_name,)).fetchall():
+                    doc = bson.decode(raw_doc, _DECODE)
+                    for key in sqlindex.unique_keys(doc, keys, options):
+                        try:
+                            self._conn.execute("INSERT INTO ix_unique VALUES (?, ?, ?, ?)",
+                                               (self.full_name, name, key, rid))
+                        except sqlite3.IntegrityError:
+                            other = self._conn.execute(
+                                "SELECT rid FROM ix_unique WHERE ns = ? AND name = ? AND key = ?",
+                                (self.full_name, name, key)).fetchone()[0]
+                            if other != rid:
+                                raise DuplicateKeyError(
+                                    f"E11000 duplicate key error collection: {self.full_name} "
+                                    f"index: {name} dup key: {bson.decode(key)['k']}",
+                                    11000) from None
         return name
+
+    def drop_index(self, index_or_name) -> None:
+        name = index_or_name if isinstance(index_or_name, str) else "_".join(
+            f"{k}_{d}" for k, d in _index_keys(index_or_name))
+        with self._client.write():
+            if not self._conn.execute("DELETE FROM indexes WHERE ns = ? AND name = ?",
+                                      (self.full_name, name)).rowcount:
+                raise OperationFailure(f"index not found with name [{name}]", 27)
+            self._conn.execute("DELETE FROM ix_unique WHERE ns = ? AND name = ?",
+                               (self.full_name, name))
+            self._client.next_seq()
 
     def insert_one(self, document: dict) -> InsertOneResult:
         # Like pymongo, the caller's document gets its _id.
         if "_id" not in document:
             document["_id"] = ObjectId()
-        with self._write():
-            self._mm.insert_one(document)
-            self._persist([document["_id"]])
+        with self._client.write():
+            self._insert(document, self._uniques())
         return InsertOneResult(document["_id"], True)
 
     def insert_many(self, documents: Iterable[dict], ordered: bool = True) -> InsertManyResult:
+        """One transaction for all (one durable commit); per document a savepoint, so a refused
+        one leaves no trace and, ordered, the ones before it stay."""
         documents = list(documents)
         for d in documents:
             if "_id" not in d:
                 d["_id"] = ObjectId()
-        errors, done = [], []
-        with self._write():
+        errors, done = [], 0
+        with self._client.write():
+            uniques = self._uniques()
             for i, d in enumerate(documents):
+                self._conn.execute("SAVEPOINT one")
                 try:
-                    self._mm.insert_one(d)
+                    self._insert(d, uniques)
                 except DuplicateKeyError as e:
+                    self._conn.execute("ROLLBACK TO one")
+                    self._conn.execute("RELEASE one")
                     errors.append({"index": i, "code": 11000, "errmsg": str(e), "op": d})
                     if ordered:
                         break
                 else:
-                    done.append(d["_id"])
-            self._persist(done)
+                    self._conn.execute("RELEASE one")
+                    done += 1
         if errors:
-            raise BulkWriteError({"writeErrors": errors, "nInserted": len(done),
+            raise BulkWriteError({"writeErrors": errors, "nInserted": done,
                                   "writeConcernErrors": [], "nUpserted": 0, "nMatched": 0,
                                   "nModified": 0, "nRemoved": 0, "upserted": []})
         return InsertManyResult([d["_id"] for d in documents], True)
 
+    def _upsert(self, filt: Mapping, update: Mapping | None, replacement: Mapping | None,
+                uniques):
+        if replacement is not None:
+            doc = dict(replacement)
+            seed_id = upsert_seed(filt).get("_id", MISSING)
+            if "_id" not in doc and seed_id is not MISSING:
+                doc["_id"] = seed_id
+        else:
+            doc = apply_update(upsert_seed(filt), update, filt, inserting=True)
+        if "_id" not in doc:
+            doc = {"_id": ObjectId(), **doc}
+        self._insert(doc, uniques)
+        return doc["_id"]
+
     def _update(self, filter, update, upsert, multi) -> UpdateResult:
-        ids = [d["_id"] for d in
-               self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
-        if not ids and upsert:
-            r = self._mm.update_one(filter, update, upsert=True)
-            self._persist([r.upserted_id])
-            return UpdateResult({"n": 1, "nModified": 0, "ok": 1.0, "updatedExisting": False,
-                                 "upserted": r.upserted_id}, True)
-        modified = self._update_ids(ids, filter, update)
-        return UpdateResult({"n": len(ids), "nModified": modified, "ok": 1.0,
-                             "updatedExisting": bool(ids)}, True)
-
-    def _update_ids(self, ids: list, filter: Mapping, update: Mapping) -> int:
-        """Apply ``update`` to exactly the documents ``ids`` (which match ``filter``).
-
-        The update runs in a scratch mongomock collection holding just those documents, with the
-        original filter: the scratch collection picks no other document (so update_one and
-        find_one_and_update hit the chosen one, whatever mongomock's scan order), positional
-        ``data.$`` still finds its array condition in the filter, and nothing rescans the cache.
-        mongomock updates the document objects in place, so the cache sees the change; unique
-        indexes are then checked against the whole cache.
-        """
-        if not ids:
-            return 0
-        store = self._store()
-        keys = [_cache_key(_id) for _id in ids]
-        before = [bson.encode(store[k]) for k in keys]
-        scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-        for k in keys:
-            scratch._store[k] = store[k]
-        scratch.update_many(filter, update)
-        changed = []
-        for _id, k, old in zip(ids, keys, before):
-            store[k] = scratch._store[k]
-            if bson.encode(store[k]) != old:
-                self._mm._ensure_uniques(store[k])
-                changed.append(_id)
-        self._persist(changed)
-        return len(changed)
+        if not is_operator_update(update):
+            raise ValueError("update only works with $ operators")
+        with self._client.write():
+            found = self._matching(filter, True, limit=0 if multi else 1)
+            uniques = self._uniques()
+            if not found and upsert:
+                _id = self._upsert(filter, update, None, uniques)
+                return UpdateResult({"n": 1, "nModified": 0, "ok": 1.0, "updatedExisting": False,
+                                     "upserted": _id}, True)
+            nfilter = _normalized(filter)
+            modified = 0
+            for rid, raw, doc in found:
+                new = apply_update(doc, update, nfilter)
+                if bson.encode(new) != raw:
+                    self._replace(rid, new, uniques)
+                    modified += 1
+        return UpdateResult({"n": len(found), "nModified": modified, "ok": 1.0,
+                             "updatedExisting": bool(found)}, True)
 
     def update_one(self, filter: Mapping, update: Mapping, upsert: bool = False) -> UpdateResult:
-        with self._write():
-            return self._update(filter, update, upsert, multi=False)
+        return self._update(filter, update, upsert, multi=False)
 
     def update_many(self, filter: Mapping, update: Mapping, upsert: bool = False) -> UpdateResult:
-        with self._write():
-            return self._update(filter, update, upsert, multi=True)
+        return self._update(filter, update, upsert, multi=True)
 
     def replace_one(self, filter: Mapping, replacement: Mapping,
                     upsert: bool = False) -> UpdateResult:
-        with self._write():
-            ids = [d["_id"] for d in self._engine(filter).find(filter, {"_id": 1}).limit(1)]
-            r = self._mm.replace_one({"_id": ids[0]} if ids else filter, replacement, upsert=upsert)
-            if r.upserted_id is not None:
-                ids = [r.upserted_id]
-            if r.modified_count or r.upserted_id is not None:
-                self._persist(ids)
-            return UpdateResult(r.raw_result, True)
+        if is_operator_update(replacement):
+            raise ValueError("replacement can not include $ operators")
+        with self._client.write():
+            found = self._matching(filter, True, limit=1)
+            uniques = self._uniques()
+            if not found:
+                if not upsert:
+                    return UpdateResult({"n": 0, "nModified": 0, "ok": 1.0,
+                                         "updatedExisting": False}, True)
+                _id = self._upsert(filter, None, replacement, uniques)
+                return UpdateResult({"n": 1, "nModified": 0, "ok": 1.0,
+                                     "updatedExisting": False, "upserted": _id}, True)
+            rid, raw, doc = found[0]
+            new = {"_id": doc["_id"], **{k: normalize(v) for k, v in replacement.items()
+                                         if k != "_id"}}
+            if "_id" in replacement and not equal(replacement["_id"], doc["_id"]):
+                raise OperationFailure("the (immutable) field '_id' was found to have been "
+                                       "altered", 66)
+            changed = bson.encode(new) != raw
+            if changed:
+                self._replace(rid, new, uniques)
+        return UpdateResult({"n": 1, "nModified": int(changed), "ok": 1.0,
+                             "updatedExisting": True}, True)
 
     def find_one_and_update(self, filter: Mapping, update: Mapping, projection=None, *, sort=None,
                             upsert: bool = False,
                             return_document: bool = ReturnDocument.BEFORE) -> dict | None:
-        """Implemented here: mongomock's own updates the wrong array element with ``data.$``."""
-        with self._write():
-            cur = self._engine(filter).find(filter)
-            if sort is not None:
-                cur = cur.sort(_index_keys(sort))
-            before = next(iter(cur.limit(1)), None)
-            if before is None:
+        if not is_operator_update(update):
+            raise ValueError("update only works with $ operators")
+        with self._client.write():
+            found = self._sorted(self._matching(filter, True, limit=0 if sort else 1), sort)
+            uniques = self._uniques()
+            if not found:
                 if not upsert:
                     return None
-                r = self._mm.update_one(filter, update, upsert=True)
-                self._persist([r.upserted_id])
+                _id = self._upsert(filter, update, None, uniques)
                 if return_document == ReturnDocument.BEFORE:
                     return None
-                _id = r.upserted_id
-                return self._engine({"_id": _id}).find_one({"_id": _id}, projection)
-            _id = before["_id"]
-            self._update_ids([_id], filter, update)
+                after = self._matching({"_id": _id}, True, limit=1)[0][2]
+                return project(after, projection)
+            rid, raw, doc = found[0]
+            new = apply_update(doc, update, _normalized(filter))
+            if bson.encode(new) != raw:
+                self._replace(rid, new, uniques)
             if return_document == ReturnDocument.AFTER:
-                return self._engine({"_id": _id}).find_one({"_id": _id}, projection)
-            if projection is None:
-                return before
-            # Apply the projection to the pre-image the way mongomock would.
-            scratch = mongomock.MongoClient(tz_aware=True)["db"]["c"]
-            scratch.insert_one(before)
-            return scratch.find_one({"_id": _id}, projection)
+                return project(bson.decode(bson.encode(new), _DECODE), projection)
+            return project(doc, projection)
 
     def delete_one(self, filter: Mapping) -> DeleteResult:
         return self._delete(filter, multi=False)
@@ -626,90 +777,39 @@ class EmbeddedCollection:
         return self._delete(filter, multi=True)
 
     def _delete(self, filter, multi) -> DeleteResult:
-        with self._write():
-            ids = [d["_id"] for d in
-                   self._engine(filter).find(filter, {"_id": 1}).limit(0 if multi else 1)]
-            store = self._store()
-            for _id in ids:
-                del store[_cache_key(_id)]
-            self._persist([], deleted=ids)
-        return DeleteResult({"n": len(ids), "ok": 1.0}, True)
+        with self._client.write():
+            found = self._matching(filter, True, limit=0 if multi else 1)
+            for rid, _, _ in found:
+                self._remove(rid)
+        return DeleteResult({"n": len(found), "ok": 1.0}, True)
 
     def drop(self):
-        with self._write():
-            ids = [d["_id"] for d in self._mm.find({}, {"_id": 1})]
-            self._persist([], deleted=ids)
+        with self._client.write():
+            for (rid,) in self._conn.execute("SELECT rowid FROM docs WHERE ns = ? AND doc IS NOT "
+                                             "NULL", (self.full_name,)).fetchall():
+                self._remove(rid)
             self._conn.execute("DELETE FROM indexes WHERE ns = ?", (self.full_name,))
-        # Dropped indexes cannot be seen by other processes' syncs: they keep enforcing them until
-        # reopened. Dropping is for tests and maintenance, not for running daemons.
-        self._reset_cache()
+            self._conn.execute("DELETE FROM ix_unique WHERE ns = ?", (self.full_name,))
 
 
-class _ReadOp:
-    def __init__(self, coll: EmbeddedCollection):
-        self.coll = coll
-
-    def __enter__(self):
-        coll = self.coll
-        coll._lock.acquire()
-        try:
-            # One read transaction, so the docs and indexes queries of _sync see the same snapshot.
-            coll._conn.execute("BEGIN")
-            try:
-                coll._sync()
-            finally:
-                coll._conn.execute("COMMIT")
-        except BaseException:
-            coll._reset_cache()
-            coll._lock.release()
-            raise
-
-    def __exit__(self, *exc):
-        self.coll._lock.release()
-
-
-class _WriteOp:
-    def __init__(self, coll: EmbeddedCollection):
-        self.coll = coll
-
-    def __enter__(self):
-        coll = self.coll
-        coll._lock.acquire()
-        try:
-            coll._conn.execute("BEGIN IMMEDIATE")
-            coll._sync()
-        except BaseException:
-            if coll._conn.in_transaction:
-                coll._conn.execute("ROLLBACK")
-            coll._reset_cache()
-            coll._lock.release()
-            raise
-
-    def __exit__(self, exc_type, exc, tb):
-        coll = self.coll
-        try:
-            if exc_type is None:
-                coll._conn.execute("COMMIT")
-            else:
-                coll._conn.execute("ROLLBACK")
-        except BaseException:
-            coll._reset_cache()
-            raise
-        finally:
-            if exc_type is not None:
-                # The cache may hold half of a failed operation: rebuild it from the file.
-                coll._reset_cache()
-            coll._lock.release()
-        return False
+def _normalized(filt: Mapping) -> Mapping:
+    """The filter's values as the server compares them (datetimes in UTC, to the millisecond)."""
+    return normalize(filt) if filt else {}
 
 
 class EmbeddedCursor:
-    """Lazy like pymongo's: sort/limit/skip are recorded and the query runs on first iteration."""
+    """Lazy like pymongo's: sort/limit/skip are recorded and the query runs on first iteration.
+
+    The candidates' row ids are found in one snapshot; the documents are then read and matched
+    in batches as the caller iterates, so memory holds one batch, not the result (unless a sort
+    on fields the index does not order forces the whole result to be sorted in Python). As with
+    a server's cursor, a document changed meanwhile is returned as it is when its batch is read.
+    """
 
     def __init__(self, coll: EmbeddedCollection, filter: Mapping, projection):
         self._coll, self._filter, self._projection = coll, filter, projection
         self._sort, self._limit, self._skip = None, 0, 0
-        self._results: list | None = None
+        self._it: Iterator | None = None
 
     def sort(self, key_or_list, direction=None) -> "EmbeddedCursor":
         self._sort = _index_keys(key_or_list, direction)
@@ -723,27 +823,80 @@ class EmbeddedCursor:
         self._skip = n
         return self
 
-    def _run(self) -> list:
-        if self._results is None:
-            with self._coll._read():
-                cur = self._coll._engine(self._filter).find(self._filter, self._projection)
-                if self._sort:
-                    cur = cur.sort([tuple(k) for k in self._sort])
-                self._results = list(cur.skip(self._skip).limit(self._limit))
-        return self._results
+    def _order(self) -> str | None:
+        """SQL ORDER BY for the sort when every key is an indexed run field, else None."""
+        if not self._sort:
+            return None
+        cols = []
+        for k, d in self._sort:
+            if k not in sqlindex.RUN_FIELDS:
+                return None
+            cols.append(f"d.c_{k.replace('.', '_')} {'DESC' if d < 0 else 'ASC'}")
+        return ", ".join(cols + ["d.rid"])
+
+    def _docs(self) -> Iterator[dict]:
+        coll, client = self._coll, self._coll._client
+        filt = _normalized(self._filter)
+        order = self._order()
+        with client.read() as indexed:
+            if not indexed:
+                order = None
+            rids = coll._candidate_rids(filt, indexed, order)
+            if order is not None:
+                # SQL orders values of the column's kind as MongoDB does; any other value there
+                # (an "odd" one) is ordered by the matcher's rules instead
+                if coll._conn.execute("SELECT 1 FROM ix_doc d WHERE odd = 1 AND +d.ns = ? "
+                                      "LIMIT 1", (coll.full_name,)).fetchone():
+                    order = None
+                    rids.sort()
+        if self._sort and order is None:
+            found = []
+            with client._lock:
+                for rid, raw in coll._fetch(rids):
+                    doc = bson.decode(raw, _DECODE)
+                    if matches(doc, filt):
+                        found.append((rid, raw, doc))
+            docs: Iterable = (t[2] for t in coll._sorted(found, self._sort))
+        else:
+            docs = self._stream(rids, filt)
+        skip, left = self._skip, self._limit
+        for doc in docs:
+            if skip:
+                skip -= 1
+                continue
+            yield project(doc, self._projection) if self._projection else doc
+            if left:
+                left -= 1
+                if not left:
+                    return
+
+    def _stream(self, rids, filt) -> Iterator[dict]:
+        coll = self._coll
+        for i in range(0, len(rids), _BATCH):
+            with coll._client._lock:
+                batch = list(coll._fetch(rids[i:i + _BATCH]))
+            for _, raw in batch:
+                doc = bson.decode(raw, _DECODE)
+                if matches(doc, filt):
+                    yield doc
 
     def __iter__(self):
-        return iter(self._run())
+        if self._it is None:
+            self._it = self._docs()
+        return self._it
 
     def __next__(self):
-        if not hasattr(self, "_it"):
-            self._it = iter(self._run())
-        return next(self._it)
+        return next(iter(self))
 
     next = __next__
 
     def to_list(self, length: int | None = None) -> list:
-        return self._run()[:length] if length else list(self._run())
+        out = []
+        for doc in self:
+            out.append(doc)
+            if length and len(out) >= length:
+                break
+        return out
 
     def __enter__(self):
         return self
@@ -752,4 +905,4 @@ class EmbeddedCursor:
         self.close()
 
     def close(self):
-        pass
+        self._it = None
