@@ -38,8 +38,11 @@ def _everything_config(tmp_path) -> str:
          "processing": {"versions": ["v1", "v2"], "command": ["true"]}},
         {"name": "archive", "directory": str(tmp_path / "archive"),
          "download_options": ["buffer"], "data_type": ["raw", "processed"]},
+        # grid storage fed by third-party copies (CopyThirdParty at the other sites)
+        {"name": "grid", "method": "gfal", "hostname": "root://127.0.0.1:1094/",
+         "directory": "/store", "download_options": ["buffer"], "data_type": ["raw"]},
     ]}
-    for s in doc["sites"]:
+    for s in doc["sites"][:3]:
         os.makedirs(s["directory"], exist_ok=True)
     path = tmp_path / "cax.json"
     path.write_text(json.dumps(doc))
