@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import mongomock
@@ -10,6 +12,16 @@ import mongomock
 from cax import config as cfgmod
 from cax.runsdb import RunsDB
 from cax.tasks.base import Context
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cax(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    """cax as cron runs it: a whole process of this checkout, stdout and stderr pipes (not a
+    terminal), text captured."""
+    return subprocess.run([sys.executable, "-m", "cax", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), timeout=timeout)
 
 
 def init_store(runs_db: str) -> None:

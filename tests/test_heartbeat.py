@@ -1,5 +1,4 @@
 """Daemon heartbeats in the Runs DB and the exit status of --once for cron (issue 13)."""
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ from cax import heartbeat
 from cax.checksum import checksum
 from cax.config import load
 from cax.runsdb import connect, now
-from tests.helpers import init_store, make_raw, run_doc, three_sites
+from tests.helpers import init_store, make_raw, run_cax, run_doc, three_sites
 from tests.test_ssh_sites import config as ssh_config
 from tests.waiting import wait_for
 
@@ -18,9 +17,7 @@ pytest_plugins = ["tests.sshd"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cax(*args):
-    return subprocess.run([sys.executable, "-m", "cax", *args], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=180)
+cax = run_cax
 
 
 def checked_run(db, root, number=1, name="170101_0000"):

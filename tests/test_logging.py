@@ -3,23 +3,17 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from cax import logs
 from cax.config import load
 from cax.runsdb import connect
-from tests.helpers import make_raw, run_doc, three_sites
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import make_raw, run_cax, run_doc, three_sites
 
 
-def cax(*args, env=None):
-    """cax as cron runs it: stdout and stderr are pipes, not a terminal."""
-    return subprocess.run([sys.executable, "-m", "cax", *args], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})), timeout=120)
+
+cax = run_cax
 
 
 @pytest.fixture

@@ -1,23 +1,18 @@
 """The Prometheus textfile (site key metrics_file), parsed by prometheus_client's own parser."""
 import json
 import os
-import subprocess
-import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from cax.checksum import checksum
 from cax.config import load
 from cax.runsdb import connect
-from tests.helpers import make_raw, run_doc, three_sites
+from tests.helpers import make_raw, run_cax, run_doc, three_sites
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def once(cfg, host):
-    return subprocess.run([sys.executable, "-m", "cax", "--config", cfg, "--host", host,
-                           "--once"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT)).returncode
+    return run_cax("--config", cfg, "--host", host, "--once").returncode
 
 
 def samples(path):
