@@ -3,11 +3,10 @@ the DAQ, and a third-party copy between two XRootD sites). Nothing stands under 
 the datum says what happened (an ``error`` and its ``error_kind``), and once the server is back
 later passes make the copy whole."""
 import os
-import threading
 
 from cax.checksum import checksum
 from cax.daemon import run_pass
-from tests.faults.test_transfer_faults import datum
+from tests.faults.test_transfer_faults import KillWhen, datum
 from tests.helpers import context, mongomock_db, run_doc, statuses
 from tests.test_grid import grid_config
 
@@ -16,33 +15,6 @@ import pytest
 NAME = "170101_0000"
 MIB = 1 << 20
 FILE = 24 * MIB
-
-
-def bytes_below(directory):
-    total = 0
-    for r, _ds, fs in os.walk(directory):
-        for f in fs:
-            try:
-                total += os.path.getsize(os.path.join(r, f))
-            except OSError:
-                pass
-    return total
-
-
-class KillWhen(threading.Event):
-    """The pass's stop flag, polled by the copy: once ``bytes_at`` have reached the server's
-    disk below ``directory``, SIGKILL the server. Never asks the pass to stop."""
-
-    def __init__(self, server, directory, bytes_at):
-        super().__init__()
-        self.server, self.directory, self.bytes_at = server, directory, bytes_at
-        self.killed_at = None
-
-    def is_set(self):
-        if self.killed_at is None and bytes_below(self.directory) >= self.bytes_at:
-            self.killed_at = bytes_below(self.directory)
-            self.server.kill()
-        return super().is_set()
 
 
 @pytest.mark.parametrize("hop", ["push", "third-party"])
@@ -61,7 +33,8 @@ def test_storage_killed_mid_copy_leaves_no_final_name_and_a_recorded_error(
     host, dest, server, site = (("daq", "grid-a", xrootd, site_a) if hop == "push"
                                 else ("daq", "grid-b", xrootd_b, site_b))
     final = os.path.join(site.dirs["raw"], NAME)
-    trigger = KillWhen(server, site.dirs["raw"], FILE // 2)
+    trigger = KillWhen(server, site.dirs["raw"], FILE // 2,
+                       settle=lambda: None)  # the copy's next call sees the dead server
     run_pass(context(cfg, host, db, stop=trigger))
     assert trigger.killed_at is not None and trigger.killed_at < 3 * FILE, \
         "the copy ended before the kill"

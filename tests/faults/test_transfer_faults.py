@@ -56,19 +56,22 @@ def pass_at(cfg, db, host, **kw):
 # ------------------------------------------------------------------------- sshd killed mid-copy
 class KillWhen(threading.Event):
     """The pass's stop flag, polled by the transfer between chunks and files: once ``bytes_at``
-    of the copy are on the destination disk, SIGKILL sshd (every session with it) and wait until
-    this process's SSH links have seen the connection go. Never asks the pass to stop."""
+    of the copy are on the destination disk, SIGKILL the server (sshd: every session with it)
+    and wait for ``settle`` (by default: until this process's SSH links have seen the
+    connection go). Never asks the pass to stop."""
 
-    def __init__(self, server, directory, bytes_at):
+    def __init__(self, server, directory, bytes_at, settle=None):
         super().__init__()
         self.server, self.directory, self.bytes_at = server, directory, bytes_at
+        self.settle = settle or (lambda: wait_for(lambda: not _live_links(), WAIT,
+                                                  "SSH links to notice the dead server"))
         self.killed_at = None
 
     def is_set(self):
         if self.killed_at is None and bytes_below(self.directory) >= self.bytes_at:
             self.killed_at = bytes_below(self.directory)
             self.server.kill()
-            wait_for(lambda: not _live_links(), WAIT, "SSH links to notice the dead server")
+            self.settle()
         return super().is_set()
 
 
